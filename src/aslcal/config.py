@@ -1,0 +1,95 @@
+"""Runtime switches scoped in a context (like scikit-learn's ``config_context``).
+
+The configuration is held in a :class:`contextvars.ContextVar`, so a ``with
+config_context(...)`` block changes it for the current thread/task only and restores
+it on exit.  Defaults come from environment variables read once at import:
+
+``ASLCAL_BACKEND``  ``auto`` | ``numpy`` | ``numba`` | ``cuda``   (default ``auto``)
+``ASLCAL_DTYPE``    ``auto`` | ``float32`` | ``float64``          (default ``auto``:
+                    float32 on the CUDA path, float64 on the CPU)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from collections.abc import Iterator
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from .errors import InputError
+
+__all__ = ["get_config", "set_config", "config_context", "BACKENDS", "DTYPES"]
+
+BACKENDS = ("auto", "numpy", "numba", "cuda")
+DTYPES = ("auto", "float32", "float64")
+
+
+def _validate(key: str, value: Any) -> Any:
+    if key == "backend":
+        if value not in BACKENDS:
+            raise InputError(f"backend={value!r}: expected one of {', '.join(BACKENDS)}")
+        return value
+    if key == "dtype":
+        name = getattr(value, "__name__", None) or str(value)
+        name = {"float": "float64", "single": "float32", "double": "float64"}.get(name, name)
+        if name not in DTYPES:
+            raise InputError(f"dtype={value!r}: expected one of {', '.join(DTYPES)}")
+        return name
+    if key == "progress":
+        return bool(value)
+    raise InputError(f"unknown configuration key {key!r}: expected backend, dtype or progress")
+
+
+def _from_env() -> dict[str, Any]:
+    cfg: dict[str, Any] = {"backend": "auto", "dtype": "auto", "progress": True}
+    env = {"backend": "ASLCAL_BACKEND", "dtype": "ASLCAL_DTYPE"}
+    for key, var in env.items():
+        if os.environ.get(var):
+            try:
+                cfg[key] = _validate(key, os.environ[var].strip().lower())
+            except InputError as exc:
+                raise InputError(f"environment variable {var}: {exc}") from None
+    return cfg
+
+
+_CONFIG: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "aslcal_config", default=MappingProxyType(_from_env())
+)
+
+
+def get_config() -> Mapping[str, Any]:
+    """Return the current configuration (read-only mapping: backend, dtype, progress)."""
+    return _CONFIG.get()
+
+
+def set_config(**changes: Any) -> None:
+    """Change the configuration for the current context (prefer :func:`config_context`)."""
+    cfg = dict(_CONFIG.get())
+    for key, value in changes.items():
+        if value is not None:
+            cfg[key] = _validate(key, value)
+    _CONFIG.set(MappingProxyType(cfg))
+
+
+@contextlib.contextmanager
+def config_context(**changes: Any) -> Iterator[Mapping[str, Any]]:
+    """Temporarily change the configuration inside a ``with`` block.
+
+    Examples
+    --------
+    >>> from aslcal import config_context, get_config
+    >>> with config_context(backend="numba", dtype="float32"):
+    ...     get_config()["dtype"]
+    'float32'
+    """
+    cfg = dict(_CONFIG.get())
+    for key, value in changes.items():
+        if value is not None:
+            cfg[key] = _validate(key, value)
+    token = _CONFIG.set(MappingProxyType(cfg))
+    try:
+        yield _CONFIG.get()
+    finally:
+        _CONFIG.reset(token)
