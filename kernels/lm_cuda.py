@@ -1,0 +1,58 @@
+"""CUDA driver of the single-voxel LM fitter: one thread per voxel, scratch in local memory.
+
+Runs :func:`aslcal.kernels.lm.make_fit_voxel` unchanged, compiled with
+``numba.cuda.jit(device=True)``.  Works on CuPy arrays (``__cuda_array_interface__``),
+numba device arrays, and, under the CUDA simulator, NumPy arrays.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from .lm import N_WORK, make_fit_voxel
+
+__all__ = ["get_cuda_fitter", "kernel_signature", "THREADS_PER_BLOCK"]
+
+#: Threads per block for the fit kernel (registers dominate; 128 keeps occupancy high).
+THREADS_PER_BLOCK = 128
+
+
+def _kernel_source(dtype):
+    from numba import cuda
+
+    fit_voxel = make_fit_voxel(dtype, jit=cuda.jit(device=True))
+
+    def fit_batch(y, ti, low, tshift, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status):
+        v = cuda.grid(1)
+        if v < y.shape[1]:
+            work = cuda.local.array(N_WORK, dtype)
+            fit_voxel(v, y, ti, low, tshift, fpar, ipar, work, out_p, out_se, out_rss, out_iter, out_status)
+
+    return fit_batch
+
+
+def kernel_signature(dtype_name: str):
+    """The explicit numba signature of the fit kernel for ``dtype_name``."""
+    import numba
+
+    f = numba.from_dtype(np.dtype(dtype_name))
+    i32 = numba.int32
+    return (
+        f[:, :], f[:], i32[:], f[:], f[:], i32[:],
+        f[:, :], f[:, :], f[:], i32[:], i32[:],
+    )
+
+
+def kernel_pyfunc(dtype_name: str):
+    """The uncompiled kernel function (for :func:`numba.cuda.compile_ptx` checks)."""
+    return _kernel_source(np.dtype(dtype_name).type)
+
+
+@lru_cache(maxsize=None)
+def get_cuda_fitter(dtype_name: str):
+    """Return the launchable CUDA kernel ``fit_batch[blocks, threads](...)``."""
+    from numba import cuda
+
+    return cuda.jit(_kernel_source(np.dtype(dtype_name).type))
