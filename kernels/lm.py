@@ -94,7 +94,8 @@ N_WORK = 72
 def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
     """Return the single-voxel fitter for ``dtype`` built with decorator ``jit``."""
     model = make_satrecov_model(dtype, jit)
-    signal_grad = model.signal_grad
+    phase_coefficients = model.phase_coefficients
+    obs_signal_grad = model.obs_signal_grad
     f = np.dtype(dtype).type
     ZERO = f(0.0)
     ONE = f(1.0)
@@ -130,10 +131,10 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
         h00 = h10 = h11 = h20 = h21 = h22 = h30 = h31 = h32 = h33 = ZERO
         g0 = g1 = g2 = g3 = ZERO
         rss = ZERO
+        ch = phase_coefficients(mode, t1, a, g, ti1h, dt, fa, lfa, 0)
+        cl = phase_coefficients(mode, t1, a, g, ti1l, dt, fa, lfa, 1) if lfa > ZERO else ch
         for j in range(y.shape[0]):
-            lo = low[j]
-            ti1 = ti1l if lo != 0 else ti1h
-            s, d0, d1, d2, d3 = signal_grad(mode, m0, t1, a, g, ti[j] + ts, ti1, dt, fa, lfa, lo)
+            s, d0, d1, d2, d3 = obs_signal_grad(m0, cl if low[j] != 0 else ch, ti[j] + ts)
             r = y[j, v] - s
             rss += r * r
             if not f0:
@@ -254,15 +255,15 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
         r_best_next = INF
         for kk in range(n_grid):
             t1 = math.exp(log_lo + step * f(kk))
+            ch = phase_coefficients(mode, t1, ZERO, g, ti1h, dt, fa, lfa, 0)
+            cl = phase_coefficients(mode, t1, ZERO, g, ti1l, dt, fa, lfa, 1) if lfa > ZERO else ch
             suu = ZERO
             suw = ZERO
             sww = ZERO
             suy = ZERO
             swy = ZERO
             for j in range(y.shape[0]):
-                lo = low[j]
-                ti1 = ti1l if lo != 0 else ti1h
-                u, _d0, _d1, w, _d3 = signal_grad(mode, ONE, t1, ZERO, g, ti[j] + ts, ti1, dt, fa, lfa, lo)
+                u, _d0, _d1, w, _d3 = obs_signal_grad(ONE, cl if low[j] != 0 else ch, ti[j] + ts)
                 yj = y[j, v]
                 if fix_a:
                     u = u + a_fix * w

@@ -1,1 +1,63 @@
-"""aslcal.cli."""
+"""The ``aslcal`` command line: thin — parse, call the library, map errors to exit codes.
+
+``main(argv=None) -> int`` is testable in-process.  Errors from bad input print one line
+``aslcal: error: ...`` on stderr and return 2 (no traceback unless ``--debug``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .. import __version__
+from ..errors import AslcalError
+
+__all__ = ["main", "build_parser"]
+
+EXIT_OK = 0
+EXIT_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    from . import demo, info  # noqa: F401  (subcommand modules)
+
+    parser = argparse.ArgumentParser(
+        prog="aslcal",
+        description=(
+            "Calibration of arterial spin labelling (ASL) MRI: M0 estimation and voxelwise "
+            "saturation-recovery / Look-Locker T1 and M0 fits on CPU or GPU.  Units: TR, TI, "
+            "T1 in seconds; TE, T2, T2* in milliseconds; flip angles in degrees."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"aslcal {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    common.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (info, demo):
+        module.add_parser(sub, common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``aslcal`` command line; return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors (argparse prints them)
+        return int(exc.code or 0)
+    level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
+    logging.basicConfig(level=level, format="aslcal: %(message)s", stream=sys.stderr, force=True)
+    try:
+        return int(args.func(args) or EXIT_OK)
+    except AslcalError as exc:
+        if args.debug:
+            raise
+        print(f"aslcal: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("aslcal: interrupted", file=sys.stderr)
+        return 130

@@ -63,6 +63,21 @@ def _identity(fn):
 def make_satrecov_model(dtype=np.float64, jit=_identity) -> SimpleNamespace:
     """Build the scalar signal model for one floating-point type.
 
+    Every model of this module has the same per-observation shape.  With
+    F = exp(-τ·rate) and τ = TI − TI0:
+
+        K      = P0 + P1·F
+        S      = m0·q·K
+        dS/dm0 = q·K
+        dS/dt1 = m0·q·(Q0 + F·(Q1 + Q2·τ))
+        dS/da  = m0·q·R1·F
+        dS/dg  = m0·(dq·K + q·(U0 + F·(U1 + U2·τ)))
+
+    where the coefficients depend on the parameters and the phase (high or low flip
+    angle) but not on TI.  :func:`phase_coefficients` computes them once per phase (all
+    the trigonometry and logarithms); :func:`obs_signal_grad` is then one exponential
+    per observation.  That split is what makes a 90-volume Look-Locker fit cheap.
+
     Parameters
     ----------
     dtype : numpy float dtype
@@ -74,8 +89,11 @@ def make_satrecov_model(dtype=np.float64, jit=_identity) -> SimpleNamespace:
     Returns
     -------
     SimpleNamespace
-        ``signal_grad(mode, m0, t1, a, g, ti, ti1, dt, fa, lfa, low)`` returning the
-        tuple ``(S, dS/dm0, dS/dt1, dS/da, dS/dg)``.
+        ``phase_coefficients(mode, t1, a, g, ti1, dt, fa, lfa, low)`` → 13-tuple
+        ``(ti0, rate, q, dq, P0, P1, Q0, Q1, Q2, R1, U0, U1, U2)``;
+        ``obs_signal_grad(m0, c, ti)`` → ``(S, dS/dm0, dS/dt1, dS/da, dS/dg)`` for the
+        coefficient tuple ``c``; and ``signal_grad(mode, m0, t1, a, g, ti, ti1, dt, fa,
+        lfa, low)``, the two composed for a single observation.
     """
     f = np.dtype(dtype).type
     ZERO = f(0.0)
@@ -83,15 +101,13 @@ def make_satrecov_model(dtype=np.float64, jit=_identity) -> SimpleNamespace:
     OFFSET = f(LFA_OFFSET)
 
     @jit
-    def signal_grad(mode, m0, t1, a, g, ti, ti1, dt, fa, lfa, low):
+    def phase_coefficients(mode, t1, a, g, ti1, dt, fa, lfa, low):
         r1 = ONE / t1
-        inv_t1sq = r1 * r1
+        r1sq = r1 * r1
         if mode == 0:
-            # Plain saturation recovery; g does not enter.
-            e = math.exp(-ti * r1)
-            k = ONE - a * e
-            return m0 * k, k, -m0 * a * e * ti * inv_t1sq, -m0 * e, ZERO
-        # Look-Locker: effective readout angle and the scale q of this phase.
+            # Plain saturation recovery, S = M0 (1 - A e^{-TI/T1}); g does not enter.
+            return (ZERO, r1, ONE, ZERO, ONE, -a, ZERO, ZERO, -a * r1sq, -ONE, ZERO, ZERO, ZERO)
+        # Look-Locker: effective readout angle θ and the scale q of this phase.
         th_h = g * fa
         if low != 0:
             th = (g + OFFSET) * lfa
@@ -106,32 +122,53 @@ def make_satrecov_model(dtype=np.float64, jit=_identity) -> SimpleNamespace:
             q = ONE
             dq = ZERO
         c = math.cos(th)
-        sn = math.sin(th)
+        dc_dg = -math.sin(th) * dth
         e = math.exp(-dt * r1)
         den = ONE - c * e
-        r = (ONE - e) / den
-        dr_dt1 = (c - ONE) / (den * den) * e * dt * inv_t1sq
+        r = (ONE - e) / den  # steady state, fraction of M0
+        dr_dt1 = (c - ONE) / (den * den) * e * dt * r1sq
         dr_dc = (ONE - e) * e / (den * den)
         rate = r1 - math.log(c) / dt  # 1 / T1app
         if mode == 1:
-            # Exact train: S = M0 q [ r + (1 - A e^{-TI1/T1} - r) e^{-(TI-TI1)/T1app} ]
-            tau = ti - ti1
-            fdec = math.exp(-tau * rate)
+            # Exact train: K = r + (1 - A e^{-TI1/T1} - r) e^{-(TI-TI1)/T1app}
             b = math.exp(-ti1 * r1)
             off = ONE - a * b - r
-            k = r + off * fdec
-            dk_dt1 = dr_dt1 * (ONE - fdec) + off * fdec * tau * inv_t1sq - a * fdec * b * ti1 * inv_t1sq
-            dk_da = -b * fdec
-            dk_dc = dr_dc * (ONE - fdec) + off * fdec * tau / (c * dt)
-        else:
-            # fabber: S = M0 r q (1 - A e^{-TI/T1app})
-            gdec = math.exp(-ti * rate)
-            h = ONE - a * gdec
-            k = r * h
-            dk_dt1 = dr_dt1 * h - r * a * gdec * ti * inv_t1sq
-            dk_da = -r * gdec
-            dk_dc = dr_dc * h - r * a * gdec * ti / (c * dt)
-        dk_dg = -dk_dc * sn * dth
-        return m0 * q * k, q * k, m0 * q * dk_dt1, m0 * q * dk_da, m0 * (dq * k + q * dk_dg)
+            return (
+                ti1, rate, q, dq, r, off,
+                dr_dt1, -dr_dt1 - a * b * ti1 * r1sq, off * r1sq,
+                -b,
+                dc_dg * dr_dc, -dc_dg * dr_dc, dc_dg * off / (c * dt),
+            )
+        # fabber's form: K = r (1 - A e^{-TI/T1app})
+        return (
+            ZERO, rate, q, dq, r, -r * a,
+            dr_dt1, -a * dr_dt1, -r * a * r1sq,
+            -r,
+            dc_dg * dr_dc, -a * dc_dg * dr_dc, -dc_dg * r * a / (c * dt),
+        )
 
-    return SimpleNamespace(signal_grad=signal_grad, dtype=np.dtype(dtype))
+    @jit
+    def obs_signal_grad(m0, c, ti):
+        tau = ti - c[0]
+        fdec = math.exp(-tau * c[1])
+        q = c[2]
+        k = c[4] + c[5] * fdec
+        mq = m0 * q
+        return (
+            mq * k,
+            q * k,
+            mq * (c[6] + fdec * (c[7] + c[8] * tau)),
+            mq * c[9] * fdec,
+            m0 * (c[3] * k + q * (c[10] + fdec * (c[11] + c[12] * tau))),
+        )
+
+    @jit
+    def signal_grad(mode, m0, t1, a, g, ti, ti1, dt, fa, lfa, low):
+        return obs_signal_grad(m0, phase_coefficients(mode, t1, a, g, ti1, dt, fa, lfa, low), ti)
+
+    return SimpleNamespace(
+        phase_coefficients=phase_coefficients,
+        obs_signal_grad=obs_signal_grad,
+        signal_grad=signal_grad,
+        dtype=np.dtype(dtype),
+    )
