@@ -1,0 +1,85 @@
+"""Benchmark plumbing: a results table printed at the end of the session.
+
+Every benchmark adds a row (problem size, backend, warm median, first-call time,
+voxel-fits/s, ratio to the baseline measured in the same run).  With
+``ASLCAL_BENCH_RECORD=path.json`` the rows are also written, with hardware and library
+versions, for ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+
+import pytest
+
+ROWS: list[dict] = []
+
+
+@pytest.fixture(scope="session")
+def bench_rows() -> list[dict]:
+    return ROWS
+
+
+@pytest.fixture(scope="session")
+def full_run(pytestconfig) -> bool:
+    """True with ``--benchmark-enable``: the full size sweep; else one small smoke size."""
+    return not pytestconfig.getoption("benchmark_disable", default=True)
+
+
+def provenance() -> dict:
+    from aslcal.cli.info import report
+
+    rep = report()
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "numba_threads": _numba_threads(),
+        "python": rep["python"],
+        "packages": rep["packages"],
+        "gpus": rep["gpus"],
+        "platform": rep["platform"],
+    }
+
+
+def _numba_threads() -> int | None:
+    try:
+        import numba
+
+        return numba.get_num_threads()
+    except Exception:  # pragma: no cover
+        return None
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not ROWS:
+        return
+    tr = terminalreporter
+    tr.section("aslcal benchmarks")
+    head = f"{'problem':<28}{'n_vox':>10}{'n_obs':>6} {'backend':<14}{'warm s':>10}{'first s':>9}{'fits/s':>13}{'x baseline':>11}"
+    tr.write_line(head)
+    for r in ROWS:
+        ratio = r.get("ratio_to_baseline")
+        tr.write_line(
+            f"{r['problem']:<28}{r['n_vox']:>10}{r['n_obs']:>6} {r['backend']:<14}{r['warm_s']:>10.4f}"
+            f"{r.get('first_call_s', float('nan')):>9.3f}{r['fits_per_s']:>13.4g}"
+            f"{(f'{ratio:.0f}x' if ratio else '-'):>11}"
+        )
+    path = os.environ.get("ASLCAL_BENCH_RECORD")
+    if path:
+        with open(path, "w") as fh:
+            json.dump({"provenance": provenance(), "rows": ROWS}, fh, indent=2)
+            fh.write("\n")
+        tr.write_line(f"recorded to {path}")
