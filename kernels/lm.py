@@ -1,11 +1,12 @@
 """Bounded Levenberg–Marquardt fit of one voxel, written once over scalars.
 
-:func:`make_fit_voxel` returns ``fit_voxel(v, y, ti, low, tshift, fpar, ipar, work,
-out_p, out_se, out_rss, out_iter, out_status)`` for one dtype, decorated with the given
+:func:`make_fit_voxel` returns ``fit_voxel(v, y, ti, low, tshift, fpar, ipar, out_p,
+out_se, out_rss, out_iter, out_status)`` for one dtype, decorated with the given
 ``jit`` (``numba.njit`` for the CPU driver in :mod:`lm_cpu`, ``cuda.jit(device=True)``
-for the CUDA kernel in :mod:`lm_cuda`, identity for plain Python).  The two drivers only
-differ in how they allocate ``work`` (a scratch vector of :data:`N_WORK` values) and
-which voxels each thread visits.
+for the CUDA kernel in :mod:`lm_cuda`, identity for plain Python).  The drivers only
+differ in which voxels each thread visits.  All per-voxel state (parameters, the 4x4
+normal matrix, the gradient, the Cholesky factor) lives in scalar locals, i.e. in
+registers: no scratch memory and no dynamic indexing.
 
 Layouts (chosen for coalesced reads on the GPU: consecutive threads = consecutive voxels)
 -------------------------------------------------------------------------------------------
@@ -43,7 +44,7 @@ import numpy as np
 from aslcal.physics.satrecov import make_satrecov_model
 
 __all__ = [
-    "N_PARAMS", "N_WORK", "N_FPAR", "N_IPAR", "STATUS_NAMES",
+    "N_PARAMS", "N_FPAR", "N_IPAR", "STATUS_NAMES",
     "STATUS_CONVERGED", "STATUS_MAX_ITER", "STATUS_SINGULAR", "STATUS_NONFINITE",
     "STATUS_OUT_OF_MASK", "STATUS_UNDERDETERMINED", "make_fit_voxel",
 ]
@@ -71,24 +72,12 @@ F_LB = 8  # 4 lower bounds
 F_UB = 12  # 4 upper bounds
 F_INIT = 16  # 4 values: start / fixed value of each parameter (m0t unused)
 F_MU = 20  # 4 prior means
-F_PREC = 24  # 4 prior precisions 1/v (0 = no prior)
+F_PREC = 24  # 4 prior precisions 1/v (0 = no prior, and 0 for fixed parameters)
 N_FPAR = 28
 # ipar offsets
 I_MODE, I_MAX_ITER, I_N_GRID, I_USE_PRIORS = range(4)
 I_FREE = 4  # 4 flags: 1 = fitted, 0 = fixed
 N_IPAR = 8
-
-# work offsets
-W_P = 0  # current parameters
-W_PT = 4  # trial parameters
-W_H = 8  # 4x4 JᵀJ (+ prior) at the current point
-W_G = 24  # Jᵀr (+ prior) at the current point
-W_HT = 28  # 4x4 at the trial point
-W_GT = 44  # 4-vector at the trial point
-W_L = 48  # 4x4 Cholesky factor
-W_D = 64  # step / solve vector
-W_ACT = 68  # active flags of this step
-N_WORK = 72
 
 
 def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
@@ -99,42 +88,41 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
     f = np.dtype(dtype).type
     ZERO = f(0.0)
     ONE = f(1.0)
+    TWO = f(2.0)
     HALF = f(0.5)
     TEN = f(10.0)
     TENTH = f(0.1)
     LAM0 = f(1e-3)
     LAM_MIN = f(1e-12)
     LAM_MAX = f(1e12)
+    PIVOT = f(64.0 * np.finfo(dtype).eps)
     EPS = f(np.finfo(dtype).eps)
     NAN = f(np.nan)
     INF = f(np.inf)
 
     @jit
-    def evaluate(v, y, ti, low, tshift, fpar, ipar, p_off, work, h_off, g_off, s2):
-        """Fill JᵀJ (+ priors) and Jᵀr at work[p_off:]; return (rss, cost)."""
+    def evaluate(v, y, ti, low, tshift, fpar, ipar, p0, p1, p2, p3, s2):
+        """Return (rss, cost, h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, g0, g1, g2, g3).
+
+        h = JᵀJ (+ σ̂²P) over the free parameters (rows of fixed ones are 0), g = Jᵀr
+        (− σ̂²P(θ−μ)), cost = rss + σ̂² Σ P(θ−μ)².
+        """
         mode = ipar[I_MODE]
         ts = tshift[v]
-        ti1h = fpar[F_TI1_HIGH] + ts
-        ti1l = fpar[F_TI1_LOW] + ts
         dt = fpar[F_DT]
         fa = fpar[F_FA]
         lfa = fpar[F_LFA]
-        m0 = work[p_off]
-        t1 = work[p_off + 1]
-        a = work[p_off + 2]
-        g = work[p_off + 3]
         f0 = ipar[I_FREE] != 0
         f1 = ipar[I_FREE + 1] != 0
         f2 = ipar[I_FREE + 2] != 0
         f3 = ipar[I_FREE + 3] != 0
-        # accumulate in scalars (registers), not in the scratch vector
+        ch = phase_coefficients(mode, p1, p2, p3, fpar[F_TI1_HIGH] + ts, dt, fa, lfa, 0)
+        cl = phase_coefficients(mode, p1, p2, p3, fpar[F_TI1_LOW] + ts, dt, fa, lfa, 1) if lfa > ZERO else ch
         h00 = h10 = h11 = h20 = h21 = h22 = h30 = h31 = h32 = h33 = ZERO
         g0 = g1 = g2 = g3 = ZERO
         rss = ZERO
-        ch = phase_coefficients(mode, t1, a, g, ti1h, dt, fa, lfa, 0)
-        cl = phase_coefficients(mode, t1, a, g, ti1l, dt, fa, lfa, 1) if lfa > ZERO else ch
         for j in range(y.shape[0]):
-            s, d0, d1, d2, d3 = obs_signal_grad(m0, cl if low[j] != 0 else ch, ti[j] + ts)
+            s, d0, d1, d2, d3 = obs_signal_grad(p0, cl if low[j] != 0 else ch, ti[j] + ts)
             r = y[j, v] - s
             rss += r * r
             if not f0:
@@ -159,82 +147,107 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
             h31 += d3 * d1
             h32 += d3 * d2
             h33 += d3 * d3
-        work[g_off] = g0
-        work[g_off + 1] = g1
-        work[g_off + 2] = g2
-        work[g_off + 3] = g3
-        work[h_off] = h00
-        work[h_off + 1] = work[h_off + 4] = h10
-        work[h_off + 5] = h11
-        work[h_off + 2] = work[h_off + 8] = h20
-        work[h_off + 6] = work[h_off + 9] = h21
-        work[h_off + 10] = h22
-        work[h_off + 3] = work[h_off + 12] = h30
-        work[h_off + 7] = work[h_off + 13] = h31
-        work[h_off + 11] = work[h_off + 14] = h32
-        work[h_off + 15] = h33
         cost = rss
         if s2 > ZERO:
-            for k in range(4):
-                pk = fpar[F_PREC + k]
-                if ipar[I_FREE + k] != 0 and pk > ZERO:
-                    dev = work[p_off + k] - fpar[F_MU + k]
-                    w = s2 * pk
-                    cost += w * dev * dev
-                    work[h_off + 5 * k] += w
-                    work[g_off + k] -= w * dev
-        return rss, cost
+            # Gaussian priors (precision 0 where there is none or the parameter is fixed)
+            w = s2 * fpar[F_PREC]
+            dev = p0 - fpar[F_MU]
+            cost += w * dev * dev
+            h00 += w
+            g0 -= w * dev
+            w = s2 * fpar[F_PREC + 1]
+            dev = p1 - fpar[F_MU + 1]
+            cost += w * dev * dev
+            h11 += w
+            g1 -= w * dev
+            w = s2 * fpar[F_PREC + 2]
+            dev = p2 - fpar[F_MU + 2]
+            cost += w * dev * dev
+            h22 += w
+            g2 -= w * dev
+            w = s2 * fpar[F_PREC + 3]
+            dev = p3 - fpar[F_MU + 3]
+            cost += w * dev * dev
+            h33 += w
+            g3 -= w * dev
+        return rss, cost, h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, g0, g1, g2, g3
 
     @jit
-    def cholesky_solve(work, m_off, lam, rhs_off, act_off):
-        """Solve (M + lam·diag(M)) d = rhs over active params into work[W_D:].
+    def solve4(h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, r0, r1, r2, r3, lam, a0, a1, a2, a3):
+        """Solve (H + lam·diag(H)) x = r over the active parameters by Cholesky.
 
-        M is read from work[m_off:], the factor is built in work[W_L:]; inactive
-        parameters get d = 0.  Returns False if the matrix is not positive definite.
+        Inactive parameters (a_k == 0) get x_k = 0.  Returns (ok, x0, x1, x2, x3) with
+        ok = 0 if the matrix is not numerically positive definite.
         """
-        for k in range(4):
-            for m in range(4):
-                if work[act_off + k] != ZERO and work[act_off + m] != ZERO:
-                    val = work[m_off + 4 * k + m]
-                    if k == m:
-                        val = val * (ONE + lam)
-                    work[W_L + 4 * k + m] = val
-                else:
-                    work[W_L + 4 * k + m] = ONE if k == m else ZERO
-        for k in range(4):
-            diag = work[W_L + 5 * k]
-            for m in range(k):
-                diag -= work[W_L + 4 * k + m] * work[W_L + 4 * k + m]
-            ref = work[m_off + 5 * k] if work[act_off + k] != ZERO else ONE
-            if not (diag > f(64.0) * EPS * ref) or not (diag > ZERO):
-                return False
-            lkk = math.sqrt(diag)
-            work[W_L + 5 * k] = lkk
-            for i in range(k + 1, 4):
-                val = work[W_L + 4 * i + k]
-                for m in range(k):
-                    val -= work[W_L + 4 * i + m] * work[W_L + 4 * k + m]
-                work[W_L + 4 * i + k] = val / lkk
-        for k in range(4):
-            val = work[rhs_off + k] if work[act_off + k] != ZERO else ZERO
-            for m in range(k):
-                val -= work[W_L + 4 * k + m] * work[W_D + m]
-            work[W_D + k] = val / work[W_L + 5 * k]
-        for k in range(3, -1, -1):
-            val = work[W_D + k]
-            for m in range(k + 1, 4):
-                val -= work[W_L + 4 * m + k] * work[W_D + m]
-            work[W_D + k] = val / work[W_L + 5 * k]
+        sc = ONE + lam
+        m00 = h00 * sc if a0 else ONE
+        m11 = h11 * sc if a1 else ONE
+        m22 = h22 * sc if a2 else ONE
+        m33 = h33 * sc if a3 else ONE
+        m10 = h10 if (a1 and a0) else ZERO
+        m20 = h20 if (a2 and a0) else ZERO
+        m21 = h21 if (a2 and a1) else ZERO
+        m30 = h30 if (a3 and a0) else ZERO
+        m31 = h31 if (a3 and a1) else ZERO
+        m32 = h32 if (a3 and a2) else ZERO
+        if not r0 == r0:  # NaN guard (keeps NaN out of the factor)
+            return ZERO, ZERO, ZERO, ZERO, ZERO
+        if not m00 > PIVOT * (h00 if a0 else ONE):
+            return ZERO, ZERO, ZERO, ZERO, ZERO
+        l00 = math.sqrt(m00)
+        l10 = m10 / l00
+        l20 = m20 / l00
+        l30 = m30 / l00
+        d = m11 - l10 * l10
+        if not d > PIVOT * (h11 if a1 else ONE):
+            return ZERO, ZERO, ZERO, ZERO, ZERO
+        l11 = math.sqrt(d)
+        l21 = (m21 - l20 * l10) / l11
+        l31 = (m31 - l30 * l10) / l11
+        d = m22 - l20 * l20 - l21 * l21
+        if not d > PIVOT * (h22 if a2 else ONE):
+            return ZERO, ZERO, ZERO, ZERO, ZERO
+        l22 = math.sqrt(d)
+        l32 = (m32 - l30 * l20 - l31 * l21) / l22
+        d = m33 - l30 * l30 - l31 * l31 - l32 * l32
+        if not d > PIVOT * (h33 if a3 else ONE):
+            return ZERO, ZERO, ZERO, ZERO, ZERO
+        l33 = math.sqrt(d)
+        z0 = (r0 if a0 else ZERO) / l00
+        z1 = ((r1 if a1 else ZERO) - l10 * z0) / l11
+        z2 = ((r2 if a2 else ZERO) - l20 * z0 - l21 * z1) / l22
+        z3 = ((r3 if a3 else ZERO) - l30 * z0 - l31 * z1 - l32 * z2) / l33
+        x3 = z3 / l33
+        x2 = (z2 - l32 * x3) / l22
+        x1 = (z1 - l21 * x2 - l31 * x3) / l11
+        x0 = (z0 - l10 * x1 - l20 * x2 - l30 * x3) / l00
+        return ONE, x0, x1, x2, x3
+
+    @jit
+    def is_active(free, p, g, lb, ub, hkk):
+        """A free parameter moves this step unless it sits on a bound its gradient pushes against."""
+        if free == 0 or not hkk > ZERO:
+            return False
+        if p <= lb and g < ZERO:
+            return False
+        if p >= ub and g > ZERO:
+            return False
         return True
 
     @jit
-    def initial_guess(v, y, ti, low, tshift, fpar, ipar, work):
-        """Coarse T1 grid with the linear part (M0, M0·A) in closed form."""
+    def clip(x, lb, ub):
+        return min(max(x, lb), ub)
+
+    @jit
+    def small_step(old, new, tol):
+        return abs(new - old) <= tol * (abs(old) + tol)
+
+    @jit
+    def initial_guess(v, y, ti, low, tshift, fpar, ipar):
+        """Coarse T1 grid with the linear part (M0, M0·A) in closed form; returns (m0, t1, a, g)."""
         mode = ipar[I_MODE]
         n_grid = ipar[I_N_GRID]
         ts = tshift[v]
-        ti1h = fpar[F_TI1_HIGH] + ts
-        ti1l = fpar[F_TI1_LOW] + ts
         dt = fpar[F_DT]
         fa = fpar[F_FA]
         lfa = fpar[F_LFA]
@@ -255,8 +268,8 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
         r_best_next = INF
         for kk in range(n_grid):
             t1 = math.exp(log_lo + step * f(kk))
-            ch = phase_coefficients(mode, t1, ZERO, g, ti1h, dt, fa, lfa, 0)
-            cl = phase_coefficients(mode, t1, ZERO, g, ti1l, dt, fa, lfa, 1) if lfa > ZERO else ch
+            ch = phase_coefficients(mode, t1, ZERO, g, fpar[F_TI1_HIGH] + ts, dt, fa, lfa, 0)
+            cl = phase_coefficients(mode, t1, ZERO, g, fpar[F_TI1_LOW] + ts, dt, fa, lfa, 1) if lfa > ZERO else ch
             suu = ZERO
             suw = ZERO
             sww = ZERO
@@ -298,84 +311,29 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
         # parabola through (k-1, k, k+1) in log T1
         shift = ZERO
         if r_best_prev < INF and r_best_next < INF:
-            curv = r_best_prev - f(2.0) * best + r_best_next
+            curv = r_best_prev - TWO * best + r_best_next
             if curv > ZERO:
                 shift = HALF * (r_best_prev - r_best_next) / curv
         t1 = math.exp(log_lo + step * (f(best_k) + shift))
         m0 = best_m0
         a = a_fix if fix_a else (best_b / m0 if m0 > ZERO else ONE)
-        work[W_P] = m0
-        work[W_P + 1] = t1
-        work[W_P + 2] = a
-        work[W_P + 3] = g
-        for k in range(4):
-            if ipar[I_FREE + k] == 0:
-                if k > 0:
-                    work[W_P + k] = fpar[F_INIT + k]
-            work[W_P + k] = min(max(work[W_P + k], fpar[F_LB + k]), fpar[F_UB + k])
+        if ipar[I_FREE + 1] == 0:
+            t1 = fpar[F_INIT + 1]
+        return (
+            clip(m0, fpar[F_LB], fpar[F_UB]),
+            clip(t1, fpar[F_LB + 1], fpar[F_UB + 1]),
+            clip(a, fpar[F_LB + 2], fpar[F_UB + 2]),
+            clip(g, fpar[F_LB + 3], fpar[F_UB + 3]),
+        )
 
     @jit
-    def minimise(v, y, ti, low, tshift, fpar, ipar, work, s2, max_iter):
-        """LM from work[W_P:]; returns (status, iterations, rss, cost)."""
-        tol = fpar[F_TOL]
-        rss, cost = evaluate(v, y, ti, low, tshift, fpar, ipar, W_P, work, W_H, W_G, s2)
-        if not math.isfinite(cost):
-            return STATUS_SINGULAR, 0, rss, cost
-        lam = LAM0
-        it = 0
-        status = STATUS_MAX_ITER
-        while it < max_iter:
-            it += 1
-            for k in range(4):
-                act = ONE if ipar[I_FREE + k] != 0 else ZERO
-                pk = work[W_P + k]
-                gk = work[W_G + k]
-                if (pk <= fpar[F_LB + k] and gk < ZERO) or (pk >= fpar[F_UB + k] and gk > ZERO):
-                    act = ZERO
-                if not (work[W_H + 5 * k] > ZERO):
-                    act = ZERO
-                work[W_ACT + k] = act
-            if not cholesky_solve(work, W_H, lam, W_G, W_ACT):
-                lam *= TEN
-                if lam > LAM_MAX:
-                    status = STATUS_CONVERGED
-                    break
-                continue
-            small = True
-            for k in range(4):
-                pk = work[W_P + k]
-                nk = min(max(pk + work[W_D + k], fpar[F_LB + k]), fpar[F_UB + k])
-                work[W_PT + k] = nk
-                if abs(nk - pk) > tol * (abs(pk) + tol):
-                    small = False
-            if small:
-                status = STATUS_CONVERGED
-                break
-            rss_t, cost_t = evaluate(v, y, ti, low, tshift, fpar, ipar, W_PT, work, W_HT, W_GT, s2)
-            if cost_t <= cost:
-                for k in range(4):
-                    work[W_P + k] = work[W_PT + k]
-                    work[W_G + k] = work[W_GT + k]
-                for k in range(16):
-                    work[W_H + k] = work[W_HT + k]
-                rss = rss_t
-                cost = cost_t
-                lam = max(lam * TENTH, LAM_MIN)
-            else:
-                lam *= TEN
-                if lam > LAM_MAX:
-                    status = STATUS_CONVERGED
-                    break
-        return status, it, rss, cost
-
-    @jit
-    def fit_voxel(v, y, ti, low, tshift, fpar, ipar, work, out_p, out_se, out_rss, out_iter, out_status):
+    def fit_voxel(v, y, ti, low, tshift, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status):
         n_obs = y.shape[0]
-        finite = True
+        finite = math.isfinite(tshift[v])
         for j in range(n_obs):
             if not math.isfinite(y[j, v]):
                 finite = False
-        if not finite or not math.isfinite(tshift[v]):
+        if not finite:
             for k in range(4):
                 out_p[k, v] = ZERO
                 out_se[k, v] = NAN
@@ -383,47 +341,124 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
             out_iter[v] = 0
             out_status[v] = STATUS_NONFINITE
             return
-        n_free = 0
-        for k in range(4):
-            n_free += ipar[I_FREE + k]
-        initial_guess(v, y, ti, low, tshift, fpar, ipar, work)
+        fr0 = ipar[I_FREE]
+        fr1 = ipar[I_FREE + 1]
+        fr2 = ipar[I_FREE + 2]
+        fr3 = ipar[I_FREE + 3]
+        lb0 = fpar[F_LB]
+        lb1 = fpar[F_LB + 1]
+        lb2 = fpar[F_LB + 2]
+        lb3 = fpar[F_LB + 3]
+        ub0 = fpar[F_UB]
+        ub1 = fpar[F_UB + 1]
+        ub2 = fpar[F_UB + 2]
+        ub3 = fpar[F_UB + 3]
+        tol = fpar[F_TOL]
         max_iter = ipar[I_MAX_ITER]
-        status, it, rss, cost = minimise(v, y, ti, low, tshift, fpar, ipar, work, ZERO, max_iter)
-        dof = n_obs - n_free
-        s2 = rss / f(dof) if dof > 0 else NAN
-        if ipar[I_USE_PRIORS] != 0 and dof > 0:
-            s2p = s2 if s2 > ZERO else ZERO
-            status, it2, rss, cost = minimise(v, y, ti, low, tshift, fpar, ipar, work, s2p, max_iter)
-            it += it2
-        # standard errors from the undamped (JᵀJ + σ̂² P) at the solution
-        for k in range(4):
-            work[W_ACT + k] = ONE if ipar[I_FREE + k] != 0 else ZERO
-        singular = not (dof > 0)
-        if not singular:
-            for k in range(4):
-                if work[W_ACT + k] != ZERO and not (work[W_H + 5 * k] > ZERO):
-                    singular = True
-        for k in range(4):
-            out_se[k, v] = ZERO if ipar[I_FREE + k] == 0 else NAN
-        if not singular:
-            for k in range(4):
-                work[W_G + k] = ZERO
-            if cholesky_solve(work, W_H, ZERO, W_G, W_ACT):
-                for k in range(4):
-                    if ipar[I_FREE + k] != 0:
-                        for m in range(4):
-                            work[W_GT + m] = ONE if m == k else ZERO
-                        cholesky_solve(work, W_H, ZERO, W_GT, W_ACT)
-                        var = s2 * work[W_D + k]
-                        out_se[k, v] = math.sqrt(var) if var >= ZERO else NAN
-            else:
-                singular = True
-        for k in range(4):
-            out_p[k, v] = work[W_P + k]
+        dof = n_obs - (fr0 + fr1 + fr2 + fr3)
+        p0, p1, p2, p3 = initial_guess(v, y, ti, low, tshift, fpar, ipar)
+        s2 = ZERO  # prior weight σ̂² of the current stage (0: no priors)
+        n_stages = 2 if (ipar[I_USE_PRIORS] != 0 and dof > 0) else 1
+        it = 0
+        status = STATUS_MAX_ITER
+        rss = ZERO
+        for stage in range(n_stages):
+            rss, cost, h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, g0, g1, g2, g3 = evaluate(
+                v, y, ti, low, tshift, fpar, ipar, p0, p1, p2, p3, s2
+            )
+            lam = LAM0
+            status = STATUS_MAX_ITER
+            if not math.isfinite(cost):
+                status = STATUS_SINGULAR
+                break
+            n = 0
+            while n < max_iter:
+                n += 1
+                ok, d0, d1, d2, d3 = solve4(
+                    h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, g0, g1, g2, g3, lam,
+                    is_active(fr0, p0, g0, lb0, ub0, h00), is_active(fr1, p1, g1, lb1, ub1, h11),
+                    is_active(fr2, p2, g2, lb2, ub2, h22), is_active(fr3, p3, g3, lb3, ub3, h33),
+                )
+                if ok == ZERO:
+                    lam *= TEN
+                    if lam > LAM_MAX:
+                        status = STATUS_CONVERGED
+                        break
+                    continue
+                q0 = clip(p0 + d0, lb0, ub0)
+                q1 = clip(p1 + d1, lb1, ub1)
+                q2 = clip(p2 + d2, lb2, ub2)
+                q3 = clip(p3 + d3, lb3, ub3)
+                if (small_step(p0, q0, tol) and small_step(p1, q1, tol)
+                        and small_step(p2, q2, tol) and small_step(p3, q3, tol)):
+                    status = STATUS_CONVERGED
+                    break
+                rt, ct, t00, t10, t11, t20, t21, t22, t30, t31, t32, t33, u0, u1, u2, u3 = evaluate(
+                    v, y, ti, low, tshift, fpar, ipar, q0, q1, q2, q3, s2
+                )
+                if ct <= cost:
+                    p0, p1, p2, p3 = q0, q1, q2, q3
+                    rss, cost = rt, ct
+                    h00, h10, h11, h20, h21, h22, h30, h31, h32, h33 = t00, t10, t11, t20, t21, t22, t30, t31, t32, t33
+                    g0, g1, g2, g3 = u0, u1, u2, u3
+                    lam = max(lam * TENTH, LAM_MIN)
+                else:
+                    lam *= TEN
+                    if lam > LAM_MAX:
+                        status = STATUS_CONVERGED
+                        break
+            it += n
+            if stage == 0 and n_stages == 2:
+                s2 = rss / f(dof)
+                if not s2 > ZERO:
+                    break
+        # standard errors: sqrt(diag(σ̂² (JᵀJ + σ̂²P)⁻¹)) over the free parameters at the solution
+        out_p[0, v] = p0
+        out_p[1, v] = p1
+        out_p[2, v] = p2
+        out_p[3, v] = p3
         out_rss[v] = rss
         out_iter[v] = it
-        if singular and status == STATUS_CONVERGED:
-            status = STATUS_SINGULAR
+        singular = status == STATUS_SINGULAR or dof <= 0
+        if not singular:
+            var_s2 = s2 if s2 > ZERO else rss / f(dof)
+            se0 = se1 = se2 = se3 = ZERO
+            for k in range(4):
+                e0 = ONE if k == 0 else ZERO
+                e1 = ONE if k == 1 else ZERO
+                e2 = ONE if k == 2 else ZERO
+                e3 = ONE if k == 3 else ZERO
+                if ipar[I_FREE + k] == 0:
+                    continue
+                ok, x0, x1, x2, x3 = solve4(
+                    h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, e0, e1, e2, e3, ZERO,
+                    fr0 != 0, fr1 != 0, fr2 != 0, fr3 != 0,
+                )
+                if ok == ZERO:
+                    singular = True
+                    break
+                xk = x0 * e0 + x1 * e1 + x2 * e2 + x3 * e3
+                sek = math.sqrt(var_s2 * xk) if xk >= ZERO else NAN
+                if k == 0:
+                    se0 = sek
+                elif k == 1:
+                    se1 = sek
+                elif k == 2:
+                    se2 = sek
+                else:
+                    se3 = sek
+        if singular:
+            out_se[0, v] = NAN if fr0 else ZERO
+            out_se[1, v] = NAN if fr1 else ZERO
+            out_se[2, v] = NAN if fr2 else ZERO
+            out_se[3, v] = NAN if fr3 else ZERO
+            if status == STATUS_CONVERGED or status == STATUS_MAX_ITER:
+                status = STATUS_SINGULAR
+        else:
+            out_se[0, v] = se0
+            out_se[1, v] = se1
+            out_se[2, v] = se2
+            out_se[3, v] = se3
         out_status[v] = status
 
     return fit_voxel

@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from .lm import N_WORK, make_fit_voxel
+from .lm import make_fit_voxel
 
 __all__ = ["get_numba_fitter", "fit_python"]
 
@@ -49,16 +49,14 @@ def get_numba_fitter(dtype_name: str):
     """
     import numba
 
-    dtype = np.dtype(dtype_name).type
-    fit_voxel = make_fit_voxel(dtype, jit=cached_njit(dtype_name, nogil=True))
+    fit_voxel = make_fit_voxel(np.dtype(dtype_name).type, jit=cached_njit(dtype_name, nogil=True))
 
     @cached_njit(dtype_name, parallel=True, nogil=True)
     def fit_batch(y, ti, low, tshift, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status, n_chunks):
         n_vox = y.shape[1]
         for c in numba.prange(n_chunks):
-            work = np.empty(N_WORK, dtype)
             for v in range(c * n_vox // n_chunks, (c + 1) * n_vox // n_chunks):
-                fit_voxel(v, y, ti, low, tshift, fpar, ipar, work, out_p, out_se, out_rss, out_iter, out_status)
+                fit_voxel(v, y, ti, low, tshift, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status)
 
     return fit_batch
 
@@ -71,7 +69,6 @@ def _python_fit_voxel(dtype_name: str):
 def fit_python(y, ti, low, tshift, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status) -> None:
     """Run the same fitter as plain Python (the ``numpy`` backend: slow, for reference)."""
     fit_voxel = _python_fit_voxel(y.dtype.name)
-    work = np.empty(N_WORK, y.dtype)
     with np.errstate(all="ignore"):
         for v in range(y.shape[1]):
-            fit_voxel(v, y, ti, low, tshift, fpar, ipar, work, out_p, out_se, out_rss, out_iter, out_status)
+            fit_voxel(v, y, ti, low, tshift, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status)

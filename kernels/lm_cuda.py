@@ -1,7 +1,8 @@
-"""CUDA driver of the single-voxel LM fitter: one thread per voxel, scratch in local memory.
+"""CUDA driver of the single-voxel LM fitter: one thread per voxel, all state in registers.
 
 Runs :func:`aslcal.kernels.lm.make_fit_voxel` unchanged, compiled with
-``numba.cuda.jit(device=True)``.  Works on CuPy arrays (``__cuda_array_interface__``),
+``numba.cuda.jit(device=True)``.  This module imports numba.cuda; it is itself imported
+only when the CUDA backend is used.  Works on CuPy arrays (``__cuda_array_interface__``),
 numba device arrays, and, under the CUDA simulator, NumPy arrays.
 """
 
@@ -10,8 +11,9 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+from numba import cuda  # module global: the CUDA simulator swaps it in kernels' globals
 
-from .lm import N_WORK, make_fit_voxel
+from .lm import make_fit_voxel
 
 __all__ = ["get_cuda_fitter", "kernel_signature", "THREADS_PER_BLOCK"]
 
@@ -20,15 +22,12 @@ THREADS_PER_BLOCK = 128
 
 
 def _kernel_source(dtype):
-    from numba import cuda
-
     fit_voxel = make_fit_voxel(dtype, jit=cuda.jit(device=True))
 
     def fit_batch(y, ti, low, tshift, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status):
         v = cuda.grid(1)
         if v < y.shape[1]:
-            work = cuda.local.array(N_WORK, dtype)
-            fit_voxel(v, y, ti, low, tshift, fpar, ipar, work, out_p, out_se, out_rss, out_iter, out_status)
+            fit_voxel(v, y, ti, low, tshift, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status)
 
     return fit_batch
 
@@ -53,6 +52,4 @@ def kernel_pyfunc(dtype_name: str):
 @lru_cache(maxsize=None)
 def get_cuda_fitter(dtype_name: str):
     """Return the launchable CUDA kernel ``fit_batch[blocks, threads](...)``."""
-    from numba import cuda
-
     return cuda.jit(_kernel_source(np.dtype(dtype_name).type))
