@@ -1,7 +1,7 @@
 """Bounded Levenberg–Marquardt fit of one voxel, written once over scalars.
 
-:func:`make_fit_voxel` returns ``fit_voxel(v, y, ti, low, tshift, fpar, ipar, out_p,
-out_se, out_rss, out_iter, out_status)`` for one dtype, decorated with the given
+:func:`make_fit_voxel` returns ``fit_voxel(v, y, ti, sidx, shifts, gu, gw, fpar, ipar,
+out_p, out_se, out_rss, out_iter, out_status)`` for one dtype, decorated with the given
 ``jit`` (``numba.njit`` for the CPU driver in :mod:`lm_cpu`, ``cuda.jit(device=True)``
 for the CUDA kernel in :mod:`lm_cuda`, identity for plain Python).  The drivers only
 differ in which voxels each thread visits.  All per-voxel state (parameters, the 4x4
@@ -12,10 +12,14 @@ Layouts (chosen for coalesced reads on the GPU: consecutive threads = consecutiv
 -------------------------------------------------------------------------------------------
 y        : (n_obs, n_vox)  observations, one column per voxel
 ti       : (n_obs,)        recovery time of each volume (s)
-low      : (n_obs,)        int32, 1 for the low-flip-angle phase
-tshift   : (n_vox,)        slice-timing shift added to every TI of the voxel (s)
+sidx     : (n_vox,)        int32 index of the voxel's slice-timing shift in ``shifts``
+shifts   : (n_shift,)      distinct slice-timing shifts added to every TI (s)
+gu, gw   : (n_shift, n_grid, n_obs)  the start grid's basis columns (see below), filled
+                           once per fit by :func:`make_grid_tables`
 fpar     : (N_FPAR,)       float parameters, see the F_* offsets
-ipar     : (N_IPAR,)       int32 parameters, see the I_* offsets
+ipar     : (N_IPAR,)       int32 parameters, see the I_* offsets; the first
+                           ipar[I_N_HIGH] observations are high-flip-angle volumes,
+                           the rest the low-flip-angle phase
 out_p    : (4, n_vox)      m0t, t1t, a, g
 out_se   : (4, n_vox)      standard errors (0 for fixed parameters, NaN when undefined)
 out_rss  : (n_vox,)        residual sum of squares (data term)
@@ -24,9 +28,11 @@ out_status: (n_vox,)       int32 status code (STATUS_* below)
 
 Method
 ------
-1. Initial guess: for fixed T1 (and g) the model is linear in M0 and M0·A, so a coarse
-   log-spaced T1 grid with the linear part solved in closed form, refined by a parabola
-   through the best three grid points, gives a near-global start.
+1. Initial guess: for fixed T1 (and g) the model is linear in M0 and M0·A,
+   S = M0·u + M0·A·w, so a coarse log-spaced T1 grid with the linear part solved in
+   closed form, refined by a parabola through the best three grid points, gives a
+   near-global start.  u and w do not depend on the voxel (only on its slice shift), so
+   they are tabulated once per fit and the per-voxel grid costs dot products only.
 2. Levenberg–Marquardt with Marquardt scaling (damping λ·diag(JᵀJ)), box bounds by
    projection with an active set (a parameter at a bound whose gradient points outward is
    held for that step), fixed parameters excluded.
@@ -44,6 +50,7 @@ import numpy as np
 from aslcal.physics.satrecov import make_satrecov_model
 
 __all__ = [
+    "make_grid_tables", "t1_grid",
     "N_PARAMS", "N_FPAR", "N_IPAR", "STATUS_NAMES",
     "STATUS_CONVERGED", "STATUS_MAX_ITER", "STATUS_SINGULAR", "STATUS_NONFINITE",
     "STATUS_OUT_OF_MASK", "STATUS_UNDERDETERMINED", "make_fit_voxel",
@@ -77,7 +84,53 @@ N_FPAR = 28
 # ipar offsets
 I_MODE, I_MAX_ITER, I_N_GRID, I_USE_PRIORS = range(4)
 I_FREE = 4  # 4 flags: 1 = fitted, 0 = fixed
-N_IPAR = 8
+I_N_HIGH = 8  # observations [0, n_high) use the high flip angle, [n_high, n_obs) the low one
+N_IPAR = 9
+
+
+def t1_grid(fpar, ipar) -> np.ndarray:
+    """The start grid's T1 values (s), as the kernels compute them."""
+    n = int(ipar[I_N_GRID])
+    lo, hi = float(fpar[F_GRID_LO]), float(fpar[F_GRID_HI])
+    return np.exp(np.log(lo) + (np.log(hi) - np.log(lo)) / (n - 1) * np.arange(n))
+
+
+def make_grid_tables(dtype=np.float64, jit=lambda fn: fn):
+    """Return ``fill(ti, shifts, fpar, ipar, gu, gw)`` filling the start-grid basis tables.
+
+    ``gu[s, k, j]`` and ``gw[s, k, j]`` are u and w of observation j for the k-th grid T1
+    and slice shift s (A = 0, g at its start value), from the same model functions the
+    fit uses.
+    """
+    model = make_satrecov_model(dtype, jit)
+    phase_coefficients = model.phase_coefficients
+    obs_basis = model.obs_basis
+    f = np.dtype(dtype).type
+    ZERO = f(0.0)
+
+    @jit
+    def fill(ti, shifts, fpar, ipar, gu, gw):
+        mode = ipar[I_MODE]
+        n_grid = ipar[I_N_GRID]
+        n_high = ipar[I_N_HIGH]
+        dt = fpar[F_DT]
+        fa = fpar[F_FA]
+        lfa = fpar[F_LFA]
+        g = fpar[F_INIT + 3]
+        log_lo = math.log(fpar[F_GRID_LO])
+        step = (math.log(fpar[F_GRID_HI]) - log_lo) / f(n_grid - 1)
+        for s in range(shifts.shape[0]):
+            ts = shifts[s]
+            for k in range(n_grid):
+                t1 = math.exp(log_lo + step * f(k))
+                ch = phase_coefficients(mode, t1, ZERO, g, fpar[F_TI1_HIGH] + ts, dt, fa, lfa, 0)
+                cl = phase_coefficients(mode, t1, ZERO, g, fpar[F_TI1_LOW] + ts, dt, fa, lfa, 1) if lfa > ZERO else ch
+                for j in range(ti.shape[0]):
+                    u, w = obs_basis(cl if j >= n_high else ch, ti[j] + ts)
+                    gu[s, k, j] = u
+                    gw[s, k, j] = w
+
+    return fill
 
 
 def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
@@ -101,14 +154,13 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
     INF = f(np.inf)
 
     @jit
-    def evaluate(v, y, ti, low, tshift, fpar, ipar, p0, p1, p2, p3, s2):
+    def evaluate(v, y, ti, ts, fpar, ipar, p0, p1, p2, p3, s2):
         """Return (rss, cost, h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, g0, g1, g2, g3).
 
         h = JᵀJ (+ σ̂²P) over the free parameters (rows of fixed ones are 0), g = Jᵀr
         (− σ̂²P(θ−μ)), cost = rss + σ̂² Σ P(θ−μ)².
         """
         mode = ipar[I_MODE]
-        ts = tshift[v]
         dt = fpar[F_DT]
         fa = fpar[F_FA]
         lfa = fpar[F_LFA]
@@ -121,32 +173,37 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
         h00 = h10 = h11 = h20 = h21 = h22 = h30 = h31 = h32 = h33 = ZERO
         g0 = g1 = g2 = g3 = ZERO
         rss = ZERO
-        for j in range(y.shape[0]):
-            s, d0, d1, d2, d3 = obs_signal_grad(p0, cl if low[j] != 0 else ch, ti[j] + ts)
-            r = y[j, v] - s
-            rss += r * r
-            if not f0:
-                d0 = ZERO
-            if not f1:
-                d1 = ZERO
-            if not f2:
-                d2 = ZERO
-            if not f3:
-                d3 = ZERO
-            g0 += d0 * r
-            g1 += d1 * r
-            g2 += d2 * r
-            g3 += d3 * r
-            h00 += d0 * d0
-            h10 += d1 * d0
-            h11 += d1 * d1
-            h20 += d2 * d0
-            h21 += d2 * d1
-            h22 += d2 * d2
-            h30 += d3 * d0
-            h31 += d3 * d1
-            h32 += d3 * d2
-            h33 += d3 * d3
+        n_high = ipar[I_N_HIGH]
+        for phase in range(2):
+            c = cl if phase == 1 else ch
+            j0 = 0 if phase == 0 else n_high
+            j1 = n_high if phase == 0 else y.shape[0]
+            for j in range(j0, j1):
+                s, d0, d1, d2, d3 = obs_signal_grad(p0, c, ti[j] + ts)
+                r = y[j, v] - s
+                rss += r * r
+                if not f0:
+                    d0 = ZERO
+                if not f1:
+                    d1 = ZERO
+                if not f2:
+                    d2 = ZERO
+                if not f3:
+                    d3 = ZERO
+                g0 += d0 * r
+                g1 += d1 * r
+                g2 += d2 * r
+                g3 += d3 * r
+                h00 += d0 * d0
+                h10 += d1 * d0
+                h11 += d1 * d1
+                h20 += d2 * d0
+                h21 += d2 * d1
+                h22 += d2 * d2
+                h30 += d3 * d0
+                h31 += d3 * d1
+                h32 += d3 * d2
+                h33 += d3 * d3
         cost = rss
         if s2 > ZERO:
             # Gaussian priors (precision 0 where there is none or the parameter is fixed)
@@ -243,14 +300,9 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
         return abs(new - old) <= tol * (abs(old) + tol)
 
     @jit
-    def initial_guess(v, y, ti, low, tshift, fpar, ipar):
+    def initial_guess(v, y, si, gu, gw, fpar, ipar):
         """Coarse T1 grid with the linear part (M0, M0·A) in closed form; returns (m0, t1, a, g)."""
-        mode = ipar[I_MODE]
         n_grid = ipar[I_N_GRID]
-        ts = tshift[v]
-        dt = fpar[F_DT]
-        fa = fpar[F_FA]
-        lfa = fpar[F_LFA]
         g = fpar[F_INIT + 3]
         fix_a = ipar[I_FREE + 2] == 0
         a_fix = fpar[F_INIT + 2]
@@ -267,16 +319,14 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
         r_best_prev = INF
         r_best_next = INF
         for kk in range(n_grid):
-            t1 = math.exp(log_lo + step * f(kk))
-            ch = phase_coefficients(mode, t1, ZERO, g, fpar[F_TI1_HIGH] + ts, dt, fa, lfa, 0)
-            cl = phase_coefficients(mode, t1, ZERO, g, fpar[F_TI1_LOW] + ts, dt, fa, lfa, 1) if lfa > ZERO else ch
             suu = ZERO
             suw = ZERO
             sww = ZERO
             suy = ZERO
             swy = ZERO
             for j in range(y.shape[0]):
-                u, _d0, _d1, w, _d3 = obs_signal_grad(ONE, cl if low[j] != 0 else ch, ti[j] + ts)
+                u = gu[si, kk, j]
+                w = gw[si, kk, j]
                 yj = y[j, v]
                 if fix_a:
                     u = u + a_fix * w
@@ -327,9 +377,11 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
         )
 
     @jit
-    def fit_voxel(v, y, ti, low, tshift, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status):
+    def fit_voxel(v, y, ti, sidx, shifts, gu, gw, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status):
         n_obs = y.shape[0]
-        finite = math.isfinite(tshift[v])
+        si = sidx[v]
+        ts = shifts[si]
+        finite = math.isfinite(ts)
         for j in range(n_obs):
             if not math.isfinite(y[j, v]):
                 finite = False
@@ -356,7 +408,7 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
         tol = fpar[F_TOL]
         max_iter = ipar[I_MAX_ITER]
         dof = n_obs - (fr0 + fr1 + fr2 + fr3)
-        p0, p1, p2, p3 = initial_guess(v, y, ti, low, tshift, fpar, ipar)
+        p0, p1, p2, p3 = initial_guess(v, y, si, gu, gw, fpar, ipar)
         s2 = ZERO  # prior weight σ̂² of the current stage (0: no priors)
         n_stages = 2 if (ipar[I_USE_PRIORS] != 0 and dof > 0) else 1
         it = 0
@@ -364,7 +416,7 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
         rss = ZERO
         for stage in range(n_stages):
             rss, cost, h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, g0, g1, g2, g3 = evaluate(
-                v, y, ti, low, tshift, fpar, ipar, p0, p1, p2, p3, s2
+                v, y, ti, ts, fpar, ipar, p0, p1, p2, p3, s2
             )
             lam = LAM0
             status = STATUS_MAX_ITER
@@ -394,7 +446,7 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
                     status = STATUS_CONVERGED
                     break
                 rt, ct, t00, t10, t11, t20, t21, t22, t30, t31, t32, t33, u0, u1, u2, u3 = evaluate(
-                    v, y, ti, low, tshift, fpar, ipar, q0, q1, q2, q3, s2
+                    v, y, ti, ts, fpar, ipar, q0, q1, q2, q3, s2
                 )
                 if ct <= cost:
                     p0, p1, p2, p3 = q0, q1, q2, q3

@@ -12,9 +12,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from .lm import make_fit_voxel
+from .lm import make_fit_voxel, make_grid_tables
 
-__all__ = ["get_numba_fitter", "fit_python"]
+__all__ = ["get_numba_fitter", "get_grid_tables", "fit_python"]
 
 
 def cached_njit(tag: str, **options):
@@ -42,7 +42,7 @@ def cached_njit(tag: str, **options):
 
 @lru_cache(maxsize=None)
 def get_numba_fitter(dtype_name: str):
-    """Return the compiled batch fitter ``fit_batch(y, ti, low, tshift, fpar, ipar, *outs, n_chunks)``.
+    """Return the compiled batch fitter ``fit_batch(y, ti, sidx, shifts, gu, gw, fpar, ipar, *outs, n_chunks)``.
 
     ``n_chunks`` contiguous voxel ranges are spread over the numba threads (a few per
     thread balances voxels that need more iterations).
@@ -52,13 +52,21 @@ def get_numba_fitter(dtype_name: str):
     fit_voxel = make_fit_voxel(np.dtype(dtype_name).type, jit=cached_njit(dtype_name, nogil=True))
 
     @cached_njit(dtype_name, parallel=True, nogil=True)
-    def fit_batch(y, ti, low, tshift, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status, n_chunks):
+    def fit_batch(y, ti, sidx, shifts, gu, gw, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status, n_chunks):
         n_vox = y.shape[1]
         for c in numba.prange(n_chunks):
             for v in range(c * n_vox // n_chunks, (c + 1) * n_vox // n_chunks):
-                fit_voxel(v, y, ti, low, tshift, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status)
+                fit_voxel(v, y, ti, sidx, shifts, gu, gw, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status)
 
     return fit_batch
+
+
+@lru_cache(maxsize=None)
+def get_grid_tables(dtype_name: str, compiled: bool = True):
+    """Return ``fill(ti, shifts, fpar, ipar, gu, gw)`` (numba-compiled, or plain Python)."""
+    if not compiled:
+        return make_grid_tables(np.dtype(dtype_name).type)
+    return make_grid_tables(np.dtype(dtype_name).type, jit=cached_njit(dtype_name, nogil=True))
 
 
 @lru_cache(maxsize=None)
@@ -66,9 +74,9 @@ def _python_fit_voxel(dtype_name: str):
     return make_fit_voxel(np.dtype(dtype_name).type)
 
 
-def fit_python(y, ti, low, tshift, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status) -> None:
+def fit_python(y, ti, sidx, shifts, gu, gw, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status) -> None:
     """Run the same fitter as plain Python (the ``numpy`` backend: slow, for reference)."""
     fit_voxel = _python_fit_voxel(y.dtype.name)
     with np.errstate(all="ignore"):
         for v in range(y.shape[1]):
-            fit_voxel(v, y, ti, low, tshift, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status)
+            fit_voxel(v, y, ti, sidx, shifts, gu, gw, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status)

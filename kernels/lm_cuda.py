@@ -24,10 +24,10 @@ THREADS_PER_BLOCK = 128
 def _kernel_source(dtype):
     fit_voxel = make_fit_voxel(dtype, jit=cuda.jit(device=True))
 
-    def fit_batch(y, ti, low, tshift, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status):
+    def fit_batch(y, ti, sidx, shifts, gu, gw, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status):
         v = cuda.grid(1)
         if v < y.shape[1]:
-            fit_voxel(v, y, ti, low, tshift, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status)
+            fit_voxel(v, y, ti, sidx, shifts, gu, gw, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status)
 
     return fit_batch
 
@@ -39,7 +39,7 @@ def kernel_signature(dtype_name: str):
     f = numba.from_dtype(np.dtype(dtype_name))
     i32 = numba.int32
     return (
-        f[:, :], f[:], i32[:], f[:], f[:], i32[:],
+        f[:, :], f[:], i32[:], f[:], f[:, :, :], f[:, :, :], f[:], i32[:],
         f[:, :], f[:, :], f[:], i32[:], i32[:],
     )
 

@@ -3,66 +3,82 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+
+import numpy as np
 
 from .design import FitDesign
 
 
-def run_fit(backend: str, y, design: FitDesign, tshift, fpar, ipar, outs: tuple, timings: dict[str, float]) -> None:
-    """Fit every column of ``y`` in place into ``outs`` (params, se, rss, n_iter, status)."""
-    import numpy as np
+def _grid_tables(ti: np.ndarray, shifts: np.ndarray, fpar: np.ndarray, ipar: np.ndarray, compiled: bool):
+    """Start-grid basis tables (n_shift, n_grid, n_obs), built on the host (they are tiny)."""
+    from ..kernels.lm import I_N_GRID
+    from ..kernels.lm_cpu import get_grid_tables
 
+    shape = (shifts.shape[0], int(ipar[I_N_GRID]), ti.shape[0])
+    gu = np.empty(shape, dtype=fpar.dtype)
+    gw = np.empty(shape, dtype=fpar.dtype)
+    with np.errstate(all="ignore"):
+        get_grid_tables(fpar.dtype.name, compiled)(ti, shifts, fpar, ipar, gu, gw)
+    return gu, gw
+
+
+def run_fit(
+    backend: str, y, design: FitDesign, sidx, shifts: np.ndarray, fpar: np.ndarray, ipar: np.ndarray,
+    outs: tuple, timings: dict[str, float],
+) -> None:
+    """Fit every column of ``y`` in place into ``outs`` (params, se, rss, n_iter, status).
+
+    ``sidx`` (n_vox,) indexes the voxel's slice-timing shift in ``shifts`` (host array).
+    """
     ti = design.ti.astype(fpar.dtype)
-    low = design.low
+    t0 = time.perf_counter()
+    gu, gw = _grid_tables(ti, shifts, fpar, ipar, compiled=backend != "numpy")
+    timings["grid_tables"] = time.perf_counter() - t0
     if backend == "numba":
         import numba
 
         from ..kernels.lm_cpu import get_numba_fitter
 
-        t0 = time.perf_counter()
         kernel = get_numba_fitter(y.dtype.name)
-        timings["compile"] = time.perf_counter() - t0
         n_chunks = max(1, min(y.shape[1], 8 * numba.get_num_threads()))
         t0 = time.perf_counter()
-        kernel(y, ti, low, tshift, fpar, ipar, *outs, n_chunks)
+        kernel(y, ti, sidx, shifts, gu, gw, fpar, ipar, *outs, n_chunks)
         timings["fit"] = time.perf_counter() - t0
     elif backend == "numpy":
         from ..kernels.lm_cpu import fit_python
 
         t0 = time.perf_counter()
-        fit_python(y, ti, low, tshift, fpar, ipar, *outs)
+        fit_python(y, ti, sidx, shifts, gu, gw, fpar, ipar, *outs)
         timings["fit"] = time.perf_counter() - t0
     elif backend == "cuda":
-        _run_cuda(y, ti, low, tshift, fpar, ipar, outs, timings)
+        _run_cuda(y, (ti, sidx, shifts, gu, gw, fpar, ipar), outs, timings)
     else:  # pragma: no cover - resolve_backend guarantees a known name
         raise AssertionError(backend)
 
 
-def _run_cuda(y, ti, low, tshift, fpar, ipar, outs, timings) -> None:
+def _run_cuda(y, small: tuple, outs: tuple, timings: dict[str, float]) -> None:
     from numba import cuda
 
     from ..backend import is_cupy_array
     from ..kernels.lm_cuda import THREADS_PER_BLOCK, get_cuda_fitter
 
-    t0 = time.perf_counter()
     kernel = get_cuda_fitter(y.dtype.name)
-    timings["compile"] = time.perf_counter() - t0
     n_vox = y.shape[1]
     blocks = (n_vox + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
     if is_cupy_array(y):
         import cupy
 
-        small = [cupy.asarray(a) for a in (ti, low, fpar, ipar)]
+        ti, sidx, shifts, gu, gw, fpar, ipar = (cupy.asarray(a) for a in small)
         start, stop = cupy.cuda.Event(), cupy.cuda.Event()
         start.record()
-        kernel[blocks, THREADS_PER_BLOCK](y, small[0], small[1], tshift, small[2], small[3], *outs)
+        kernel[blocks, THREADS_PER_BLOCK](y, ti, sidx, shifts, gu, gw, fpar, ipar, *outs)
         stop.record()
         stop.synchronize()
         timings["fit"] = cupy.cuda.get_elapsed_time(start, stop) / 1e3
         return
     # host arrays: explicit transfers (timed separately), results copied back in place
     t0 = time.perf_counter()
-    d_in = [cuda.to_device(a) for a in (y, ti, low, tshift, fpar, ipar)]
+    d_in = [cuda.to_device(np.ascontiguousarray(a)) for a in (y, *small)]
     d_out = [cuda.to_device(o) for o in outs]
     cuda.synchronize()
     timings["h2d"] = time.perf_counter() - t0

@@ -137,14 +137,19 @@ def _pack_params(design: FitDesign, dtype: np.dtype, tol: float, max_iter: int, 
     ipar[lm.I_N_GRID] = n_grid
     ipar[lm.I_USE_PRIORS] = 1 if design.has_priors else 0
     ipar[lm.I_FREE : lm.I_FREE + 4] = [1 if f else 0 for f in design.free]
+    n_high = int(np.count_nonzero(design.low == 0))
+    # the kernels read the high-flip-angle volumes first, the low-flip-angle phase last
+    assert not np.any(design.low[:n_high]) and np.all(design.low[n_high:]), "LFA phase must be last"
+    ipar[lm.I_N_HIGH] = n_high
     with np.errstate(over="ignore"):
         return fpar.astype(dtype), ipar
 
 
-def _slice_shift(design: FitDesign, idx: tuple, spatial_ndim: int, xp, dtype) -> Any:
+def _slice_shifts(design: FitDesign, idx: tuple, spatial_ndim: int, xp, dtype) -> tuple[Any, np.ndarray]:
+    """Per-voxel index into the distinct slice-timing shifts, and the shifts (host, seconds)."""
     n = idx[0].shape[0]
     if design.slicedt == 0.0:
-        return xp.zeros(n, dtype=dtype)
+        return xp.zeros(n, dtype=xp.int32), np.zeros(1, dtype=dtype)
     if spatial_ndim < 3:
         raise InputError(
             f"slicedt={design.slicedt:g} needs 3-D images (slice axis = third axis); data have {spatial_ndim} spatial axes"
@@ -152,7 +157,8 @@ def _slice_shift(design: FitDesign, idx: tuple, spatial_ndim: int, xp, dtype) ->
     z = idx[2]
     if design.sliceband > 1:
         z = z % design.sliceband
-    return (z * design.slicedt).astype(dtype)
+    n_shift = design.sliceband if design.sliceband > 1 else int(z.max()) + 1 if n else 1
+    return z.astype(xp.int32), (np.arange(n_shift) * design.slicedt).astype(dtype)
 
 
 def fit_satrecov(
@@ -281,7 +287,7 @@ def fit_satrecov(
     # -- pack: (n_obs, n_vox), one column per voxel ------------------------------------
     t0 = time.perf_counter()
     y = xp.ascontiguousarray(data[mask_b].T.astype(dt_, copy=False))
-    tshift = _slice_shift(design, idx, len(spatial), xp, dt_)
+    sidx, shifts = _slice_shifts(design, idx, len(spatial), xp, dt_)
     fpar, ipar = _pack_params(design, dt_, float(tol), int(max_iter), int(n_grid))
     timings["pack"] = time.perf_counter() - t0
 
@@ -302,7 +308,7 @@ def fit_satrecov(
     elif n_vox:
         from . import _dispatch
 
-        _dispatch.run_fit(be.name, y, design, tshift, fpar, ipar, outs, timings)
+        _dispatch.run_fit(be.name, y, design, sidx, shifts, fpar, ipar, outs, timings)
 
     # -- unpack to image-shaped maps ------------------------------------------------------
     t0 = time.perf_counter()

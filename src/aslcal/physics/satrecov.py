@@ -92,7 +92,9 @@ def make_satrecov_model(dtype=np.float64, jit=_identity) -> SimpleNamespace:
         ``phase_coefficients(mode, t1, a, g, ti1, dt, fa, lfa, low)`` → 13-tuple
         ``(ti0, rate, q, dq, P0, P1, Q0, Q1, Q2, R1, U0, U1, U2)``;
         ``obs_signal_grad(m0, c, ti)`` → ``(S, dS/dm0, dS/dt1, dS/da, dS/dg)`` for the
-        coefficient tuple ``c``; and ``signal_grad(mode, m0, t1, a, g, ti, ti1, dt, fa,
+        coefficient tuple ``c``; ``obs_basis(c, ti)`` → ``(u, w)``, the two columns of the
+        model's linear part (S = M0·u + M0·A·w) for coefficients computed with A = 0; and
+        ``signal_grad(mode, m0, t1, a, g, ti, ti1, dt, fa,
         lfa, low)``, the two composed for a single observation.
     """
     f = np.dtype(dtype).type
@@ -163,12 +165,19 @@ def make_satrecov_model(dtype=np.float64, jit=_identity) -> SimpleNamespace:
         )
 
     @jit
+    def obs_basis(c, ti):
+        """For coefficients computed with A = 0: (u, w) with S = M0·u + (M0·A)·w."""
+        fdec = math.exp(-(ti - c[0]) * c[1])
+        return c[2] * (c[4] + c[5] * fdec), c[2] * c[9] * fdec
+
+    @jit
     def signal_grad(mode, m0, t1, a, g, ti, ti1, dt, fa, lfa, low):
         return obs_signal_grad(m0, phase_coefficients(mode, t1, a, g, ti1, dt, fa, lfa, low), ti)
 
     return SimpleNamespace(
         phase_coefficients=phase_coefficients,
         obs_signal_grad=obs_signal_grad,
+        obs_basis=obs_basis,
         signal_grad=signal_grad,
         dtype=np.dtype(dtype),
     )
