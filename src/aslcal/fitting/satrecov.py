@@ -19,27 +19,13 @@ import numpy as np
 from ..backend import array_namespace, is_cupy_array, resolve_backend, resolve_dtype
 from ..errors import InputError
 from ..physics.satrecov import PARAM_NAMES
+from ..kernels import lm
+from ..kernels.lm import STATUS_NAMES, STATUS_OUT_OF_MASK, STATUS_UNDERDETERMINED
 from .design import FitDesign, make_design
 
 __all__ = ["SatrecovFit", "fit_satrecov", "STATUS_NAMES"]
 
 log = logging.getLogger("aslcal")
-
-# Status codes (kept in sync with aslcal.kernels.lm, which is imported lazily).
-STATUS_CONVERGED = 0
-STATUS_MAX_ITER = 1
-STATUS_SINGULAR = 2
-STATUS_NONFINITE = 3
-STATUS_OUT_OF_MASK = 4
-STATUS_UNDERDETERMINED = 5
-STATUS_NAMES = {
-    STATUS_CONVERGED: "converged",
-    STATUS_MAX_ITER: "max-iterations",
-    STATUS_SINGULAR: "singular",
-    STATUS_NONFINITE: "non-finite input",
-    STATUS_OUT_OF_MASK: "out of mask",
-    STATUS_UNDERDETERMINED: "underdetermined",
-}
 
 #: Default relative step tolerance per dtype (float32 steps below ~1e-5 are rounding noise).
 DEFAULT_TOL = {"float32": 1e-5, "float64": 1e-8}
@@ -112,8 +98,6 @@ class SatrecovFit:
 
 
 def _pack_params(design: FitDesign, dtype: np.dtype, tol: float, max_iter: int, n_grid: int):
-    from ..kernels import lm
-
     fpar = np.zeros(lm.N_FPAR, dtype=np.float64)
     fpar[lm.F_TI1_HIGH] = design.ti1_high
     fpar[lm.F_TI1_LOW] = design.ti1_low
