@@ -329,3 +329,56 @@ def test_write_scalar_rejects(tmp_path: Path, value: object) -> None:
     with raises_input_error("value", tmp_path):
         write_scalar(tmp_path / "m0.txt", value)
     assert _names(tmp_path) == []
+
+
+# -- OutputSet: all outputs or none ----------------------------------------------------
+
+
+def test_output_set_commits_all_files_together(tmp_path):
+    from aslcal.io import OutputSet, save_image
+
+    with OutputSet() as out:
+        out.path(tmp_path / "a.txt").write_text("a")
+        save_image(out.path(tmp_path / "m.nii.gz"), np.ones((2, 2, 2)), np.eye(4))
+        # nothing is visible under its final name before the block ends
+        assert not (tmp_path / "a.txt").exists() and not (tmp_path / "m.nii.gz").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "m.nii.gz"]
+
+
+def test_output_set_failure_leaves_nothing(tmp_path):
+    from aslcal.io import OutputSet
+
+    with pytest.raises(RuntimeError):
+        with OutputSet() as out:
+            out.path(tmp_path / "a.txt").write_text("a")
+            out.path(tmp_path / "b.txt").write_text("b")
+            raise RuntimeError("computation failed after two outputs were written")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_set_refuses_existing_without_overwrite_before_writing(tmp_path):
+    from aslcal.io import OutputSet
+
+    (tmp_path / "b.txt").write_text("old")
+    with pytest.raises(InputError, match="already exists"):
+        with OutputSet(overwrite=False) as out:
+            out.path(tmp_path / "a.txt").write_text("a")
+            out.path(tmp_path / "b.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.txt"]
+    assert (tmp_path / "b.txt").read_text() == "old"
+
+
+def test_output_set_unwritten_or_duplicate_output_is_an_error(tmp_path):
+    from aslcal.io import OutputSet
+
+    with pytest.raises(InputError, match="requested twice"):
+        with OutputSet() as out:
+            out.path(tmp_path / "a.txt")
+            out.path(tmp_path / "a.txt")
+    assert list(tmp_path.iterdir()) == []
+    out = OutputSet()
+    p = out.path(tmp_path / "c.txt")
+    p.unlink()
+    with pytest.raises(InputError, match="never written"):
+        out.commit()
+    assert list(tmp_path.iterdir()) == []

@@ -4,6 +4,8 @@ Importing this package imports nibabel and NumPy only (never numba or CuPy).
 
 Public API
 ----------
+OutputSet
+    Several outputs that appear together on success, or not at all.
 atomic_output
     Context manager: write to a temporary file in the destination folder, rename
     over the destination when complete.
@@ -15,11 +17,12 @@ Image, load_image, save_image
 
 from __future__ import annotations
 
-from .atomic import atomic_output, write_json, write_scalar, write_text
+from .atomic import OutputSet, atomic_output, write_json, write_scalar, write_text
 from .nifti import Image, load_image, save_image
 
 __all__ = [
     "Image",
+    "OutputSet",
     "atomic_output",
     "load_image",
     "save_image",

@@ -7,6 +7,9 @@ file, or the complete new file, never a partial one -- even if the process is ki
 mid-write (the rename is atomic on POSIX and on Windows within one volume, which is why
 the temporary file lives next to the destination rather than in ``/tmp``).
 
+:class:`OutputSet` extends the guarantee to several files: a run's outputs all appear
+together when it succeeds, or none of them do.
+
 The small writers :func:`write_text`, :func:`write_json` and :func:`write_scalar` cover
 the text outputs of a calibration run (provenance JSON, the FSL-style ``M0`` value file).
 """
@@ -26,7 +29,7 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["atomic_output", "write_text", "write_json", "write_scalar"]
+__all__ = ["OutputSet", "atomic_output", "write_text", "write_json", "write_scalar"]
 
 StrPath = str | os.PathLike[str]
 
@@ -208,6 +211,88 @@ def atomic_output(dest: StrPath, *, overwrite: bool = True) -> Iterator[Path]:
         _remove_quietly(tmp)
         raise
     _fsync_path(dest_path.parent, directory=True)
+
+
+class OutputSet:
+    """Several output files that appear together, or not at all.
+
+    Each :meth:`path` call checks the destination (as :func:`atomic_output` does) and
+    returns a temporary path next to it; write the file there with any writer.  Leaving
+    the ``with`` block normally renames every temporary file onto its destination;
+    leaving it by an exception removes them all, so a failed run leaves no partial
+    output anywhere.
+
+    Examples
+    --------
+    >>> import pathlib, tempfile
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> with OutputSet() as out:
+    ...     _ = out.path(folder / "a.txt").write_text("a")
+    ...     _ = out.path(folder / "b.txt").write_text("b")
+    >>> sorted(p.name for p in folder.iterdir())
+    ['a.txt', 'b.txt']
+    """
+
+    def __init__(self, *, overwrite: bool = True) -> None:
+        self.overwrite = overwrite
+        self._staged: list[tuple[Path, Path]] = []
+
+    def check(self, *dests: StrPath) -> None:
+        """Validate destinations up front (folder exists and is writable, overwrite rule)."""
+        for dest in dests:
+            _check_destination(Path(dest), overwrite=self.overwrite)
+
+    def path(self, dest: StrPath) -> Path:
+        """Register ``dest`` and return the temporary path to write it to."""
+        dest_path = Path(dest)
+        if any(d == dest_path for _, d in self._staged):
+            raise InputError(f"output file {str(dest_path)!r} is requested twice")
+        _check_destination(dest_path, overwrite=self.overwrite)
+        tmp = _create_temp(dest_path)
+        self._staged.append((tmp, dest_path))
+        return tmp
+
+    @property
+    def destinations(self) -> list[Path]:
+        return [d for _, d in self._staged]
+
+    def abort(self) -> None:
+        """Remove every staged temporary file."""
+        for tmp, _ in self._staged:
+            _remove_quietly(tmp)
+        self._staged.clear()
+
+    def commit(self) -> list[Path]:
+        """Rename every staged file onto its destination; return the destinations."""
+        try:
+            for tmp, dest in self._staged:
+                if not tmp.exists():
+                    raise InputError(f"output {str(dest)!r} was registered but never written")
+                _fsync_path(tmp)
+                if not self.overwrite and os.path.lexists(dest):
+                    raise InputError(
+                        f"output file {str(dest)!r} already exists; pass overwrite=True to replace it"
+                    )
+        except BaseException:
+            self.abort()
+            raise
+        done = []
+        for tmp, dest in self._staged:
+            os.replace(tmp, dest)
+            done.append(dest)
+        for folder in {d.parent for d in done}:
+            _fsync_path(folder, directory=True)
+        self._staged.clear()
+        return done
+
+    def __enter__(self) -> "OutputSet":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
 
 
 def write_text(path: StrPath, text: str, *, overwrite: bool = True) -> Path:
