@@ -26,7 +26,15 @@ def bench_rows() -> list[dict]:
 @pytest.fixture(scope="session")
 def full_run(pytestconfig) -> bool:
     """True with ``--benchmark-enable``: the full size sweep; else one small smoke size."""
-    return not pytestconfig.getoption("benchmark_disable", default=True)
+    return bool(pytestconfig.getoption("benchmark_enable", default=False))
+
+
+def pytest_generate_tests(metafunc):
+    """``n_vox``: one smoke size normally; 1e3..1e7 with --benchmark-enable (1e7: GPU only)."""
+    if "n_vox" in metafunc.fixturenames:
+        full = bool(metafunc.config.getoption("benchmark_enable", default=False))
+        sizes = [1_000, 10_000, 100_000, 1_000_000, 10_000_000] if full else [10_000]
+        metafunc.parametrize("n_vox", sizes, ids=[f"{n:.0e}".replace("+0", "") for n in sizes])
 
 
 def provenance() -> dict:
