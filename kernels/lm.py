@@ -154,6 +154,13 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
     INF = f(np.inf)
 
     @jit
+    def prior_term(p, mu, prec, s2):
+        """Gaussian prior σ̂²·prec·(p − μ)²: its (cost, Hessian diagonal, gradient) terms."""
+        w = s2 * prec
+        dev = p - mu
+        return w * dev * dev, w, -w * dev
+
+    @jit
     def evaluate(v, y, ti, ts, fpar, ipar, p0, p1, p2, p3, s2):
         """Return (rss, cost, h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, g0, g1, g2, g3).
 
@@ -207,26 +214,22 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
         cost = rss
         if s2 > ZERO:
             # Gaussian priors (precision 0 where there is none or the parameter is fixed)
-            w = s2 * fpar[F_PREC]
-            dev = p0 - fpar[F_MU]
-            cost += w * dev * dev
-            h00 += w
-            g0 -= w * dev
-            w = s2 * fpar[F_PREC + 1]
-            dev = p1 - fpar[F_MU + 1]
-            cost += w * dev * dev
-            h11 += w
-            g1 -= w * dev
-            w = s2 * fpar[F_PREC + 2]
-            dev = p2 - fpar[F_MU + 2]
-            cost += w * dev * dev
-            h22 += w
-            g2 -= w * dev
-            w = s2 * fpar[F_PREC + 3]
-            dev = p3 - fpar[F_MU + 3]
-            cost += w * dev * dev
-            h33 += w
-            g3 -= w * dev
+            dc, dh, dg = prior_term(p0, fpar[F_MU], fpar[F_PREC], s2)
+            cost += dc
+            h00 += dh
+            g0 += dg
+            dc, dh, dg = prior_term(p1, fpar[F_MU + 1], fpar[F_PREC + 1], s2)
+            cost += dc
+            h11 += dh
+            g1 += dg
+            dc, dh, dg = prior_term(p2, fpar[F_MU + 2], fpar[F_PREC + 2], s2)
+            cost += dc
+            h22 += dh
+            g2 += dg
+            dc, dh, dg = prior_term(p3, fpar[F_MU + 3], fpar[F_PREC + 3], s2)
+            cost += dc
+            h33 += dh
+            g3 += dg
         return rss, cost, h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, g0, g1, g2, g3
 
     @jit
