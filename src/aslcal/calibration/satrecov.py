@@ -1,0 +1,273 @@
+"""Reference-region M0a from a saturation-recovery / Look-Locker series (calibration.md §7.4).
+
+1. Reference-region fit of the sensitivity-corrected series inside the reference mask
+   (fabber's priors, T1 prior mean = T1r, when ``priors=True``).
+2. Per reference voxel, the fully relaxed magnetisation M0 (see *Scale of M0t* below);
+   M0_ref = its mean over the mask (voxels with a finite, non-zero value; the others are
+   excluded and counted).  No TR correction: the fit's M0 is fully relaxed.
+3. The tail of §4: T2 correction to TE = 0, cgain, pc, blood T2 at the sequence TE.
+4. Optionally a whole-brain fit (T1 prior mean 1.3 s) for the T1t, M0t, A, g maps.
+
+Scale of M0t
+------------
+With a Look-Locker readout the fit's M0t is on the scale of the high-flip-angle
+readout: a voxel of equilibrium magnetisation M0 reports ``M0t = M0 · sin(g·FA) · s``
+(s the receive sensitivity, g the flip-angle correction; g = 1 without a low-flip-angle
+phase).  ``m0_scale="relaxed"`` (default) divides every reference voxel's M0t by
+sin(g·FA) before averaging, with g the voxel's fitted correction, so M0a is the
+equilibrium magnetisation of blood, on the scale of an ASL acquisition read out with its
+own (e.g. 90°) excitation, like a long-TR M0a.  ``m0_scale="readout"`` keeps M0t as it
+is (FSL asl_calib / oxasl behaviour): right only when the ASL data were read out with
+the same Look-Locker flip angle (e.g. QUASAR), so that sin(g·FA) cancels in the
+perfusion / M0 ratio.  Plain saturation recovery (no ``fa``) needs no correction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..backend import array_namespace
+from ..errors import InputError
+from ..fitting import SatrecovFit, fabber_priors, fit_satrecov
+from ._common import as_array, as_float, as_mask, count, is_array, masked_mean, number, safe_divide, spatial_image
+from .refregion import (
+    RefRegionM0,
+    _check_tissref,
+    check_field_strength,
+    empty_mask_error,
+    finish_m0a,
+    no_usable_voxel_error,
+    resolve_tissue,
+)
+
+__all__ = ["M0_SCALES", "SatrecovCalibration", "m0_refregion_satrecov"]
+
+#: ``relaxed``: M0t / sin(g·FA), the equilibrium magnetisation; ``readout``: M0t as fitted.
+M0_SCALES = ("relaxed", "readout")
+
+#: T1 prior mean of the whole-brain fit (calibration.md §7.3), seconds.
+BRAIN_T1_PRIOR = 1.3
+
+
+@dataclass
+class SatrecovCalibration:
+    """Result of :func:`m0_refregion_satrecov`.
+
+    Attributes
+    ----------
+    refregion : RefRegionM0
+        M0a and its factors (``mode="satrecov"``, ``tr_factor`` 1, ``tr``/``taq`` None);
+        ``s_ref`` is the mean reference M0 (after the ``m0_scale`` correction).
+    ref_fit : SatrecovFit
+        The reference-region fit (maps on the input's device; zero outside the mask).
+    brain_fit : SatrecovFit or None
+        The whole-brain fit, when a brain mask was given.  It fits the series as given
+        (not divided by the sensitivity), so its M0t map carries the coil sensitivity
+        like a voxelwise M0 map; T1t, A and g do not depend on it.
+    m0_scale : str
+        ``relaxed`` or ``readout`` (module docstring).
+    readout_factor : float or None
+        Mean of sin(g·FA) over the reference voxels used (Look-Locker); None for plain
+        saturation recovery.  With ``m0_scale="relaxed"`` each voxel's M0t was divided
+        by its own sin(g·FA).
+    priors : bool
+        Whether fabber's priors were used.
+    """
+
+    refregion: RefRegionM0
+    ref_fit: SatrecovFit
+    brain_fit: SatrecovFit | None
+    m0_scale: str
+    readout_factor: float | None
+    priors: bool
+
+    @property
+    def m0a(self) -> float:
+        """M0 of arterial blood, signal units."""
+        return self.refregion.m0a
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-friendly provenance record (factors, design, fit summaries)."""
+
+        def summary(fit: SatrecovFit | None, t1_prior: float | None) -> dict[str, Any] | None:
+            if fit is None:
+                return None
+            return {
+                "backend": fit.backend,
+                "dtype": fit.dtype,
+                "n_fitted": fit.n_fitted,
+                "status_counts": fit.status_counts(),
+                "t1_prior_mean_s": t1_prior,
+                "timings_s": dict(fit.timings),
+            }
+
+        out = self.refregion.as_dict()
+        out.update(
+            m0_scale=self.m0_scale,
+            readout_factor=self.readout_factor,
+            priors=self.priors,
+            design=self.ref_fit.design.as_dict(),
+            ref_fit=summary(self.ref_fit, self.refregion.t1r if self.priors else None),
+            brain_fit=summary(self.brain_fit, BRAIN_T1_PRIOR if self.priors else None),
+        )
+        return out
+
+
+def m0_refregion_satrecov(
+    series: Any,
+    tis: Sequence[float] | Any,
+    refmask: Any,
+    brain_mask: Any = None,
+    *,
+    repeats: int = 1,
+    nphases: int = 1,
+    fa: float | None = None,
+    lfa: float | None = None,
+    dt: float | None = None,
+    slicedt: float = 0.0,
+    sliceband: int = 1,
+    fix_a: bool = False,
+    priors: bool = False,
+    model: str = "exact",
+    bounds: Mapping[str, Sequence[float]] | None = None,
+    backend: str | None = None,
+    dtype: Any = None,
+    tissref: str = "csf",
+    te: float = 0.0,
+    t1r: Any = None,
+    t2r: Any = None,
+    t2b: float | None = None,
+    pc: float | None = None,
+    t2star: bool = False,
+    cgain: float = 1.0,
+    sensitivity: Any = None,
+    m0_scale: str = "relaxed",
+    field_strength: float = 3.0,
+    tissue_table: Mapping[str, Any] | None = None,
+) -> SatrecovCalibration:
+    """M0 of arterial blood from a saturation-recovery or Look-Locker calibration series.
+
+    Parameters
+    ----------
+    series : array of shape ``spatial + (n_vol,)``, signal units
+        NumPy or CuPy; volume order phase (slowest) → TI → repeat (fastest), the
+        low-flip-angle phase last (calibration.md §7.2).
+    tis : sequence of float, seconds
+        The distinct TIs of a phase, or one TI per volume (see :func:`aslcal.fit_satrecov`).
+    refmask : array of shape ``spatial``
+        Reference region (non-zero = inside).
+    brain_mask : array of shape ``spatial``, optional
+        If given, also fit the whole brain (``brain_fit``).
+    repeats, nphases, fa, lfa, dt, slicedt, sliceband, fix_a, model, bounds, backend, dtype
+        The acquisition design and fit options of :func:`aslcal.fit_satrecov` (fa, lfa
+        in degrees; dt, slicedt in seconds).
+    priors : bool
+        fabber's weak Gaussian priors (MAP): T1 prior mean = T1r for the reference fit
+        and 1.3 s for the whole-brain fit; A ~ N(1, 0.1), g ~ N(1, 0.01).
+    tissref : {"csf", "wm", "gm", "none"}
+        Reference tissue (defaults of t1r, t2r, pc).  ``none``: pc must be given, t2r
+        when te > 0, and t1r when priors are on.
+    te : float, milliseconds
+    t1r : float (seconds) or array, optional
+        Reference-tissue T1: only the prior mean of the reference fit (no TR correction
+        in this mode).  An image gives its mean inside the reference mask.
+    t2r : float (milliseconds) or array, optional
+    t2b : float, milliseconds, optional
+    pc : float, ml/g, optional
+    t2star : bool
+        T2* defaults for t2r and t2b.
+    cgain : float
+    sensitivity : array of shape ``spatial``, optional
+        Coil-sensitivity map: the series is divided by it (broadcast over volumes)
+        before the reference-region fit.
+    m0_scale : {"relaxed", "readout"}
+        Scale of M0 with a Look-Locker readout (module docstring).  ``relaxed``
+        (default): M0t / sin(g·FA) per voxel, the equilibrium magnetisation.
+        ``readout``: M0t as fitted (FSL), for ASL data read out with the same flip angle.
+    field_strength : float, tesla
+        Selects the tissue table (1.5, 3 or 7).
+    tissue_table : mapping of str to TissueParams, optional
+        Table to take the defaults from instead.
+
+    Returns
+    -------
+    SatrecovCalibration
+        ``refregion`` (M0a and factors), ``ref_fit``, ``brain_fit`` and provenance.
+
+    Raises
+    ------
+    InputError
+        Shapes that do not match, an empty reference mask or one where no voxel gave a
+        usable fit, an inconsistent design (TI count vs volumes, Δt <= 0, ...), an
+        unknown tissref or m0_scale, missing values for ``tissref='none'``.
+    BackendUnavailableError
+        An explicitly requested backend that cannot run here.
+    """
+    data = as_array("series", series)
+    mask_a = as_array("refmask", refmask)
+    arrays = [data, mask_a] + [v for v in (brain_mask, sensitivity, t1r, t2r) if is_array(v)]
+    xp = array_namespace(*arrays)
+    if data.ndim < 2:
+        raise InputError(f"series: expected shape (*spatial, n_volumes), got shape {tuple(data.shape)}")
+    spatial = tuple(int(s) for s in data.shape[:-1])
+    tissref = _check_tissref(tissref)
+    if not isinstance(priors, bool):
+        raise InputError(f"priors={priors!r}: expected True or False (fabber's priors on or off)")
+    if m0_scale not in M0_SCALES:
+        raise InputError(f"m0_scale={m0_scale!r}: expected one of {', '.join(M0_SCALES)}")
+    te = number("te", te, "ms", allow_min=True)
+    cgain = number("cgain", cgain, "ratio")
+    fs = check_field_strength(field_strength)
+    mask = as_mask("refmask", mask_a, xp, spatial, "series without its last axis")
+    bmask = None if brain_mask is None else as_mask("brain_mask", brain_mask, xp, spatial, "series without its last axis")
+    n_mask = count(xp, mask)
+    if n_mask == 0:
+        raise empty_mask_error("refmask")
+    tissue = resolve_tissue(
+        tissref=tissref, te=te, t1r=t1r, t2r=t2r, t2b=t2b, pc=pc, t2star=t2star,
+        field_strength=fs, tissue_table=tissue_table, mask=mask, xp=xp, need_t1r=priors,
+    )
+
+    corrected = as_float(data)
+    if sensitivity is not None:
+        s = spatial_image("sensitivity", as_array("sensitivity", sensitivity), spatial,
+                          "series without its last axis", xp, allow_series=False)
+        corrected = safe_divide(xp, corrected, s[..., None])
+    design = dict(
+        repeats=repeats, nphases=nphases, fa=fa, lfa=lfa, dt=dt, slicedt=slicedt,
+        sliceband=sliceband, fix_a=fix_a, model=model, bounds=bounds, backend=backend, dtype=dtype,
+    )
+    ref_fit = fit_satrecov(
+        corrected, tis, mask=mask, priors=fabber_priors(tissue["t1r"]) if priors else None, **design
+    )
+
+    m0t = ref_fit.m0t
+    readout = None
+    if ref_fit.design.fa is not None:
+        sin_map = xp.sin(ref_fit.g * math.radians(ref_fit.design.fa))
+        values = safe_divide(xp, m0t, sin_map) if m0_scale == "relaxed" else m0t
+    else:
+        sin_map, values = None, m0t
+    s_ref, n_used, n_excl, valid = masked_mean(xp, values, mask)
+    if n_used == 0:
+        raise no_usable_voxel_error("series", n_mask, "the fitted M0t")
+    if sin_map is not None:
+        readout = masked_mean(xp, sin_map, valid)[0]
+
+    refregion = finish_m0a(
+        mode="satrecov", s_ref=s_ref, n_voxels=n_used, n_excluded=n_excl, n_mask=n_mask,
+        tr_factor=1.0, tr=None, taq=None, te=te, cgain=cgain, tissref=tissref, t2star=t2star,
+        field_strength=fs, sensitivity=sensitivity is not None, tissue=tissue,
+    )
+    brain_fit = None
+    if bmask is not None:
+        brain_fit = fit_satrecov(
+            data, tis, mask=bmask, priors=fabber_priors(BRAIN_T1_PRIOR) if priors else None, **design
+        )
+    return SatrecovCalibration(
+        refregion=refregion, ref_fit=ref_fit, brain_fit=brain_fit, m0_scale=m0_scale,
+        readout_factor=readout, priors=priors,
+    )
