@@ -13,13 +13,15 @@ Scale of M0t
 With a Look-Locker readout the fit's M0t is on the scale of the high-flip-angle
 readout: a voxel of equilibrium magnetisation M0 reports ``M0t = M0 · sin(g·FA) · s``
 (s the receive sensitivity, g the flip-angle correction; g = 1 without a low-flip-angle
-phase).  ``m0_scale="relaxed"`` (default) divides every reference voxel's M0t by
-sin(g·FA) before averaging, with g the voxel's fitted correction, so M0a is the
-equilibrium magnetisation of blood, on the scale of an ASL acquisition read out with its
-own (e.g. 90°) excitation, like a long-TR M0a.  ``m0_scale="readout"`` keeps M0t as it
-is (FSL asl_calib / oxasl behaviour): right only when the ASL data were read out with
-the same Look-Locker flip angle (e.g. QUASAR), so that sin(g·FA) cancels in the
-perfusion / M0 ratio.  Plain saturation recovery (no ``fa``) needs no correction.
+phase).  ``m0_scale="readout"`` (default) keeps M0t as it is: the FSL asl_calib / oxasl
+behaviour and calibration.md's decision, right when the ASL data were read out with the
+same Look-Locker flip angle as the calibration series (e.g. QUASAR, whose control images
+are the calibration series), so that sin(g·FA) cancels in the perfusion / M0 ratio.
+``m0_scale="relaxed"`` divides every reference voxel's M0t by sin(g·FA) before averaging,
+with g the voxel's fitted correction, so M0a is the equilibrium magnetisation of blood:
+use it when the ASL data have their own readout (e.g. pCASL with a 90° excitation and a
+separate Look-Locker M0 series); it is then on the scale of a long-TR M0a.  Plain
+saturation recovery (no ``fa``) needs no correction.
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ def m0_refregion_satrecov(
     t2star: bool = False,
     cgain: float = 1.0,
     sensitivity: Any = None,
-    m0_scale: str = "relaxed",
+    m0_scale: str = "readout",
     field_strength: float = 3.0,
     tissue_table: Mapping[str, Any] | None = None,
 ) -> SatrecovCalibration:
@@ -184,9 +186,10 @@ def m0_refregion_satrecov(
         Coil-sensitivity map: the series is divided by it (broadcast over volumes)
         before the reference-region fit.
     m0_scale : {"relaxed", "readout"}
-        Scale of M0 with a Look-Locker readout (module docstring).  ``relaxed``
-        (default): M0t / sin(g·FA) per voxel, the equilibrium magnetisation.
-        ``readout``: M0t as fitted (FSL), for ASL data read out with the same flip angle.
+        Scale of M0 with a Look-Locker readout (module docstring).  ``readout``
+        (default): M0t as fitted (FSL), for ASL data read out with the same flip angle.
+        ``relaxed``: M0t / sin(g·FA) per voxel, the equilibrium magnetisation, for ASL
+        data with their own readout.
     field_strength : float, tesla
         Selects the tissue table (1.5, 3 or 7).
     tissue_table : mapping of str to TissueParams, optional
