@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 from .. import __version__
@@ -20,11 +21,22 @@ EXIT_OK = 0
 EXIT_ERROR = 2
 
 
+class UsageError(AslcalError):
+    """A command-line usage error (unknown option, bad value): one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``aslcal calib: error: ...``), not the usage."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    from . import demo, info  # noqa: F401  (subcommand modules)
+    from . import calib, demo, info, voxelwise  # noqa: F401  (subcommand modules)
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="aslcal",
         description=(
             "Calibration of arterial spin labelling (ASL) MRI: M0 estimation and voxelwise "
@@ -33,11 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"aslcal {__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     common.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (info, demo):
+    for module in (calib, voxelwise, demo, info):
         module.add_parser(sub, common)
     return parser
 
@@ -47,12 +59,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, --version, usage errors (argparse prints them)
+    except SystemExit as exc:  # --help, --version
         return int(exc.code or 0)
+    except UsageError as exc:
+        msg = str(exc).removeprefix("aslcal: ")
+        print(f"aslcal: error: {msg}", file=sys.stderr)
+        return EXIT_ERROR
     level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(level=level, format="aslcal: %(message)s", stream=sys.stderr, force=True)
     try:
-        return int(args.func(args) or EXIT_OK)
+        with warnings.catch_warnings(record=True) as caught:
+            # aslcal's own warnings (e.g. an assumed labelling efficiency) become one line each
+            warnings.simplefilter("always", UserWarning)
+            try:
+                return int(args.func(args) or EXIT_OK)
+            finally:
+                for w in caught:
+                    print(f"aslcal: warning: {w.message}", file=sys.stderr)
     except AslcalError as exc:
         if args.debug:
             raise

@@ -1,0 +1,126 @@
+"""Helpers shared by the calibration commands: inputs, geometry checks, outputs, provenance."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import logging
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..errors import InputError
+
+log = logging.getLogger("aslcal")
+
+#: Voxel-to-world matrices that differ by less than this (mm) describe the same grid.
+AFFINE_TOL_MM = 1e-3
+
+
+def float_or_image(text: str) -> float | str:
+    """argparse type: a number, or a path to an image (checked when loaded)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def float_list(text: str) -> list[float]:
+    """argparse type: comma- or space-separated numbers, e.g. ``0.1,0.4,0.7``."""
+    parts = [p for p in text.replace(",", " ").split() if p]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def load(path: str | None, name: str, *, ndim=None, reference=None):
+    """Load an image (or return None); check its grid against ``reference`` (an Image)."""
+    if path is None:
+        return None
+    from ..io import load_image
+
+    img = load_image(path, ndim=ndim, name=name)
+    if reference is not None:
+        check_same_grid(img, reference[0], name, reference[1])
+    return img
+
+
+def check_same_grid(img, ref, name: str, ref_name: str) -> None:
+    """The spatial shape and voxel-to-world matrix of ``img`` must match ``ref``'s."""
+    if tuple(img.shape[:3]) != tuple(ref.shape[:3]):
+        raise InputError(
+            f"{name} {img.path}: spatial shape {tuple(img.shape[:3])} does not match the {ref_name} "
+            f"{tuple(ref.shape[:3])}; resample it to the {ref_name}'s grid first"
+        )
+    diff = float(np.max(np.abs(img.affine - ref.affine)))
+    if diff > AFFINE_TOL_MM:
+        raise InputError(
+            f"{name} {img.path}: voxel-to-world matrix differs from the {ref_name}'s by up to {diff:.4g} mm; "
+            "the images are not on the same grid"
+        )
+
+
+def mask_of(img, name: str) -> np.ndarray:
+    """A boolean mask from an image (> 0); non-finite values are not in the mask."""
+    data = img.data
+    if data.ndim == 4:
+        raise InputError(f"{name} {img.path}: expected a 3-D mask, got a 4-D image")
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(data) & (data > 0)
+
+
+def image_or_value(value: float | str | None, name: str, reference) -> Any:
+    """A float as is, or the data of the image at path ``value`` (on the reference grid)."""
+    if value is None or isinstance(value, float):
+        return value
+    img = load(value, name, ndim=3, reference=reference)
+    return img.data
+
+
+def prepare_outdir(outdir: str | None) -> Path | None:
+    """Create ``--outdir`` if needed (its parent must exist)."""
+    if outdir is None:
+        return None
+    path = Path(outdir)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--outdir {path}: exists and is not a folder")
+    if not path.exists():
+        if not path.parent.exists():
+            raise InputError(f"--outdir {path}: parent folder {path.parent} does not exist")
+        try:
+            path.mkdir()
+        except OSError as exc:
+            raise InputError(f"--outdir {path}: cannot create it ({exc.strerror})") from None
+    return path
+
+
+def cleanup_outdir(path: Path | None, created: bool) -> None:
+    """Remove an ``--outdir`` this run created if the run failed and left it empty."""
+    if path is not None and created and path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+
+
+def provenance(args: argparse.Namespace, command: str, **results: Any) -> dict:
+    """The JSON provenance record of a run: command line, versions, inputs, results."""
+    from .info import _package_version
+
+    return {
+        "aslcal": __version__,
+        "command": command,
+        "argv": sys.argv[1:],
+        "options": {k: v for k, v in vars(args).items() if k not in ("func",)},
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "packages": {n: _package_version(n) for n in ("numpy", "numba", "nibabel", "scipy", "cupy")},
+        "units": {"te_t2_t2star": "ms", "tr_ti_t1_taq_dt": "s", "flip_angles": "degrees",
+                  "m0": "scanner units", "cbf": "ml/100g/min"},
+        **results,
+    }

@@ -1,0 +1,262 @@
+"""``aslcal calib``: asl_calib-compatible M0 calibration, and ``aslcal voxelwise``.
+
+Every asl_calib option keeps its meaning and units (TE in ms; TR, TAQ, TIs in s; flip
+angles in degrees).  Inputs are checked and every output path is validated before any
+computation; outputs are written together at the end (:class:`aslcal.io.OutputSet`), so
+a failed run leaves no partial file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+from ._common import (
+    cleanup_outdir,
+    float_list,
+    float_or_image,
+    image_or_value,
+    load,
+    mask_of,
+    prepare_outdir,
+    provenance,
+)
+
+log = logging.getLogger("aslcal")
+
+#: Maps of the whole-brain satrecov fit written to --outdir: (result attribute, file stem).
+FIT_MAPS = (("t1t", "T1t"), ("m0t", "M0t"), ("a", "A"), ("g", "facorr"))
+
+
+def add_parser(sub, common) -> None:
+    p = sub.add_parser(
+        "calib", parents=[common], help="M0 of arterial blood (asl_calib compatible) and calibrated CBF",
+        description=(
+            "Estimate the equilibrium magnetisation of arterial blood (M0a) from a calibration "
+            "image in a reference region (longtr) or from a saturation-recovery / Look-Locker "
+            "series (satrecov), and optionally calibrate a perfusion image in ml/100g/min.  "
+            "Options and units as FSL asl_calib: TE, T2, T2* in milliseconds; TR, TAQ, TIs, T1 "
+            "in seconds; flip angles in degrees.  Prints 'M0: <value>'."
+        ),
+    )
+    g = p.add_argument_group("inputs")
+    g.add_argument("-c", dest="calib", metavar="CALIB", help="calibration image (required); 4-D series in satrecov mode")
+    g.add_argument("-m", dest="mask", metavar="MASK", help="reference-region mask, in calibration space")
+    g.add_argument("-s", dest="struc", metavar="STRUC", help="brain-extracted structural (automatic reference mask)")
+    g.add_argument("-t", dest="trans", metavar="TRANS", help="ASL->structural transform (FLIRT matrix)")
+    g.add_argument("--refpve", metavar="PVE", help="partial-volume map of the reference tissue (structural space)")
+    g.add_argument("--csfmaskingoff", action="store_true", help="keep all CSF, not only the lateral ventricles")
+    g.add_argument("--bmask", metavar="MASK", help="brain mask in calibration space (satrecov whole-brain fit)")
+    g.add_argument("-i", dest="infile", metavar="PERF", help="perfusion image to calibrate (with -o)")
+    g.add_argument("--mode", choices=("longtr", "satrecov"), default="longtr", help="calibration mode (default longtr)")
+    g.add_argument("--tissref", choices=("csf", "wm", "gm", "none"), default="csf", help="reference tissue (default csf)")
+    t = p.add_argument_group("sequence and tissue (defaults from the tissue table)")
+    t.add_argument("--te", type=float, default=0.0, help="echo time, ms (default 0)")
+    t.add_argument("--tr", type=float, default=3.2, help="repetition time of the calibration image, s (default 3.2)")
+    t.add_argument("--taq", type=float, default=0.0, help="acquisition time (longtr TR correction), s (default 0)")
+    t.add_argument("--t1r", type=float_or_image, metavar="T1R", help="T1 of the reference tissue, s (number or image)")
+    t.add_argument("--t2r", type=float_or_image, metavar="T2R", help="T2 (or T2*) of the reference tissue, ms (number or image)")
+    t.add_argument("--t2b", type=float, help="T2 (or T2*) of blood, ms")
+    t.add_argument("--t2star", action="store_true", help="correct with T2* instead of T2 (changes the defaults)")
+    t.add_argument("--pc", type=float, help="partition coefficient of the reference tissue, ml/g")
+    t.add_argument("--cgain", "--cagin", dest="cgain", type=float, default=1.0,
+                   help="relative gain of the ASL data vs the calibration image (default 1)")
+    t.add_argument("--alpha", type=float, help="labelling efficiency for -o (default from --labelling, else 1)")
+    t.add_argument("--labelling", choices=("pcasl", "casl", "pasl"), help="labelling type: sets alpha (0.85/0.85/0.98)")
+    t.add_argument("--field-strength", type=float, default=3.0, help="tissue table: 1.5, 3 or 7 tesla (default 3)")
+    t.add_argument("--tissue-table", metavar="FILE", help="JSON file overriding tissue-table values")
+    c = p.add_argument_group("coil sensitivity")
+    c.add_argument("--cref", metavar="IMG", help="calibration-like image from a flat-sensitivity (body) coil")
+    c.add_argument("--cact", metavar="IMG", help="image from the actual coil, if not the calibration image")
+    c.add_argument("--isen", metavar="IMG", help="ready sensitivity map")
+    c.add_argument("--osen", metavar="FILE", help="save the sensitivity map used")
+    s = p.add_argument_group("satrecov mode")
+    s.add_argument("--tis", type=float_list, help="TIs, s, comma separated (distinct TIs of one phase, or one per volume)")
+    s.add_argument("--fa", type=float, help="Look-Locker readout flip angle, degrees")
+    s.add_argument("--lfa", type=float, help="low flip angle of a last extra phase, degrees (fits the flip-angle correction)")
+    s.add_argument("--nphases", type=int, default=1, help="high-flip-angle phases (default 1)")
+    s.add_argument("--repeats", type=int, default=1, help="volumes per TI within a phase (default 1)")
+    s.add_argument("--dt", type=float, help="Look-Locker readout spacing, s (default: spacing of the first two TIs)")
+    s.add_argument("--fixa", action="store_true", help="fix the saturation efficiency A = 1")
+    s.add_argument("--priors", action="store_true", help="fabber's weak priors on T1, A and g (MAP)")
+    s.add_argument("--m0-scale", choices=("readout", "relaxed"), default="readout",
+                   help="Look-Locker M0 scale: readout (asl_calib; ASL data share the readout, default) or "
+                        "relaxed (divide by sin(g*FA); ASL data with their own readout)")
+    s.add_argument("--backend", choices=("auto", "numpy", "numba", "cuda"), default=None, help="fitting backend")
+    o = p.add_argument_group("outputs")
+    o.add_argument("-o", dest="outfile", metavar="OUT", help="calibrated perfusion image, ml/100g/min (with -i)")
+    o.add_argument("--Mo", dest="mo", metavar="FILE", help="write M0a to this text file")
+    o.add_argument("--om", metavar="FILE", help="save the reference mask used")
+    o.add_argument("--outdir", metavar="DIR", help="write every map and a provenance JSON here")
+    o.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(func=run)
+
+
+def _check_options(args) -> None:
+    if args.calib is None:
+        raise InputError("-c CALIB is required: the calibration image")
+    if args.mask is None:
+        if args.struc or args.trans or args.refpve:
+            raise InputError(
+                "automatic reference masks (-s/-t/--refpve) are not available yet: a mask is needed, "
+                "give the reference-region mask in calibration space with -m"
+            )
+        raise InputError("no reference mask: give -m MASK (reference region in calibration space)")
+    if (args.infile is None) != (args.outfile is None):
+        raise InputError("-i PERF and -o OUT go together: -o is the calibrated version of -i")
+    if args.mode == "longtr" and (args.tis or args.fa or args.lfa):
+        raise InputError("--tis/--fa/--lfa describe a satrecov series: add --mode satrecov")
+    if args.mode == "satrecov" and not args.tis:
+        raise InputError("--mode satrecov needs --tis (the recovery times, s)")
+    if args.isen and (args.cref or args.cact):
+        raise InputError("--isen gives the sensitivity map; do not combine it with --cref/--cact")
+    if args.cact and not args.cref:
+        raise InputError("--cact needs --cref (sensitivity = cact / cref)")
+
+
+def _outputs(args, outdir: Path | None) -> list[Path]:
+    paths = [Path(p) for p in (args.outfile, args.mo, args.om, args.osen) if p]
+    if outdir is not None:
+        names = ["M0.txt", "refmask.nii.gz", "provenance.json"]
+        if args.cref or args.isen:
+            names.append("sensitivity.nii.gz")
+        if args.mode == "satrecov":
+            names += ["ref_T1t.nii.gz", "ref_M0t.nii.gz", "ref_status.nii.gz"]
+            if args.bmask:
+                for _, stem in FIT_MAPS:
+                    names += [f"{stem}.nii.gz", f"{stem}_se.nii.gz"]
+                names += ["status.nii.gz", "rss.nii.gz"]
+        if args.infile:
+            names.append("perfusion_calib.nii.gz")
+        paths += [outdir / n for n in names]
+    return paths
+
+
+def run(args) -> int:
+    from ..io import OutputSet
+
+    t_start = time.perf_counter()
+    _check_options(args)
+    out = OutputSet(overwrite=args.overwrite)
+    created = args.outdir is not None and not Path(args.outdir).exists()
+    outdir = prepare_outdir(args.outdir)
+    try:
+        out.check(*_outputs(args, outdir))
+        with out:
+            result = _calibrate(args, out, outdir)
+    except BaseException:
+        cleanup_outdir(outdir, created)
+        raise
+    print(f"M0: {result['m0a']:.10g}")
+    log.info("done in %.2f s", time.perf_counter() - t_start)
+    return 0
+
+
+def _calibrate(args, out, outdir: Path | None) -> dict:
+    from ..calibration import apply_calibration, coil_sensitivity, m0_refregion, m0_refregion_satrecov
+    from ..io import save_image, write_json, write_scalar
+    from ..physics.tissues import load_tissue_file, tissue_table
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    calib = load(args.calib, "calibration image (-c)", ndim=(4,) if args.mode == "satrecov" else (3, 4))
+    ref = (calib, "calibration image (-c)")
+    refmask_img = load(args.mask, "reference mask (-m)", ndim=3, reference=ref)
+    refmask = mask_of(refmask_img, "reference mask (-m)")
+    bmask = mask_of(load(args.bmask, "brain mask (--bmask)", ndim=3, reference=ref), "brain mask") if args.bmask else None
+    perf = load(args.infile, "perfusion image (-i)", reference=ref) if args.infile else None
+    table = None
+    if args.tissue_table:
+        table = tissue_table(args.field_strength, overrides=load_tissue_file(args.tissue_table))
+    t1r = image_or_value(args.t1r, "T1 image (--t1r)", ref)
+    t2r = image_or_value(args.t2r, "T2 image (--t2r)", ref)
+    timings["load"] = time.perf_counter() - t0
+
+    sens = None
+    if args.isen:
+        sens = load(args.isen, "sensitivity map (--isen)", ndim=3, reference=ref).data
+    elif args.cref:
+        cref = load(args.cref, "body-coil reference (--cref)", reference=ref)
+        cact = load(args.cact, "actual-coil image (--cact)", reference=ref) if args.cact else None
+        region = bmask if bmask is not None else np.ones(calib.shape[:3], bool)
+        sen = coil_sensitivity(calib.data, cref.data, region, cact=None if cact is None else cact.data)
+        if sen.n_invalid:
+            log.warning("coil sensitivity: %d voxels had a non-finite or <= 0 ratio and were set to 1", sen.n_invalid)
+        sens = sen.map
+
+    tissue = dict(tissref=args.tissref, te=args.te, t1r=t1r, t2r=t2r, t2b=args.t2b, pc=args.pc,
+                  t2star=args.t2star, cgain=args.cgain, sensitivity=sens, field_strength=args.field_strength,
+                  tissue_table=table)
+    t0 = time.perf_counter()
+    fit_record = None
+    if args.mode == "longtr":
+        if calib.data.ndim == 4:
+            log.info("calibration image has %d volumes: using their mean", calib.data.shape[3])
+        res = m0_refregion(calib.data, refmask, tr=args.tr, taq=args.taq, **tissue)
+        record = res.as_dict()
+        m0a = res.m0a
+    else:
+        res = m0_refregion_satrecov(
+            calib.data, args.tis, refmask, bmask, repeats=args.repeats, nphases=args.nphases, fa=args.fa,
+            lfa=args.lfa, dt=args.dt, fix_a=args.fixa, priors=args.priors, m0_scale=args.m0_scale,
+            backend=args.backend, **tissue,
+        )
+        record = res.as_dict()
+        m0a = res.m0a
+        fit_record = res
+        if bmask is None:
+            log.info("no --bmask: only the reference-region fit was run (no whole-brain T1/M0 maps)")
+    timings["calibration"] = time.perf_counter() - t0
+    r = record.get("refregion", record)
+    log.info("reference region: %d voxels used, %d excluded (zero or non-finite)", r["n_voxels"], r["n_excluded"])
+
+    calibrated = None
+    if perf is not None:
+        calibrated = apply_calibration(perf.data, m0a, alpha=args.alpha, labelling=args.labelling, sensitivity=sens)
+
+    # -- outputs (staged; renamed together when everything is written) --------------------
+    hdr = dict(affine=calib.affine, header=calib.header)
+    if args.mo:
+        write_scalar(out.path(args.mo), m0a)
+    if args.om:
+        save_image(out.path(args.om), refmask, **hdr, description="aslcal reference mask")
+    if args.osen and sens is not None:
+        save_image(out.path(args.osen), sens, **hdr, description="aslcal coil sensitivity")
+    if calibrated is not None:
+        save_image(out.path(args.outfile), calibrated.image, perf.affine, header=perf.header,
+                   description="aslcal CBF ml/100g/min")
+    if outdir is not None:
+        write_scalar(out.path(outdir / "M0.txt"), m0a)
+        save_image(out.path(outdir / "refmask.nii.gz"), refmask, **hdr, description="aslcal reference mask")
+        if sens is not None:
+            save_image(out.path(outdir / "sensitivity.nii.gz"), sens, **hdr, description="aslcal coil sensitivity")
+        if calibrated is not None:
+            save_image(out.path(outdir / "perfusion_calib.nii.gz"), calibrated.image, perf.affine,
+                       header=perf.header, description="aslcal CBF ml/100g/min")
+        if fit_record is not None:
+            rf = fit_record.ref_fit
+            save_image(out.path(outdir / "ref_T1t.nii.gz"), rf.t1t, **hdr, description="aslcal reference T1t s")
+            save_image(out.path(outdir / "ref_M0t.nii.gz"), rf.m0t, **hdr, description="aslcal reference M0t")
+            save_image(out.path(outdir / "ref_status.nii.gz"), rf.status, **hdr, dtype=np.int16,
+                       description="aslcal reference fit status")
+            bf = fit_record.brain_fit
+            if bf is not None:
+                for attr, stem in FIT_MAPS:
+                    save_image(out.path(outdir / f"{stem}.nii.gz"), getattr(bf, attr), **hdr, description=f"aslcal {stem}")
+                    save_image(out.path(outdir / f"{stem}_se.nii.gz"), getattr(bf, attr + "_se"), **hdr,
+                               description=f"aslcal {stem} standard error")
+                save_image(out.path(outdir / "status.nii.gz"), bf.status, **hdr, dtype=np.int16,
+                           description="aslcal fit status")
+                save_image(out.path(outdir / "rss.nii.gz"), bf.rss, **hdr, description="aslcal fit RSS")
+        inputs = {k: getattr(args, k) for k in ("calib", "mask", "bmask", "infile", "cref", "cact", "isen", "tissue_table")}
+        write_json(out.path(outdir / "provenance.json"), provenance(
+            args, "calib", inputs={k: v for k, v in inputs.items() if v}, m0a=m0a, calibration=record,
+            calibrated=None if calibrated is None else calibrated.as_dict(), timings_s=timings,
+        ))
+    return {"m0a": m0a, "record": record, "timings": timings}
