@@ -51,21 +51,32 @@ def test_info_reports_versions_and_backends(capsys):
 
 
 def test_demo_noise_free_recovers_truth(tmp_path, capsys):
+    import nibabel as nib
+
     out = tmp_path / "demo"
     assert main(["demo", str(out), "--snr", "0", "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "T1 gm" in printed
+    assert "M0a (reference region)" in printed and "CBF gm" in printed
     summary = json.loads((out / "summary.json").read_text())
     rows = {r["quantity"]: r for r in summary["recovered_vs_true"]}
-    # Noise-free, pure GM/WM voxels (pv >= 0.98; the last 2 % is another tissue, which
-    # biases a mono-exponential fit slightly): T1 within 0.5 % of the tissue table value.
-    for t in ("gm", "wm"):
-        r = rows[f"T1 {t} (s)"]
-        assert abs(r["recovered"] - r["true"]) / r["true"] < 5e-3, r
-    # The flip-angle correction is recovered voxelwise (median absolute error of g).
-    assert rows["g abs. error (median)"]["recovered"] < 1e-3
-    for name in ("T1t", "M0t", "A", "facorr", "status", "T1t_se"):
-        assert (out / "fit" / f"{name}.nii.gz").is_file()
+    truth = json.loads((out / "phantom.json").read_text())
+    # M0a: the phantom's arterial-blood M0 (phantom.json), noise-free, pure CSF reference
+    # region, coil sensitivity from the body-coil image: within 0.5 %.
+    assert abs(rows["M0a (reference region)"]["recovered"] / truth["m0a"] - 1) < 5e-3
+    # T1 medians over pure voxels (pv >= 0.98: the last 2 % is another tissue, which
+    # biases a mono-exponential fit slightly): within 0.5 % of the tissue table.
+    for key, t1 in (("T1 gm (s), median", 1.3), ("T1 wm (s), median", 1.0), ("T1 csf (s), median, ref. fit", 4.3)):
+        assert abs(rows[key]["recovered"] / t1 - 1) < 5e-3, rows[key]
+    # CBF against the truth map written by the phantom, in pure GM / WM voxels: within 1 %
+    cbf = nib.load(out / "calibration" / "cbf.nii.gz").get_fdata()
+    true_cbf = nib.load(out / "truth" / "cbf.nii.gz").get_fdata()
+    for tissue in ("gm", "wm"):
+        pv = nib.load(out / "truth" / f"pv_{tissue}.nii.gz").get_fdata()
+        sel = pv >= 0.99
+        assert sel.sum() > 10
+        np.testing.assert_allclose(cbf[sel], true_cbf[sel], rtol=0.01)
+    for name in ("T1t", "M0t", "A", "facorr", "status", "T1t_se", "cbf", "M0map", "refmask", "sensitivity"):
+        assert (out / "calibration" / f"{name}.nii.gz").is_file()
     assert (out / "calib_ll.nii.gz").is_file() and (out / "truth" / "brain_mask.nii.gz").is_file()
 
 
