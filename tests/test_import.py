@@ -21,6 +21,13 @@ def test_import_aslcal_imports_neither_numba_nor_cupy():
     assert not heavy, sorted(heavy)[:10]
 
 
+def test_every_public_name_resolves():
+    import aslcal
+
+    for name in aslcal.__all__:
+        assert getattr(aslcal, name) is not None, name
+
+
 def test_public_names_resolve_lazily():
     mods = _modules_after("import aslcal\nf = aslcal.fit_satrecov\nassert callable(f)")
     assert "aslcal.fitting" in mods

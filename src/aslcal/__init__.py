@@ -18,6 +18,11 @@ __version__ = "0.1.0"
 _LAZY = {
     "fit_satrecov": "aslcal.fitting",
     "SatrecovFit": "aslcal.fitting",
+    "m0_refregion": "aslcal.calibration",
+    "m0_refregion_satrecov": "aslcal.calibration",
+    "m0_voxelwise": "aslcal.calibration",
+    "coil_sensitivity": "aslcal.calibration",
+    "apply_calibration": "aslcal.calibration",
     "load_image": "aslcal.io",
     "save_image": "aslcal.io",
     "resolve_backend": "aslcal.backend",
