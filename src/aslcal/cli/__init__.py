@@ -65,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         msg = str(exc).removeprefix("aslcal: ")
         print(f"aslcal: error: {msg}", file=sys.stderr)
         return EXIT_ERROR
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for provenance records
     level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
     logging.basicConfig(level=level, format="aslcal: %(message)s", stream=sys.stderr, force=True)
     try:

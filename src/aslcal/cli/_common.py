@@ -6,7 +6,6 @@ import argparse
 import datetime as _dt
 import logging
 import platform
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +114,8 @@ def provenance(args: argparse.Namespace, command: str, **results: Any) -> dict:
     return {
         "aslcal": __version__,
         "command": command,
-        "argv": sys.argv[1:],
-        "options": {k: v for k, v in vars(args).items() if k not in ("func",)},
+        "argv": getattr(args, "argv", None),
+        "options": {k: v for k, v in vars(args).items() if k not in ("func", "argv")},
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "packages": {n: _package_version(n) for n in ("numpy", "numba", "nibabel", "scipy", "cupy")},

@@ -98,6 +98,14 @@ def add_parser(sub, common) -> None:
     p.set_defaults(func=run)
 
 
+def _finite(arr):
+    """A copy with NaN/Inf set to 0 (for files; the status map tells why)."""
+    from ..backend import array_namespace
+
+    xp = array_namespace(arr)
+    return xp.where(xp.isfinite(arr), arr, 0)
+
+
 def _check_options(args) -> None:
     if args.calib is None:
         raise InputError("-c CALIB is required: the calibration image")
@@ -118,6 +126,8 @@ def _check_options(args) -> None:
         raise InputError("--isen gives the sensitivity map; do not combine it with --cref/--cact")
     if args.cact and not args.cref:
         raise InputError("--cact needs --cref (sensitivity = cact / cref)")
+    if args.osen and not (args.cref or args.isen):
+        raise InputError("--osen saves the coil sensitivity map, but none is used: give --cref (or --isen)")
 
 
 def _outputs(args, outdir: Path | None) -> list[Path]:
@@ -247,13 +257,16 @@ def _calibrate(args, out, outdir: Path | None) -> dict:
                        description="aslcal reference fit status")
             bf = fit_record.brain_fit
             if bf is not None:
+                # Files hold finite numbers only: where a standard error or RSS is undefined
+                # (non-finite input, singular fit) the library's NaN flag becomes 0 and the
+                # status map says why.
                 for attr, stem in FIT_MAPS:
                     save_image(out.path(outdir / f"{stem}.nii.gz"), getattr(bf, attr), **hdr, description=f"aslcal {stem}")
-                    save_image(out.path(outdir / f"{stem}_se.nii.gz"), getattr(bf, attr + "_se"), **hdr,
-                               description=f"aslcal {stem} standard error")
+                    save_image(out.path(outdir / f"{stem}_se.nii.gz"), _finite(getattr(bf, attr + "_se")), **hdr,
+                               description=f"aslcal {stem} standard error (0: undefined, see status)")
                 save_image(out.path(outdir / "status.nii.gz"), bf.status, **hdr, dtype=np.int16,
                            description="aslcal fit status")
-                save_image(out.path(outdir / "rss.nii.gz"), bf.rss, **hdr, description="aslcal fit RSS")
+                save_image(out.path(outdir / "rss.nii.gz"), _finite(bf.rss), **hdr, description="aslcal fit RSS")
         inputs = {k: getattr(args, k) for k in ("calib", "mask", "bmask", "infile", "cref", "cact", "isen", "tissue_table")}
         write_json(out.path(outdir / "provenance.json"), provenance(
             args, "calib", inputs={k: v for k, v in inputs.items() if v}, m0a=m0a, calibration=record,

@@ -238,7 +238,13 @@ class OutputSet:
         self._staged: list[tuple[Path, Path]] = []
 
     def check(self, *dests: StrPath) -> None:
-        """Validate destinations up front (folder exists and is writable, overwrite rule)."""
+        """Validate destinations up front: each written once, folder writable, overwrite rule."""
+        seen: dict[str, Path] = {}
+        for dest in dests:
+            key = os.path.normcase(os.path.abspath(dest))
+            if key in seen:
+                raise InputError(f"output file {str(dest)!r} is requested twice (two outputs would overwrite each other)")
+            seen[key] = Path(dest)
         for dest in dests:
             _check_destination(Path(dest), overwrite=self.overwrite)
 
