@@ -13,19 +13,34 @@ write_text, write_json, write_scalar
     Atomic writers for text, JSON (NumPy-aware, NaN -> null) and one-number files.
 Image, load_image, save_image
     NIfTI images: a checked, fully read in-memory image, and an atomic writer.
+read_flirt_matrix, read_itk_affine, flirt_to_world, world_to_flirt, flirt_scaling
+    Transforms: FSL FLIRT matrices and ITK/ANTs affine text files, as world (RAS mm)
+    point mappings (see :mod:`aslcal.io.transforms` for the direction conventions).
 """
 
 from __future__ import annotations
 
 from .atomic import OutputSet, atomic_output, write_json, write_scalar, write_text
 from .nifti import Image, load_image, save_image
+from .transforms import (
+    flirt_scaling,
+    flirt_to_world,
+    read_flirt_matrix,
+    read_itk_affine,
+    world_to_flirt,
+)
 
 __all__ = [
     "Image",
     "OutputSet",
     "atomic_output",
+    "flirt_scaling",
+    "flirt_to_world",
     "load_image",
+    "read_flirt_matrix",
+    "read_itk_affine",
     "save_image",
+    "world_to_flirt",
     "write_json",
     "write_scalar",
     "write_text",
