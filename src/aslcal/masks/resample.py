@@ -40,7 +40,7 @@ import numpy as np
 
 from ..backend import array_namespace, is_cupy_array
 from ..errors import InputError
-from ..io.transforms import _grid_shape, _host_matrix, flirt_to_world
+from ..geometry import flirt_to_world, grid_shape, host_matrix
 
 __all__ = ["resample_to_grid", "resample_with_flirt", "default_supersample"]
 
@@ -81,9 +81,9 @@ def default_supersample(src_affine: Any, ref_affine: Any, world_ref_to_src: Any 
         edge in source voxels (``ceil(ref_voxel / src_voxel)`` when the axes are
         parallel).
     """
-    a_src = _host_matrix("src_affine", src_affine)
-    a_ref = _host_matrix("ref_affine", ref_affine)
-    w = np.eye(4) if world_ref_to_src is None else _host_matrix("world_ref_to_src", world_ref_to_src)
+    a_src = host_matrix("src_affine", src_affine)
+    a_ref = host_matrix("ref_affine", ref_affine)
+    w = np.eye(4) if world_ref_to_src is None else host_matrix("world_ref_to_src", world_ref_to_src)
     m = _index_map(a_src, a_ref, w)
     lengths = np.linalg.norm(m[:3, :3], axis=0)
     # 1e-9: a ratio that is an integer up to rounding (3.4 / 1.7) must not round up.
@@ -183,10 +183,10 @@ def resample_to_grid(
     kind = np.dtype(src_map.dtype).kind
     if kind not in "biuf":
         raise InputError(f"src_map: dtype {src_map.dtype}; expected a real (or bool) map")
-    a_src = _host_matrix("src_affine", src_affine)
-    a_ref = _host_matrix("ref_affine", ref_affine)
-    shape = _grid_shape("ref_shape", ref_shape)
-    w = np.eye(4) if world_ref_to_src is None else _host_matrix("world_ref_to_src", world_ref_to_src)
+    a_src = host_matrix("src_affine", src_affine)
+    a_ref = host_matrix("ref_affine", ref_affine)
+    shape = grid_shape("ref_shape", ref_shape)
+    w = np.eye(4) if world_ref_to_src is None else host_matrix("world_ref_to_src", world_ref_to_src)
     n_sub = _supersample(supersample) or default_supersample(a_src, a_ref, w)
     if isinstance(order, bool) or order not in (0, 1):
         raise InputError(f"order={order!r}: expected 0 (nearest) or 1 (linear)")

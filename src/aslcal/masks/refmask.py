@@ -1,0 +1,88 @@
+"""The reference-region mask in calibration space (calibration.md §8), without FSL.
+
+Chains the pieces: a tissue partial-volume map in structural space (given, read from a
+segmentation, or segmented here) → for CSF, the lateral ventricles only (or a user atlas,
+or all CSF) → averaged over each calibration voxel through the ASL→structural transform →
+thresholded (≥ 0.9 by default).  No file I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..backend import array_namespace
+from ..errors import InputError
+from .resample import resample_to_grid
+
+__all__ = ["ReferenceMask", "DEFAULT_PVE_THRESHOLD", "reference_mask_from_pv"]
+
+#: FSL's threshold on the reference tissue's partial volume in calibration space.
+DEFAULT_PVE_THRESHOLD = 0.9
+
+
+@dataclass
+class ReferenceMask:
+    """A reference-region mask in calibration space and how it was made."""
+
+    mask: Any  #: bool array, calibration grid
+    pv: Any  #: the reference tissue's partial volume averaged over each calibration voxel
+    threshold: float
+    n_voxels: int
+    steps: list[str] = field(default_factory=list)  #: how the structural-space map was obtained
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "n_voxels": self.n_voxels, "steps": list(self.steps), **self.details}
+
+
+def reference_mask_from_pv(
+    ref_pv: Any,
+    struct_affine: Any,
+    calib_shape: tuple[int, ...],
+    calib_affine: Any,
+    world_calib_to_struct: Any,
+    *,
+    threshold: float = DEFAULT_PVE_THRESHOLD,
+    steps: list[str] | None = None,
+    details: dict[str, Any] | None = None,
+) -> ReferenceMask:
+    """Resample a structural-space partial-volume map into calibration space and threshold it.
+
+    Parameters
+    ----------
+    ref_pv : array of shape (X, Y, Z)
+        The reference tissue's partial volume in structural space (NumPy or CuPy).
+    struct_affine, calib_affine : (4, 4) arrays
+        Voxel-to-world matrices (mm) of the structural and calibration grids.
+    calib_shape : tuple of int
+        Spatial shape of the calibration image.
+    world_calib_to_struct : (4, 4) array
+        Calibration-session world (mm) → structural-session world (mm), e.g. from
+        :func:`aslcal.io.flirt_to_world` of asl_calib's ``-t`` matrix.
+    threshold : float
+        Keep calibration voxels whose averaged partial volume is at least this.
+
+    Raises
+    ------
+    InputError
+        An empty result (the message of calibration.md §8), or a threshold outside (0, 1].
+    """
+    if not (0.0 < float(threshold) <= 1.0):
+        raise InputError(f"pve threshold={threshold!r}: expected a value in (0, 1]")
+    xp = array_namespace(ref_pv)
+    pv = resample_to_grid(ref_pv, struct_affine, tuple(int(s) for s in calib_shape[:3]), calib_affine,
+                          world_calib_to_struct)
+    mask = pv >= threshold
+    n = int(xp.count_nonzero(mask))
+    if n == 0:
+        best = float(xp.max(pv)) if pv.size else 0.0
+        raise InputError(
+            f"the reference mask is empty: no calibration voxel has a reference-tissue partial volume "
+            f">= {threshold:g} (largest {best:.2f}); check the brain extraction and the transform, "
+            "or supply a mask with -m"
+        )
+    return ReferenceMask(mask=mask, pv=pv, threshold=float(threshold), n_voxels=n,
+                         steps=list(steps or []), details=dict(details or {}))
