@@ -8,9 +8,7 @@ a failed run leaves no partial file.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -49,10 +47,18 @@ def add_parser(sub, common) -> None:
     g.add_argument("-c", dest="calib", metavar="CALIB", help="calibration image (required); 4-D series in satrecov mode")
     g.add_argument("-m", dest="mask", metavar="MASK", help="reference-region mask, in calibration space")
     g.add_argument("-s", dest="struc", metavar="STRUC", help="brain-extracted structural (automatic reference mask)")
-    g.add_argument("-t", dest="trans", metavar="TRANS", help="ASL->structural transform (FLIRT matrix)")
+    g.add_argument("-t", dest="trans", metavar="TRANS",
+                   help="ASL->structural transform: FLIRT matrix, or ITK/ANTs affine (fMRIPrep from-<asl>_to-T1w)")
     g.add_argument("--refpve", metavar="PVE", help="partial-volume map of the reference tissue (structural space)")
+    g.add_argument("--tissue-maps", metavar="PATH",
+                   help="existing segmentation: FAST *_pve_0/1/2 (file, folder or prefix) or BIDS *_label-CSF/GM/WM_probseg")
     g.add_argument("--csfmaskingoff", action="store_true", help="keep all CSF, not only the lateral ventricles")
-    g.add_argument("--bmask", metavar="MASK", help="brain mask in calibration space (satrecov whole-brain fit)")
+    g.add_argument("--ventricle-atlas", metavar="MASK", help="ventricle mask in standard space (with --str2std), as FSL")
+    g.add_argument("--str2std", metavar="MAT", help="structural->standard FLIRT matrix, for --ventricle-atlas")
+    g.add_argument("--pve-threshold", type=float, default=0.9,
+                   help="keep calibration voxels with at least this reference-tissue fraction (default 0.9)")
+    g.add_argument("--bmask", metavar="MASK",
+                   help="brain mask in calibration space (default: made from the calibration image)")
     g.add_argument("-i", dest="infile", metavar="PERF", help="perfusion image to calibrate (with -o)")
     g.add_argument("--mode", choices=("longtr", "satrecov"), default="longtr", help="calibration mode (default longtr)")
     g.add_argument("--tissref", choices=("csf", "wm", "gm", "none"), default="csf", help="reference tissue (default csf)")
@@ -110,12 +116,21 @@ def _check_options(args) -> None:
     if args.calib is None:
         raise InputError("-c CALIB is required: the calibration image")
     if args.mask is None:
-        if args.struc or args.trans or args.refpve:
+        if not (args.struc or args.refpve or args.tissue_maps):
             raise InputError(
-                "automatic reference masks (-s/-t/--refpve) are not available yet: a mask is needed, "
-                "give the reference-region mask in calibration space with -m"
+                "no reference mask and no way to make one: give -m MASK (calibration space), or a "
+                "brain-extracted structural -s with the ASL->structural transform -t (or --refpve / "
+                "--tissue-maps with -t)"
             )
-        raise InputError("no reference mask: give -m MASK (reference region in calibration space)")
+        if args.trans is None:
+            raise InputError(
+                "-t TRANS (the ASL->structural transform) is needed to bring structural-space maps "
+                "into calibration space; or give the reference mask directly with -m"
+            )
+    elif args.struc or args.refpve or args.tissue_maps or args.ventricle_atlas:
+        log.info("-m given: the reference mask is used as is (-s/--refpve/--tissue-maps/--ventricle-atlas ignored)")
+    if (args.ventricle_atlas is None) != (args.str2std is None):
+        raise InputError("--ventricle-atlas and --str2std go together (atlas in standard space + structural->standard matrix)")
     if (args.infile is None) != (args.outfile is None):
         raise InputError("-i PERF and -o OUT go together: -o is the calibrated version of -i")
     if args.mode == "longtr" and (args.tis or args.fa or args.lfa):
@@ -133,15 +148,18 @@ def _check_options(args) -> None:
 def _outputs(args, outdir: Path | None) -> list[Path]:
     paths = [Path(p) for p in (args.outfile, args.mo, args.om, args.osen) if p]
     if outdir is not None:
-        names = ["M0.txt", "refmask.nii.gz", "provenance.json"]
+        names = ["M0.txt", "refmask.nii.gz", "brainmask.nii.gz", "provenance.json", "qc.png"]
+        # brainmask.nii.gz is written when a brain mask exists (given, or made from the calibration image)
+        if args.mask is None:
+            names.append("refmask_pv.nii.gz")
         if args.cref or args.isen:
             names.append("sensitivity.nii.gz")
         if args.mode == "satrecov":
             names += ["ref_T1t.nii.gz", "ref_M0t.nii.gz", "ref_status.nii.gz"]
-            if args.bmask:
-                for _, stem in FIT_MAPS:
-                    names += [f"{stem}.nii.gz", f"{stem}_se.nii.gz"]
-                names += ["status.nii.gz", "rss.nii.gz"]
+            # the whole-brain fit always runs (brain mask given or made from the calibration image)
+            for _, stem in FIT_MAPS:
+                names += [f"{stem}.nii.gz", f"{stem}_se.nii.gz"]
+            names += ["status.nii.gz", "rss.nii.gz"]
         if args.infile:
             names.append("perfusion_calib.nii.gz")
         paths += [outdir / n for n in names]
@@ -177,16 +195,24 @@ def _calibrate(args, out, outdir: Path | None) -> dict:
     t0 = time.perf_counter()
     calib = load(args.calib, "calibration image (-c)", ndim=(4,) if args.mode == "satrecov" else (3, 4))
     ref = (calib, "calibration image (-c)")
-    refmask_img = load(args.mask, "reference mask (-m)", ndim=3, reference=ref)
-    refmask = mask_of(refmask_img, "reference mask (-m)")
-    bmask = mask_of(load(args.bmask, "brain mask (--bmask)", ndim=3, reference=ref), "brain mask") if args.bmask else None
+    t1r = image_or_value(args.t1r, "T1 image (--t1r)", ref)
+    t2r = image_or_value(args.t2r, "T2 image (--t2r)", ref)
+    timings["load"] = time.perf_counter() - t0
+    auto = None
+    if args.mask is not None:
+        refmask = mask_of(load(args.mask, "reference mask (-m)", ndim=3, reference=ref), "reference mask (-m)")
+    else:
+        t_mask = time.perf_counter()
+        auto = automatic_reference_mask(args, calib)
+        refmask = auto.mask
+        timings["reference_mask"] = time.perf_counter() - t_mask
+        log.info("reference mask: %d calibration voxels with %s fraction >= %g (%s)", auto.n_voxels,
+                 args.tissref, auto.threshold, "; ".join(auto.steps))
+    bmask, bmask_source = _brain_mask(args, calib, ref)
     perf = load(args.infile, "perfusion image (-i)", reference=ref) if args.infile else None
     table = None
     if args.tissue_table:
         table = tissue_table(args.field_strength, overrides=load_tissue_file(args.tissue_table))
-    t1r = image_or_value(args.t1r, "T1 image (--t1r)", ref)
-    t2r = image_or_value(args.t2r, "T2 image (--t2r)", ref)
-    timings["load"] = time.perf_counter() - t0
 
     sens = None
     if args.isen:
@@ -194,8 +220,7 @@ def _calibrate(args, out, outdir: Path | None) -> dict:
     elif args.cref:
         cref = load(args.cref, "body-coil reference (--cref)", reference=ref)
         cact = load(args.cact, "actual-coil image (--cact)", reference=ref) if args.cact else None
-        region = bmask if bmask is not None else np.ones(calib.shape[:3], bool)
-        sen = coil_sensitivity(calib.data, cref.data, region, cact=None if cact is None else cact.data)
+        sen = coil_sensitivity(calib.data, cref.data, bmask, cact=None if cact is None else cact.data)
         if sen.n_invalid:
             log.warning("coil sensitivity: %d voxels had a non-finite or <= 0 ratio and were set to 1", sen.n_invalid)
         sens = sen.map
@@ -213,15 +238,13 @@ def _calibrate(args, out, outdir: Path | None) -> dict:
         m0a = res.m0a
     else:
         res = m0_refregion_satrecov(
-            calib.data, args.tis, refmask, bmask, repeats=args.repeats, nphases=args.nphases, fa=args.fa,
+            calib.data, args.tis, refmask, bmask if outdir is not None else None, repeats=args.repeats, nphases=args.nphases, fa=args.fa,
             lfa=args.lfa, dt=args.dt, fix_a=args.fixa, priors=args.priors, m0_scale=args.m0_scale,
             backend=args.backend, **tissue,
         )
         record = res.as_dict()
         m0a = res.m0a
         fit_record = res
-        if bmask is None:
-            log.info("no --bmask: only the reference-region fit was run (no whole-brain T1/M0 maps)")
     timings["calibration"] = time.perf_counter() - t0
     r = record.get("refregion", record)
     log.info("reference region: %d voxels used, %d excluded (zero or non-finite)", r["n_voxels"], r["n_excluded"])
@@ -232,6 +255,8 @@ def _calibrate(args, out, outdir: Path | None) -> dict:
 
     # -- outputs (staged; renamed together when everything is written) --------------------
     hdr = dict(affine=calib.affine, header=calib.header)
+    if bmask is None and outdir is not None:
+        bmask, bmask_source = _brain_mask(args, calib, ref, optional=True)
     if args.mo:
         write_scalar(out.path(args.mo), m0a)
     if args.om:
@@ -244,6 +269,12 @@ def _calibrate(args, out, outdir: Path | None) -> dict:
     if outdir is not None:
         write_scalar(out.path(outdir / "M0.txt"), m0a)
         save_image(out.path(outdir / "refmask.nii.gz"), refmask, **hdr, description="aslcal reference mask")
+        if bmask is not None:
+            save_image(out.path(outdir / "brainmask.nii.gz"), bmask, **hdr, description="aslcal brain mask")
+        if auto is not None:
+            save_image(out.path(outdir / "refmask_pv.nii.gz"), auto.pv, **hdr,
+                       description=f"aslcal {args.tissref} fraction in calibration space")
+        _qc(out, outdir / "qc.png", calib.data, refmask, bmask, args)
         if sens is not None:
             save_image(out.path(outdir / "sensitivity.nii.gz"), sens, **hdr, description="aslcal coil sensitivity")
         if calibrated is not None:
@@ -267,9 +298,135 @@ def _calibrate(args, out, outdir: Path | None) -> dict:
                 save_image(out.path(outdir / "status.nii.gz"), bf.status, **hdr, dtype=np.int16,
                            description="aslcal fit status")
                 save_image(out.path(outdir / "rss.nii.gz"), _finite(bf.rss), **hdr, description="aslcal fit RSS")
-        inputs = {k: getattr(args, k) for k in ("calib", "mask", "bmask", "infile", "cref", "cact", "isen", "tissue_table")}
+        inputs = {k: getattr(args, k) for k in ("calib", "mask", "bmask", "infile", "cref", "cact", "isen", "tissue_table",
+                                                "struc", "trans", "refpve", "tissue_maps", "ventricle_atlas", "str2std")}
         write_json(out.path(outdir / "provenance.json"), provenance(
             args, "calib", inputs={k: v for k, v in inputs.items() if v}, m0a=m0a, calibration=record,
+            reference_mask=auto.as_dict() if auto is not None else {"source": "-m", "n_voxels": int(refmask.sum())},
+            brain_mask=bmask_source,
             calibrated=None if calibrated is None else calibrated.as_dict(), timings_s=timings,
         ))
     return {"m0a": m0a, "record": record, "timings": timings}
+
+
+def _brain_mask(args, calib, ref, *, optional: bool = False):
+    """``--bmask``, or one made from the calibration image where a brain mask is used.
+
+    Needed for the body-coil sensitivity and for the satrecov whole-brain maps of
+    ``--outdir`` (then a failure is an error, before any computation); otherwise only for
+    the QC outputs (``optional=True``, called when everything else has succeeded), where a
+    failure is a warning.
+    """
+    if args.bmask:
+        return mask_of(load(args.bmask, "brain mask (--bmask)", ndim=3, reference=ref), "brain mask"), "--bmask"
+    required = bool(args.cref) or (args.mode == "satrecov" and args.outdir is not None)
+    if not required and not (optional and args.outdir is not None):
+        return None, None
+    from ..masks import brain_mask_from_calib
+
+    try:
+        bm = brain_mask_from_calib(calib.data, voxel_size=calib.voxel_size)
+    except InputError as exc:
+        if required:
+            raise
+        log.warning("no brain mask for the QC outputs: %s", exc)
+        return None, None
+    log.info("brain mask from the calibration image: %d voxels (%.0f ml)", bm.n_voxels, bm.volume_ml)
+    return bm.mask, bm.as_dict()
+
+
+def _qc(out, path: Path, calib, refmask, bmask, args) -> None:
+    """The QC figure; without matplotlib a staged placeholder would be wrong, so say so and skip."""
+    from ..report import ReportUnavailableError, qc_figure
+
+    try:
+        qc_figure(out.path(path), calib, refmask=refmask, brain_mask=bmask,
+                  title=f"aslcal calib: reference mask ({args.tissref}) and brain mask")
+    except ReportUnavailableError as exc:
+        out.discard(path)
+        log.warning("QC figure skipped: %s", exc)
+
+
+def automatic_reference_mask(args, calib):
+    """The reference mask made from structural-space maps (calibration.md §8), without FSL.
+
+    Tissue map: ``--refpve`` (the reference tissue's PV map), else ``--tissue-maps`` (FAST or
+    BIDS probseg), else a segmentation of the brain-extracted ``-s``.  For CSF, the lateral
+    ventricles are kept (atlas-free, or ``--ventricle-atlas`` + ``--str2std``) unless
+    ``--csfmaskingoff``.  Then the map is averaged over each calibration voxel through
+    ``-t`` and thresholded at ``--pve-threshold``.
+    """
+    from ..geometry import flirt_to_world
+    from ..io import read_flirt_matrix, read_itk_affine
+    from ..masks import lateral_ventricles, reference_mask_from_pv, ventricles_from_atlas
+
+    steps: list[str] = []
+    details: dict = {"tissref": args.tissref}
+    struct = load(args.struc, "structural image (-s)", ndim=3) if args.struc else None
+    brain_struct = None
+    if args.refpve:
+        pv_img = load(args.refpve, "reference partial-volume map (--refpve)", ndim=3)
+        pv = np.clip(np.nan_to_num(pv_img.data), 0.0, 1.0)
+        steps.append(f"{args.tissref} map from --refpve")
+        grid = pv_img
+    elif args.tissue_maps:
+        from ..io.tissuemaps import find_tissue_maps, load_tissue_map
+
+        maps = find_tissue_maps(args.tissue_maps)
+        imgs = {t: load_tissue_map(p, t) for t, p in maps.items()}
+        if args.tissref not in imgs:
+            raise InputError(f"--tissue-maps {args.tissue_maps}: no {args.tissref} map found")
+        grid = imgs[args.tissref]
+        pv = grid.data
+        if all(t in imgs for t in ("csf", "gm", "wm")):
+            brain_struct = (imgs["csf"].data + imgs["gm"].data + imgs["wm"].data) >= 0.5
+        steps.append(f"{args.tissref} map from {maps[args.tissref].name}")
+    else:
+        from ..masks import check_brain_extracted, segment_tissues
+
+        check_brain_extracted(struct.data, voxel_size=struct.voxel_size, name=f"structural image (-s) {struct.path}")
+        seg = segment_tissues(struct.data, voxel_size=struct.voxel_size)
+        pv = seg.pv[args.tissref]
+        grid = struct
+        details["segmentation"] = seg.as_dict()
+        steps.append("segmentation of -s (CSF/GM/WM partial volumes)")
+    if struct is not None:
+        brain_struct = struct.data > 0
+        if tuple(struct.shape) != tuple(grid.shape[:3]):
+            raise InputError(f"structural image (-s) shape {tuple(struct.shape)} does not match the tissue map's "
+                             f"{tuple(grid.shape[:3])}")
+    if args.tissref == "csf" and not args.csfmaskingoff:
+        if args.ventricle_atlas:
+            atlas = load(args.ventricle_atlas, "ventricle atlas (--ventricle-atlas)", ndim=3)
+            mat = read_flirt_matrix(args.str2std)
+            str2std = flirt_to_world(mat, grid.affine, grid.shape[:3], atlas.affine, atlas.shape[:3])
+            vm = ventricles_from_atlas(atlas.data > 0.5, atlas.affine, grid.shape[:3], grid.affine, str2std, csf_pv=pv)
+            steps.append("lateral ventricles from --ventricle-atlas (eroded once)")
+        else:
+            if brain_struct is None:
+                raise InputError(
+                    "isolating the lateral ventricles needs the brain: give the brain-extracted structural -s "
+                    "(or all three --tissue-maps), or keep all CSF with --csfmaskingoff"
+                )
+            vm = lateral_ventricles(pv, brain_struct, voxel_size=grid.voxel_size, affine=grid.affine)
+            steps.append(f"lateral ventricles kept ({vm.n_components_kept} components, eroded once)")
+        pv = vm.pv
+        details["ventricles"] = vm.as_dict()
+    if _is_itk(args.trans):
+        world = read_itk_affine(args.trans, invert=True)  # from-<asl>_to-T1w: points T1w -> asl; we need asl -> T1w
+        steps.append("ITK affine -t (inverted: calibration -> structural)")
+    else:
+        mat = read_flirt_matrix(args.trans)
+        world = flirt_to_world(mat, calib.affine, calib.shape[:3], grid.affine, grid.shape[:3])
+        steps.append("FLIRT matrix -t")
+    steps.append("averaged over each calibration voxel")
+    return reference_mask_from_pv(pv, grid.affine, calib.shape[:3], calib.affine, world,
+                                  threshold=args.pve_threshold, steps=steps, details=details)
+
+
+def _is_itk(path: str) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(32).lstrip().startswith(b"#Insight Transform File")
+    except OSError:
+        return False  # read_flirt_matrix reports the problem

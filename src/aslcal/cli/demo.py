@@ -112,7 +112,7 @@ def run(args) -> int:
     for tissue in ("gm", "wm"):
         sel = (ph.pv[tissue] >= PURE_PV) & brain
         rows.append((f"CBF {tissue} (ml/100g/min), mean", float(np.mean(ph.cbf[sel])), float(np.mean(cbf.image[sel])), int(sel.sum())))
-        rows.append((f"  voxelwise M0, mean", float(np.mean(ph.cbf[sel])), float(np.mean(cbf_vw.image[sel])), int(sel.sum())))
+        rows.append(("  voxelwise M0, mean", float(np.mean(ph.cbf[sel])), float(np.mean(cbf_vw.image[sel])), int(sel.sum())))
     write_json(out / "summary.json", {
         "phantom_seed": args.seed,
         "snr": args.snr or None,

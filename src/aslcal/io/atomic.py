@@ -262,6 +262,14 @@ class OutputSet:
     def destinations(self) -> list[Path]:
         return [d for _, d in self._staged]
 
+    def discard(self, dest: StrPath) -> None:
+        """Forget one staged output (its temporary file is removed); no-op if not staged."""
+        dest_path = Path(dest)
+        for item in list(self._staged):
+            if item[1] == dest_path or item[0] == dest_path:
+                _remove_quietly(item[0])
+                self._staged.remove(item)
+
     def abort(self) -> None:
         """Remove every staged temporary file."""
         for tmp, _ in self._staged:
