@@ -308,7 +308,7 @@ def test_satrecov_nonfinite_input_gives_no_nan_in_any_output(phantom_ds, cli, tm
 
 FIT_FILES = [
     "A.nii.gz", "A_se.nii.gz", "M0.txt", "M0t.nii.gz", "M0t_se.nii.gz", "T1t.nii.gz", "T1t_se.nii.gz",
-    "brainmask.nii.gz", "facorr.nii.gz", "facorr_se.nii.gz", "perfusion_calib.nii.gz", "provenance.json", "ref_M0t.nii.gz",
+    "brainmask.nii.gz", "facorr.nii.gz", "facorr_se.nii.gz", "perfusion_calib.nii.gz", "provenance.json", "qc.png", "ref_M0t.nii.gz",
     "ref_T1t.nii.gz", "ref_status.nii.gz", "refmask.nii.gz", "rss.nii.gz", "sensitivity.nii.gz",
     "status.nii.gz",
 ]
