@@ -362,6 +362,9 @@ def automatic_reference_mask(args, calib):
 
     steps: list[str] = []
     details: dict = {"tissref": args.tissref}
+    # the transform first: a malformed or singular file fails before any long computation
+    itk = _is_itk(args.trans)
+    trans = read_itk_affine(args.trans, invert=True) if itk else read_flirt_matrix(args.trans)
     struct = load(args.struc, "structural image (-s)", ndim=3) if args.struc else None
     brain_struct = None
     if args.refpve:
@@ -412,12 +415,11 @@ def automatic_reference_mask(args, calib):
             steps.append(f"lateral ventricles kept ({vm.n_components_kept} components, eroded once)")
         pv = vm.pv
         details["ventricles"] = vm.as_dict()
-    if _is_itk(args.trans):
-        world = read_itk_affine(args.trans, invert=True)  # from-<asl>_to-T1w: points T1w -> asl; we need asl -> T1w
+    if itk:
+        world = trans  # from-<asl>_to-T1w maps T1w points to ASL points; inverted: ASL -> T1w
         steps.append("ITK affine -t (inverted: calibration -> structural)")
     else:
-        mat = read_flirt_matrix(args.trans)
-        world = flirt_to_world(mat, calib.affine, calib.shape[:3], grid.affine, grid.shape[:3])
+        world = flirt_to_world(trans, calib.affine, calib.shape[:3], grid.affine, grid.shape[:3])
         steps.append("FLIRT matrix -t")
     steps.append("averaged over each calibration voxel")
     return reference_mask_from_pv(pv, grid.affine, calib.shape[:3], calib.affine, world,

@@ -1,0 +1,91 @@
+"""``aslcal calib`` without -m: the automatic reference mask (calibration.md §8), and its
+bad inputs (each: exit 2, one stderr line, nothing written)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+
+def _save(path: Path, data, affine) -> Path:
+    nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine), str(path))
+    return path
+
+
+def _outputs(root: Path):
+    (root / "out").mkdir(exist_ok=True)
+    paths = [root / "out" / "M0.txt", root / "out" / "om.nii.gz"]
+    return ["--Mo", paths[0], "--om", paths[1], "--outdir", root / "outdir"], paths
+
+
+def test_structural_and_transform_make_the_mask(phantom_ds, cli, tmp_path):
+    """asl_calib's default path: -c calib -s struct_brain -t asl2struct.mat, no -m."""
+    root, ph = phantom_ds.root, phantom_ds.ph
+    res = cli("calib", "-c", root / "calib.nii.gz", "-s", root / "struct_brain.nii.gz",
+              "-t", root / "asl2struct.mat", "--isen", root / "truth" / "sensitivity.nii.gz",
+              "--outdir", tmp_path / "od")
+    assert res.rc == 0, res.err
+    # noise-free long-TR image, pure ventricle voxels: the phantom's M0a (within 0.5 %)
+    assert abs(res.m0 / ph.m0a - 1) < 5e-3
+    mask = nib.load(tmp_path / "od" / "refmask.nii.gz").get_fdata() > 0
+    assert mask.sum() > 10 and not np.any(mask & ph.sulcal_csf_mask)
+    assert np.all(ph.ventricle_pv[mask] > 0.5)
+    prov = json.loads((tmp_path / "od" / "provenance.json").read_text())
+    assert prov["reference_mask"]["n_voxels"] == int(mask.sum())
+    assert any("segmentation" in s for s in prov["reference_mask"]["steps"])
+    assert (tmp_path / "od" / "qc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_refpve_route_with_csfmaskingoff(phantom_ds, cli, tmp_path):
+    """--refpve (a CSF map in structural space) with all CSF kept: more voxels, sulcal ones too."""
+    root, ph = phantom_ds.root, phantom_ds.ph
+    res = cli("calib", "-c", root / "calib.nii.gz", "--refpve", root / "struct_pv_csf.nii.gz",
+              "-t", root / "asl2struct.mat", "--csfmaskingoff", "--om", tmp_path / "om.nii.gz")
+    assert res.rc == 0, res.err
+    mask = nib.load(tmp_path / "om.nii.gz").get_fdata() > 0
+    assert np.count_nonzero(mask & ph.sulcal_csf_mask) > 0
+
+
+def test_not_brain_extracted_structural(phantom_ds, bad_input, tmp_path):
+    root = phantom_ds.root
+    outs, paths = _outputs(tmp_path)
+    err = bad_input(["calib", "-c", root / "calib.nii.gz", "-s", root / "struct.nii.gz",
+                     "-t", root / "asl2struct.mat", *outs], tmp_path, outputs=paths)
+    assert "brain-extracted" in err
+
+
+def test_malformed_and_singular_transforms(phantom_ds, bad_input, tmp_path):
+    root = phantom_ds.root
+    outs, paths = _outputs(tmp_path)
+    for name, text, expected in (
+        ("bad.mat", "1 0 0\n0 1 0\n0 0 1\n", "4"),
+        ("nan.mat", "1 0 0 0\n0 nan 0 0\n0 0 1 0\n0 0 0 1\n", "finite"),
+        ("singular.mat", "1 0 0 0\n0 0 0 0\n0 0 1 0\n0 0 0 1\n", "singular"),
+    ):
+        (tmp_path / name).write_text(text)
+        err = bad_input(["calib", "-c", root / "calib.nii.gz", "-s", root / "struct_brain.nii.gz",
+                         "-t", tmp_path / name, *outs], tmp_path, outputs=paths)
+        assert name in err and expected in err, err
+
+
+def test_segmentation_that_cannot_separate_three_classes(phantom_ds, bad_input, tmp_path):
+    root, ph = phantom_ds.root, phantom_ds.ph
+    st = ph.structural
+    flat = _save(tmp_path / "flat_brain.nii.gz", np.where(st.brain_mask, 100.0, 0.0), st.affine)
+    outs, paths = _outputs(tmp_path)
+    err = bad_input(["calib", "-c", root / "calib.nii.gz", "-s", flat, "-t", root / "asl2struct.mat", *outs],
+                    tmp_path, outputs=paths)
+    assert "class" in err or "separate" in err
+
+
+def test_empty_automatic_mask(phantom_ds, bad_input, tmp_path):
+    """A transform that moves the structural far away: no calibration voxel gets any CSF."""
+    root = phantom_ds.root
+    (tmp_path / "away.mat").write_text("1 0 0 500\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    outs, paths = _outputs(tmp_path)
+    err = bad_input(["calib", "-c", root / "calib.nii.gz", "--refpve", root / "struct_pv_csf.nii.gz",
+                     "--csfmaskingoff", "-t", tmp_path / "away.mat", *outs], tmp_path, outputs=paths)
+    assert "empty" in err and "brain extraction" in err and "-m" in err
