@@ -375,10 +375,8 @@ def automatic_reference_mask(args, calib):
     elif args.tissue_maps:
         from ..io.tissuemaps import find_tissue_maps, load_tissue_map
 
-        maps = find_tissue_maps(args.tissue_maps)
+        maps = find_tissue_maps(args.tissue_maps, require=(args.tissref,))
         imgs = {t: load_tissue_map(p, t) for t, p in maps.items()}
-        if args.tissref not in imgs:
-            raise InputError(f"--tissue-maps {args.tissue_maps}: no {args.tissref} map found")
         grid = imgs[args.tissref]
         pv = grid.data
         if all(t in imgs for t in ("csf", "gm", "wm")):

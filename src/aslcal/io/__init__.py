@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from .atomic import OutputSet, atomic_output, write_json, write_scalar, write_text
 from .nifti import Image, load_image, save_image
+from .tissuemaps import find_tissue_maps, load_tissue_map
 from .transforms import (
     flirt_scaling,
     flirt_to_world,
@@ -36,7 +37,9 @@ __all__ = [
     "atomic_output",
     "flirt_scaling",
     "flirt_to_world",
+    "find_tissue_maps",
     "load_image",
+    "load_tissue_map",
     "read_flirt_matrix",
     "read_itk_affine",
     "save_image",

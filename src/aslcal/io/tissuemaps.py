@@ -282,7 +282,7 @@ def load_tissue_map(
         ``[-tol, 1 + tol]`` (the message gives the range found, and suggests dividing
         by 100 for a percentage map).
     """
-    from ..io.nifti import load_image  # I/O boundary: nibabel only when a map is read
+    from .nifti import load_image  # nibabel only when a map is read
 
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (math.isfinite(tol) and 0 <= tol < 1):
         raise InputError(f"tol={tol!r}: expected a number in [0, 1)")

@@ -1,4 +1,4 @@
-"""Tests for aslcal.masks.tissuemaps: finding FAST / BIDS tissue maps and reading them."""
+"""Tests for aslcal.io.tissuemaps: finding FAST / BIDS tissue maps and reading them."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from aslcal.errors import InputError
-from aslcal.masks.tissuemaps import find_tissue_maps, load_tissue_map
+from aslcal.io.tissuemaps import find_tissue_maps, load_tissue_map
 
 SHAPE = (6, 5, 4)
 
