@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from ._arrays import array_namespace, is_cupy_array, to_device, to_host
+from ._arrays import array_namespace, as_numeric_array, is_cupy_array, ndimage_for, special_for, to_device, to_host
 from ._registry import (
     AUTO_CUDA_MIN_VOXELS,
     BACKEND_NAMES,
@@ -29,6 +29,9 @@ __all__ = [
     "BACKEND_NAMES",
     "Backend",
     "array_namespace",
+    "as_numeric_array",
+    "ndimage_for",
+    "special_for",
     "available_backends",
     "get_backend",
     "is_cupy_array",

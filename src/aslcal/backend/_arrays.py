@@ -9,7 +9,7 @@ import numpy as np
 
 from ..errors import BackendUnavailableError, InputError
 
-__all__ = ["array_namespace", "is_cupy_array", "to_device", "to_host"]
+__all__ = ["array_namespace", "as_numeric_array", "is_cupy_array", "ndimage_for", "special_for", "to_device", "to_host"]
 
 
 def is_cupy_array(x: Any) -> bool:
@@ -61,3 +61,43 @@ def to_host(x: Any) -> np.ndarray:
     if is_cupy_array(x):
         return x.get()
     return np.asarray(x)
+
+
+def ndimage_for(arr: Any):
+    """``scipy.ndimage`` for NumPy arrays, ``cupyx.scipy.ndimage`` for CuPy arrays."""
+    if is_cupy_array(arr):
+        import cupyx.scipy.ndimage as ndi
+    else:
+        import scipy.ndimage as ndi
+    return ndi
+
+
+def special_for(arr: Any):
+    """``scipy.special`` for NumPy arrays, ``cupyx.scipy.special`` for CuPy arrays."""
+    if is_cupy_array(arr):
+        import cupyx.scipy.special as sp
+    else:
+        import scipy.special as sp
+    return sp
+
+
+def as_numeric_array(name: str, value: Any, *, ndim: int | None = None) -> Any:
+    """``value`` as a real-valued NumPy or CuPy array (sequences become NumPy).
+
+    Raises :class:`~aslcal.errors.InputError` naming ``name`` for None, non-numeric data, or
+    (with ``ndim``) the wrong number of axes.
+    """
+    if value is None:
+        raise InputError(f"{name}: required, got None")
+    if isinstance(value, np.ndarray) or is_cupy_array(value):
+        arr = value
+    else:
+        try:
+            arr = np.asarray(value)
+        except (TypeError, ValueError):
+            raise InputError(f"{name}: expected an image (array of numbers), got {type(value).__name__}") from None
+    if arr.dtype.kind not in "biuf":
+        raise InputError(f"{name}: expected an array of real numbers, got dtype {arr.dtype}")
+    if ndim is not None and arr.ndim != ndim:
+        raise InputError(f"{name}: expected a {ndim}-D image, got shape {tuple(arr.shape)}")
+    return arr

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import is_cupy_array
+from ..backend import as_numeric_array, is_cupy_array
 from ..errors import InputError
 
 __all__ = ["CalibrationWarning"]
@@ -24,25 +24,16 @@ class CalibrationWarning(UserWarning):
     """A calibration ran, but on an assumption the user should know about (e.g. α = 1)."""
 
 
+def as_array(name: str, value: Any) -> Any:
+    """``value`` as a numeric NumPy/CuPy array (lists become NumPy); checks the dtype."""
+    return as_numeric_array(name, value)
+
+
 def is_array(value: Any) -> bool:
     """True for NumPy and CuPy arrays (not for Python scalars or lists)."""
     return isinstance(value, np.ndarray) or is_cupy_array(value)
 
 
-def as_array(name: str, value: Any) -> Any:
-    """``value`` as a numeric NumPy/CuPy array (lists become NumPy); checks the dtype."""
-    if value is None:
-        raise InputError(f"{name}: required, got None")
-    if is_array(value):
-        arr = value
-    else:
-        try:
-            arr = np.asarray(value)
-        except (TypeError, ValueError):
-            raise InputError(f"{name}: expected an image (array of numbers), got {type(value).__name__}") from None
-    if arr.dtype.kind not in "biuf":
-        raise InputError(f"{name}: expected an array of real numbers, got dtype {arr.dtype}")
-    return arr
 
 
 def as_float(arr: Any) -> Any:

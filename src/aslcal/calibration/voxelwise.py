@@ -27,7 +27,7 @@ import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..backend import array_namespace, is_cupy_array
+from ..backend import array_namespace, ndimage_for
 from ..errors import InputError
 from ._common import CalibrationWarning, as_array, as_float, as_mask, count, is_array, number, safe_divide, spatial_image
 
@@ -94,13 +94,6 @@ class VoxelwiseM0:
         return out
 
 
-def _ndimage(arr: Any):
-    """scipy.ndimage for NumPy arrays, cupyx.scipy.ndimage for CuPy arrays."""
-    if is_cupy_array(arr):
-        import cupyx.scipy.ndimage as ndi
-    else:
-        import scipy.ndimage as ndi
-    return ndi
 
 
 def edge_correct(m0: Any, brain_mask: Any) -> tuple[Any, int, dict[str, int]]:
@@ -136,7 +129,7 @@ def edge_correct(m0: Any, brain_mask: Any) -> tuple[Any, int, dict[str, int]]:
     brain_mask = as_mask("brain_mask", brain_mask, xp, tuple(int(s) for s in m0.shape), "m0")
     if not bool(xp.all(xp.isfinite(m0))):
         raise InputError("m0: the map contains NaN or Inf; set them to 0 (missing) before the edge correction")
-    ndi = _ndimage(m0)
+    ndi = ndimage_for(m0)
     zero = xp.zeros_like(m0)
     out = ndi.median_filter(m0, size=3)
     out = xp.where(brain_mask, out, zero)

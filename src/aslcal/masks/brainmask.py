@@ -34,9 +34,9 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import array_namespace
+from ..backend import array_namespace, as_numeric_array, ndimage_for
 from ..errors import InputError
-from .ventricles import _as_array, _count, _ellipsoid, _ndimage, _number, _voxel_size
+from .ventricles import _count, _ellipsoid, _number, _voxel_size
 
 __all__ = ["BrainMask", "brain_mask_from_calib"]
 
@@ -164,7 +164,7 @@ def brain_mask_from_calib(
         ``calib`` is not 3-D or 4-D, is constant (no contrast to threshold), or
         nothing is left after the erosion (``erode_mm`` too large for this image).
     """
-    img = _as_array("calib", calib)
+    img = as_numeric_array("calib", calib)
     xp = array_namespace(img)
     if img.ndim == 4:
         if int(img.shape[3]) == 0:
@@ -182,7 +182,7 @@ def brain_mask_from_calib(
     erode_r = defaults[0] if erode_mm is None else _number("erode_mm", erode_mm, unit, low=0.0, inclusive=False)
     close_r = defaults[1] if close_mm is None else _number("close_mm", close_mm, unit)
     fraction = _number("fraction", fraction, "fraction of the head intensity", low=0.0, inclusive=False, high=1.0)
-    ndi = _ndimage(img)
+    ndi = ndimage_for(img)
 
     finite = xp.isfinite(img)
     n_nonfinite = int(img.size) - _count(xp, finite)

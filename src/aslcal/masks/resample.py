@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import array_namespace, is_cupy_array
+from ..backend import array_namespace, ndimage_for
 from ..errors import InputError
 from ..geometry import flirt_to_world, grid_shape, host_matrix
 
@@ -49,13 +49,6 @@ __all__ = ["resample_to_grid", "resample_with_flirt", "default_supersample"]
 CHUNK_VOXELS = 1 << 20
 
 
-def _ndimage(arr: Any):
-    """scipy.ndimage for NumPy arrays, cupyx.scipy.ndimage for CuPy arrays."""
-    if is_cupy_array(arr):
-        import cupyx.scipy.ndimage as ndi
-    else:
-        import scipy.ndimage as ndi
-    return ndi
 
 
 def _index_map(src_affine: np.ndarray, ref_affine: np.ndarray, world: np.ndarray) -> np.ndarray:
@@ -209,7 +202,7 @@ def resample_to_grid(
         src = xp.astype(src_map, out_dtype)
     else:
         src = src_map
-    ndi = _ndimage(src)
+    ndi = ndimage_for(src)
     m = _index_map(a_src, a_ref, w)
     lin, trans = m[:3, :3], m[:3, 3]
     # Sub-sample displacements in source-index units, in one fixed order.

@@ -82,7 +82,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import array_namespace, is_cupy_array
+from ..backend import array_namespace, as_numeric_array, ndimage_for, special_for
 from ..errors import InputError
 
 __all__ = [
@@ -197,41 +197,10 @@ class Segmentation:
 # --------------------------------------------------------------------------- helpers
 
 
-def _ndimage(arr: Any):
-    """scipy.ndimage for NumPy arrays, cupyx.scipy.ndimage for CuPy arrays."""
-    if is_cupy_array(arr):
-        import cupyx.scipy.ndimage as ndi
-    else:
-        import scipy.ndimage as ndi
-    return ndi
 
 
-def _special(arr: Any):
-    """scipy.special for NumPy arrays, cupyx.scipy.special for CuPy arrays."""
-    if is_cupy_array(arr):
-        import cupyx.scipy.special as sp
-    else:
-        import scipy.special as sp
-    return sp
 
 
-def _as_image(name: str, value: Any) -> Any:
-    if value is None:
-        raise InputError(f"{name}: required, got None")
-    if isinstance(value, np.ndarray) or is_cupy_array(value):
-        arr = value
-    else:
-        try:
-            arr = np.asarray(value)
-        except (TypeError, ValueError):
-            raise InputError(
-                f"{name}: expected a 3-D image (array of numbers), got {type(value).__name__}"
-            ) from None
-    if arr.dtype.kind not in "biuf":
-        raise InputError(f"{name}: expected an array of real numbers, got dtype {arr.dtype}")
-    if arr.ndim != 3:
-        raise InputError(f"{name}: expected a 3-D image (x, y, z), got shape {tuple(arr.shape)}")
-    return arr
 
 
 def _voxel_size(value: Any) -> tuple[float, float, float]:
@@ -305,7 +274,7 @@ def _neighbour_sum(xp, a, weights):
 
 def _extraction_evidence(img, xp, voxel_size) -> dict[str, float]:
     """Measures of "this is a whole head, not a brain" (see check_brain_extracted)."""
-    ndi = _ndimage(img)
+    ndi = ndimage_for(img)
     img = img.astype(xp.float32)
     img = xp.where(xp.isfinite(img), img, 0.0)
     pos = img[img > 0]
@@ -375,7 +344,7 @@ def check_brain_extracted(
         The image does not look brain-extracted (the message gives the cue and its
         value), or it is not a 3-D array of real numbers.
     """
-    img = _as_image(name, t1w)
+    img = as_numeric_array(name, t1w, ndim=3)
     xp = array_namespace(img)
     ev = _extraction_evidence(img, xp, _voxel_size(voxel_size))
     reasons = []
@@ -428,7 +397,7 @@ def _homogeneous_moments(xp, img, mask, centres):
     whole neighbourhood is in the mask) gives the moments.  ``None`` for a class with
     too few such voxels.
     """
-    ndi = _ndimage(img)
+    ndi = ndimage_for(img)
     v = xp.where(mask, img, 0.0).astype(xp.float32)
     cnt = ndi.uniform_filter(mask.astype(xp.float32), size=3, mode="constant")
     m1 = ndi.uniform_filter(v, size=3, mode="constant")
@@ -721,9 +690,9 @@ def segment_tissues(
         or two classes less than 2.5 pooled standard deviations apart).
     """
     t0 = time.perf_counter()
-    img = _as_image("t1w_brain", t1w_brain)
+    img = as_numeric_array("t1w_brain", t1w_brain, ndim=3)
     if brain_mask is not None:
-        mask_arr = _as_image("brain_mask", brain_mask)
+        mask_arr = as_numeric_array("brain_mask", brain_mask, ndim=3)
         xp = array_namespace(img, mask_arr)
         if tuple(mask_arr.shape) != tuple(img.shape):
             raise InputError(
@@ -817,8 +786,8 @@ def segment_tissues(
         sd.append(math.sqrt(_fsum(xp, xp.where(g, (sample - m) ** 2, 0.0)) / n))
     sd_floor = 1e-3 * (mu[2] - mu[0])
 
-    ndi = _ndimage(mask_c)
-    sp = _special(y0)
+    ndi = ndimage_for(mask_c)
+    sp = special_for(y0)
     on_edge = (mask_c & ~ndi.binary_erosion(mask_c, border_value=0)).reshape(-1)[flat_idx]
     n_edge = _count(xp, on_edge)
     weights = tuple(min(vs) / v for v in vs)

@@ -67,7 +67,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import array_namespace, is_cupy_array
+from ..backend import array_namespace, as_numeric_array, is_cupy_array, ndimage_for
 from ..errors import InputError
 
 __all__ = ["VentricleMask", "lateral_ventricles", "ventricles_from_atlas"]
@@ -141,33 +141,12 @@ class VentricleMask:
 # --------------------------------------------------------------------------------------
 
 
-def _ndimage(arr: Any):
-    """scipy.ndimage for NumPy arrays, cupyx.scipy.ndimage for CuPy arrays."""
-    if is_cupy_array(arr):
-        import cupyx.scipy.ndimage as ndi
-    else:
-        import scipy.ndimage as ndi
-    return ndi
 
 
-def _as_array(name: str, value: Any) -> Any:
-    """``value`` as a real NumPy/CuPy array (lists become NumPy)."""
-    if value is None:
-        raise InputError(f"{name}: required, got None")
-    if isinstance(value, np.ndarray) or is_cupy_array(value):
-        arr = value
-    else:
-        try:
-            arr = np.asarray(value)
-        except (TypeError, ValueError):
-            raise InputError(f"{name}: expected an image (array of numbers), got {type(value).__name__}") from None
-    if arr.dtype.kind not in "biuf":
-        raise InputError(f"{name}: expected an array of real numbers, got dtype {arr.dtype}")
-    return arr
 
 
 def _as_mask(name: str, value: Any, xp, shape: tuple, ref: str) -> Any:
-    arr = _as_array(name, value)
+    arr = as_numeric_array(name, value)
     if tuple(int(s) for s in arr.shape) != shape:
         raise InputError(f"{name}: shape {tuple(arr.shape)} does not match {shape} (the shape of {ref})")
     if arr.dtype.kind == "b":
@@ -339,8 +318,8 @@ def lateral_ventricles(
         the message tells the user to check the brain extraction and segmentation or
         to supply a mask.
     """
-    pv = _as_array("csf_pv", csf_pv)
-    xp = array_namespace(pv, _as_array("brain_mask", brain_mask))
+    pv = as_numeric_array("csf_pv", csf_pv)
+    xp = array_namespace(pv, as_numeric_array("brain_mask", brain_mask))
     if pv.ndim != 3:
         raise InputError(f"csf_pv: expected a 3-D map (x, y, z), got shape {tuple(pv.shape)}")
     shape = tuple(int(s) for s in pv.shape)
@@ -373,7 +352,7 @@ def lateral_ventricles(
         "min_radius_fraction": min_radius_fraction, "max_offset": max_offset, "max_inferior": max_inferior,
         "erode": bool(erode), "all_csf": bool(all_csf), "voxel_size_mm": list(vox),
     }
-    ndi = _ndimage(pv)
+    ndi = ndimage_for(pv)
     zero = xp.zeros_like(pv)
 
     n_brain = _count(xp, brain)
@@ -554,7 +533,7 @@ def ventricles_from_atlas(
         Bad matrices (not 4x4, singular), shapes, ``order``; or the mapped mask is
         empty (the transform misses the atlas, or the erosion removes everything).
     """
-    atlas = _as_array("atlas_mask_std", atlas_mask_std)
+    atlas = as_numeric_array("atlas_mask_std", atlas_mask_std)
     xp = array_namespace(atlas, csf_pv)
     if atlas.ndim != 3:
         raise InputError(f"atlas_mask_std: expected a 3-D mask, got shape {tuple(atlas.shape)}")
@@ -571,11 +550,11 @@ def ventricles_from_atlas(
         raise InputError(f"order={order!r}: expected 0 (nearest neighbour) or 1 (trilinear)")
     pv = None
     if csf_pv is not None:
-        pv = _as_array("csf_pv", csf_pv)
+        pv = as_numeric_array("csf_pv", csf_pv)
         if tuple(int(s) for s in pv.shape) != shape:
             raise InputError(f"csf_pv: shape {tuple(pv.shape)} does not match struct_shape {shape}")
         pv = pv if pv.dtype.kind == "f" else xp.astype(pv, xp.float64)
-    ndi = _ndimage(atlas)
+    ndi = ndimage_for(atlas)
     m = np.linalg.inv(a_std) @ w @ a_str  # structural index -> atlas index
     src = xp.astype(atlas != 0, xp.float32)
     sampled = ndi.affine_transform(
