@@ -34,7 +34,7 @@ __all__ = ["OutputSet", "atomic_output", "write_text", "write_json", "write_scal
 StrPath = str | os.PathLike[str]
 
 # A final suffix that is a compression layer keeps the suffix before it too, so that
-# ``m0.nii.gz`` gives a temporary ``.m0.tmp-XXXX.nii.gz`` that nibabel still gzips.
+# ``m0.nii.gz`` gives a temporary ``.m0.tmp-1a2b3c4d.nii.gz`` that nibabel still gzips.
 _COMPRESSION_SUFFIXES = frozenset({".gz", ".bz2", ".xz", ".zst"})
 _TEMP_MARKER = ".tmp-"
 _MAX_NAME_TRIES = 100
@@ -171,7 +171,7 @@ def atomic_output(dest: StrPath, *, overwrite: bool = True) -> Iterator[Path]:
     Yields
     ------
     tmp : pathlib.Path
-        An existing, empty, hidden file ``.{stem}.tmp-XXXXXXXX{suffixes}`` in the
+        An existing, empty, hidden file ``.{stem}.tmp-<8 hex digits>{suffixes}`` in the
         folder of ``dest``.  It keeps the suffixes of ``dest`` (``.nii.gz``, ``.nii``,
         ``.json``, ``.txt``, ...) so that writers which pick the format from the
         extension (``nibabel.save``) behave as for ``dest``.  Write the whole content
