@@ -1,0 +1,276 @@
+"""Run bookkeeping for a cohort: job-array shards, failure records, resume plans.
+
+Nothing here computes; it decides *which* subjects a run does and remembers which ones
+failed.  Subjects are identified by their key (``"sub-01_ses-1_run-1"``, see
+:func:`aslcal.io.derivatives.subject_key`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from ..errors import InputError
+from ..io.atomic import StrPath, write_text
+from ..io.derivatives import DerivativesWriter, subject_key
+
+__all__ = ["FailureLog", "FailureRecord", "RunPlan", "parse_shard", "plan_run", "shard"]
+
+_SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """Parse ``"I/N"`` (1 <= I <= N) into ``(I, N)``; anything else is an :class:`InputError`."""
+    match = _SHARD_RE.match(spec) if isinstance(spec, str) else None
+    if match is None:
+        raise InputError(f"--shard {spec!r}: expected I/N with whole numbers, e.g. 1/4")
+    i, n = int(match.group(1)), int(match.group(2))
+    if n < 1 or not 1 <= i <= n:
+        raise InputError(f"--shard {spec!r}: expected 1 <= I <= N and N >= 1, e.g. 1/4")
+    return i, n
+
+
+def _stable_bucket(key: str, n: int) -> int:
+    """0-based bucket of ``key``: SHA-256 of its UTF-8 bytes, first 8 bytes, modulo ``n``."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % n
+
+
+def shard(items: Iterable[str], spec: str, *, method: Literal["hash", "index"] = "hash") -> list[str]:
+    """The items of shard ``I`` of ``N`` (``spec = "I/N"``), sorted, duplicates dropped.
+
+    Parameters
+    ----------
+    items : iterable of str
+        Subject keys.
+    spec : str
+        ``"I/N"`` with 1 <= I <= N.
+    method : {"hash", "index"}, optional
+        ``"hash"`` (default): a key goes to shard ``sha256(key) mod N + 1``.  A key's
+        shard depends on the key alone, never on the other keys nor on the process
+        (Python's ``hash`` is salted per process and is not used), so job-array tasks
+        agree even if they see slightly different key lists.  Shard sizes are balanced
+        only on average.  ``"index"``: the sorted unique keys are dealt round-robin
+        (sizes differ by at most 1); every task must see the same key list.
+
+    Returns
+    -------
+    list of str
+        Sorted.  Shards 1..N are disjoint and together hold every item once.
+    """
+    i, n = parse_shard(spec)
+    if isinstance(items, str):
+        raise InputError("shard(items, ...): expected a list of keys, got one string")
+    unique = sorted(set(items))
+    for item in unique:
+        if not isinstance(item, str):
+            raise InputError(f"shard: keys must be strings, got {item!r}")
+    if method == "hash":
+        return [k for k in unique if _stable_bucket(k, n) == i - 1]
+    if method == "index":
+        return [k for j, k in enumerate(unique) if j % n == i - 1]
+    raise InputError(f"shard method {method!r}: expected 'hash' or 'index'")
+
+
+# --------------------------------------------------------------------------- failures
+
+
+@dataclass(frozen=True)
+class FailureRecord:
+    """One failed subject: its key, the stage that failed and the message."""
+
+    key: str
+    stage: str
+    message: str
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"key": self.key, "stage": self.stage, "message": self.message}
+        if self.details:
+            out["details"] = dict(self.details)
+        return out
+
+
+class FailureLog:
+    """Failed subjects of a run, one JSON object per line (JSON Lines).
+
+    :meth:`record` appends one complete line with a single ``write`` on a file opened
+    for appending, then flushes it to disk: a reader sees whole records, and a line cut
+    by a killed process (no final newline) is ignored when loading.  Shards of a job
+    array should use one file each (:meth:`for_shard`).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The log file (conventionally ``*.jsonl``); its folder must exist.
+    """
+
+    def __init__(self, path: StrPath) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def for_shard(cls, folder: StrPath, spec: str | None = None, *, stem: str = "failures") -> "FailureLog":
+        """``folder/failures.jsonl``, or ``folder/failures_shard-I-of-N.jsonl`` for a shard."""
+        if spec is None:
+            return cls(Path(folder) / f"{stem}.jsonl")
+        i, n = parse_shard(spec)
+        return cls(Path(folder) / f"{stem}_shard-{i}-of-{n}.jsonl")
+
+    def record(self, key: str, stage: str, message: str, **details: Any) -> FailureRecord:
+        """Append a failure; returns the record."""
+        for name, value in (("key", key), ("stage", stage), ("message", message)):
+            if not isinstance(value, str) or not value:
+                raise InputError(f"FailureLog.record: {name} must be a non-empty str, got {value!r}")
+        rec = FailureRecord(key, stage, message, dict(details))
+        try:
+            line = json.dumps(rec.to_json(), sort_keys=False, allow_nan=False, default=str)
+        except ValueError as exc:
+            raise InputError(f"FailureLog.record: details cannot be written to JSON ({exc})") from None
+        if not self.path.parent.is_dir():
+            raise InputError(f"failure log {str(self.path)!r}: folder does not exist")
+        data = (line + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        try:
+            # A previous writer killed mid-line left no newline: start on a fresh line.
+            if os.fstat(fd).st_size and not self._ends_with_newline():
+                data = b"\n" + data
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return rec
+
+    def _ends_with_newline(self) -> bool:
+        with open(self.path, "rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            return handle.read(1) == b"\n"
+
+    def load(self) -> list[FailureRecord]:
+        """All complete records, in the order written (none if the file does not exist)."""
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        lines = raw.split(b"\n")
+        out: list[FailureRecord] = []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                # A line cut short by a killed writer (the last line, or one a later
+                # writer closed with a newline): not a record.
+                continue
+            if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("key", "stage", "message")):
+                raise InputError(f"failure log {str(self.path)!r}, line {number}: not a failure record")
+            out.append(FailureRecord(obj["key"], obj["stage"], obj["message"], obj.get("details") or {}))
+        return out
+
+    def failed_keys(self) -> list[str]:
+        """Keys with at least one record, sorted."""
+        return sorted({r.key for r in self.load()})
+
+    def discard(self, keys: Iterable[str]) -> int:
+        """Drop the records of ``keys`` (e.g. subjects about to be redone); atomic rewrite.
+
+        Returns the number of records dropped.
+        """
+        drop = set(keys)
+        records = self.load()
+        keep = [r for r in records if r.key not in drop]
+        if len(keep) != len(records):
+            text = "".join(json.dumps(r.to_json(), default=str) + "\n" for r in keep)
+            write_text(self.path, text, overwrite=True)
+        return len(records) - len(keep)
+
+
+# --------------------------------------------------------------------------- plans
+
+
+@dataclass
+class RunPlan:
+    """What a run will do.
+
+    Attributes
+    ----------
+    todo : list of str
+        Keys to process, in input order (new subjects and partial ones to redo).
+    skipped : list of str
+        Complete subjects skipped by ``resume``.
+    redo : list of str
+        The partial subjects among ``todo`` (their leftovers were removed).
+    removed : list of pathlib.Path
+        Files of partial subjects deleted while planning.
+    """
+
+    todo: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    redo: list[str] = field(default_factory=list)
+    removed: list[Path] = field(default_factory=list)
+
+
+def plan_run(
+    keys: Sequence[str | Mapping[str, Any]],
+    writer: DerivativesWriter,
+    *,
+    resume: bool,
+    check: Literal["sha256", "size"] = "sha256",
+) -> RunPlan:
+    """Decide which subjects to process; remove partial leftovers when resuming.
+
+    Parameters
+    ----------
+    keys : sequence of str or entity mappings
+        The subjects of this run (already filtered and sharded).
+    writer : DerivativesWriter
+        Where the outputs go.
+    resume : bool
+        True: complete subjects (:meth:`DerivativesWriter.is_complete`) are skipped,
+        partial ones are cleaned (:meth:`DerivativesWriter.remove_partial`) and redone,
+        absent ones are done.  False: every subject is done; if the writer does not
+        overwrite, subjects that already have files are an error raised here, before
+        any computation (the message lists them).
+    check : {"sha256", "size"}, optional
+        How completeness is verified (see :meth:`DerivativesWriter.is_complete`).
+
+    Raises
+    ------
+    InputError
+        A bad or duplicated key; or existing outputs with ``resume=False`` and
+        ``writer.overwrite=False``.
+    """
+    canonical = [subject_key(k) for k in keys]
+    seen: set[str] = set()
+    for key in canonical:
+        if key in seen:
+            raise InputError(f"subject {key} is listed twice")
+        seen.add(key)
+    plan = RunPlan()
+    if not resume:
+        if not writer.overwrite:
+            present = [k for k in canonical if writer.subject_files(k)]
+            if present:
+                shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
+                raise InputError(
+                    f"{len(present)} subject(s) already have outputs in {str(writer.root)!r} "
+                    f"({shown}); use --resume, or overwrite"
+                )
+        plan.todo = list(canonical)
+        return plan
+    for key in canonical:
+        state = writer.status(key, check=check)
+        if state == "complete":
+            plan.skipped.append(key)
+            continue
+        if state == "partial":
+            plan.removed.extend(writer.remove_partial(key))
+            plan.redo.append(key)
+        plan.todo.append(key)
+    return plan
