@@ -1,0 +1,691 @@
+"""BIDS ASL input: discover runs and read their metadata into typed records.
+
+:func:`discover` finds every ``sub-<label>[/ses-<label>]/perf/*_asl.nii[.gz]`` of a BIDS
+dataset; :func:`read_run` reads one run's sidecar JSON, ``_aslcontext.tsv`` and (for
+``M0Type`` "Separate") the ``_m0scan`` JSON, checks them and returns an
+:class:`AslAcquisition`.  Image *data* are not read here: only NIfTI headers (for the
+number of volumes); :meth:`AslAcquisition.load_asl` and :meth:`AslAcquisition.load_m0`
+read the voxels with :func:`aslcal.io.load_image`.
+
+Every problem is an :class:`~aslcal.errors.InputError` whose message names the file and
+the field, so a cohort runner can record it per subject and go on.  Nothing is ever
+replaced by a silent zero or default.
+
+Units (calibration.md section 2): times in seconds, except ``te_ms`` (BIDS
+``EchoTime`` is in seconds and is converted here, the one place); flip angles in
+degrees; field strength in tesla.
+
+Fields aslcal requires in ``*_asl.json`` (beyond what BIDS requires, aslcal needs
+``EchoTime`` for the T2/T2* correction of the calibration):
+
+* ``ArterialSpinLabelingType`` ("PCASL", "CASL" or "PASL"),
+* ``M0Type`` ("Separate", "Included", "Estimate" or "Absent"),
+* ``RepetitionTimePreparation`` (s; > 0; a number or one value per volume),
+* ``EchoTime`` (s; >= 0; a number, or one equal value per volume),
+* ``MagneticFieldStrength`` (T; 1.5, 3 or 7, within 0.15 T: e.g. 2.89 reads as 3),
+* ``M0Estimate`` (> 0) when ``M0Type`` is "Estimate",
+* ``FlipAngle`` (degrees, in (0, 180); a number or one value per volume) when
+  ``LookLocker`` is true,
+* ``BackgroundSuppression`` (bool) when ``M0Type`` is "Absent" and the mean control
+  is allowed as M0.
+
+Optional fields, checked when present: ``PostLabelingDelay``, ``InversionTime`` (s,
+>= 0, a number or one value per volume), ``LabelingDuration`` (s, >= 0),
+``LabelingEfficiency`` (in (0, 1]; overrides the default alpha), ``LookLocker`` and
+``BackgroundSuppression`` (JSON booleans).
+
+A ``*_m0scan.json`` needs ``RepetitionTimePreparation`` (one number or one per M0
+volume) and ``EchoTime``; it may hold ``LookLocker``, ``FlipAngle`` and
+``InversionTime`` (a Look-Locker saturation-recovery M0 series).
+
+Not supported: the BIDS inheritance principle (sidecars above the ``perf`` folder are
+not merged), multi-echo ASL, and ``M0Type`` "Separate" with the M0 scan linked only by
+``IntendedFor`` under another name (the m0scan must share the ASL file's entities).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel
+import numpy as np
+
+from ..errors import InputError
+from .nifti import Image, load_image
+
+__all__ = [
+    "ASL_VOLUME_TYPES",
+    "DEFAULT_ALPHA",
+    "AslAcquisition",
+    "AslRun",
+    "M0Source",
+    "discover",
+    "read_run",
+]
+
+#: Labelling efficiency used when the sidecar gives no ``LabelingEfficiency``
+#: (Alsop et al. 2015 white paper: 0.85 for (p)CASL, 0.98 for PASL).
+DEFAULT_ALPHA = {"PCASL": 0.85, "CASL": 0.85, "PASL": 0.98}
+
+#: Allowed ``volume_type`` values of ``_aslcontext.tsv`` (BIDS 1.9 spelling).
+ASL_VOLUME_TYPES = ("control", "label", "m0scan", "deltam", "cbf", "noRF")
+_VOLUME_TYPE_LOOKUP = {v.lower(): v for v in ASL_VOLUME_TYPES}
+
+_M0_TYPES = ("Separate", "Included", "Estimate", "Absent")
+_FIELD_STRENGTHS = (1.5, 3.0, 7.0)
+_FIELD_TOLERANCE = 0.15  # tesla: vendors write e.g. 2.89 for a 3 T magnet
+
+_ASL_NAME = re.compile(r"^(?P<prefix>sub-[A-Za-z0-9]+(?:_[A-Za-z]+-[A-Za-z0-9]+)*)_asl\.nii(?:\.gz)?$")
+_ENTITY = re.compile(r"([A-Za-z]+)-([A-Za-z0-9]+)")
+
+
+# ------------------------------------------------------------------------ discovery
+
+
+@dataclass(frozen=True)
+class AslRun:
+    """One ASL run found by :func:`discover` (paths only; nothing read yet).
+
+    Attributes
+    ----------
+    subject : str
+        Subject label without ``sub-``.
+    session : str or None
+        Session label without ``ses-``.
+    run : str or None
+        Run label without ``run-``.
+    entities : dict of str to str
+        All entities of the file name in order (``sub``, ``ses``, ``acq``, ``run``, ...).
+    key : str
+        Stable unique name, the file name before ``_asl``: e.g. ``"sub-01_ses-1_run-1"``.
+    asl : pathlib.Path
+        The ``*_asl.nii[.gz]`` image.
+    sidecar, aslcontext : pathlib.Path
+        ``*_asl.json`` and ``*_aslcontext.tsv`` (they may not exist; :func:`read_run`
+        reports that).
+    m0scan, m0scan_sidecar : pathlib.Path or None
+        ``*_m0scan.nii[.gz]`` and its JSON with the same entities, if the image exists.
+    """
+
+    subject: str
+    session: str | None
+    run: str | None
+    entities: dict[str, str] = field(compare=False, hash=False)
+    key: str
+    asl: Path
+    sidecar: Path
+    aslcontext: Path
+    m0scan: Path | None = None
+    m0scan_sidecar: Path | None = None
+
+
+def _strip(label: str, prefix: str) -> str:
+    label = str(label).strip()
+    return label[len(prefix) :] if label.startswith(prefix) else label
+
+
+def _natural(value: str | None) -> tuple:
+    if value is None:
+        return (0, 0, "")
+    return (1, int(value), "") if value.isdigit() else (1, math.inf, value)
+
+
+def discover(
+    bids_root: str | os.PathLike[str],
+    *,
+    participant_label: str | list[str] | tuple[str, ...] | None = None,
+) -> list[AslRun]:
+    """Find every ASL run of a BIDS dataset.
+
+    Parameters
+    ----------
+    bids_root : str or os.PathLike
+        The dataset folder (holding ``dataset_description.json``).
+    participant_label : str or sequence of str, optional
+        Keep only these subjects; labels with or without ``sub-``.
+
+    Returns
+    -------
+    list of AslRun
+        Sorted by subject, session and run (numeric labels numerically), then key.
+
+    Raises
+    ------
+    InputError
+        ``bids_root`` is not a folder, has no ``dataset_description.json``, a
+        requested participant does not exist, or no ASL run is found.
+    """
+    root = Path(bids_root)
+    if not root.is_dir():
+        raise InputError(f"BIDS root {str(root)!r} is not a folder; expected a BIDS dataset")
+    if not (root / "dataset_description.json").is_file():
+        raise InputError(
+            f"BIDS root {str(root)!r}: dataset_description.json is missing; "
+            "expected a BIDS dataset"
+        )
+    wanted: set[str] | None = None
+    if participant_label is not None:
+        labels = [participant_label] if isinstance(participant_label, str) else list(participant_label)
+        wanted = {_strip(lab, "sub-") for lab in labels}
+        if not wanted or "" in wanted:
+            raise InputError(f"participant_label={participant_label!r}: expected subject labels")
+        missing = sorted(lab for lab in wanted if not (root / f"sub-{lab}").is_dir())
+        if missing:
+            raise InputError(
+                f"BIDS root {str(root)!r}: participant_label {missing} not found "
+                "(no sub-<label> folder)"
+            )
+
+    runs: list[AslRun] = []
+    for sub_dir in sorted(root.glob("sub-*")):
+        if not sub_dir.is_dir():
+            continue
+        subject = sub_dir.name[4:]
+        if wanted is not None and subject not in wanted:
+            continue
+        perf_dirs = [sub_dir / "perf"] + sorted(p / "perf" for p in sub_dir.glob("ses-*"))
+        for perf in perf_dirs:
+            if not perf.is_dir():
+                continue
+            for asl in sorted(perf.iterdir()):
+                match = _ASL_NAME.match(asl.name)
+                if match is None or not asl.is_file():
+                    continue
+                runs.append(_make_run(perf, asl, match.group("prefix")))
+    if not runs:
+        which = "" if wanted is None else f" for participant(s) {sorted(wanted)}"
+        raise InputError(
+            f"BIDS root {str(root)!r}: no ASL runs found{which} "
+            "(expected sub-<label>/[ses-<label>/]perf/*_asl.nii[.gz])"
+        )
+    runs.sort(key=lambda r: (r.subject, _natural(r.session), _natural(r.run), r.key))
+    return runs
+
+
+def _make_run(perf: Path, asl: Path, prefix: str) -> AslRun:
+    entities = dict(_ENTITY.findall(prefix))
+    m0scan = None
+    for ext in (".nii.gz", ".nii"):
+        cand = perf / f"{prefix}_m0scan{ext}"
+        if cand.is_file():
+            m0scan = cand
+            break
+    return AslRun(
+        subject=entities["sub"],
+        session=entities.get("ses"),
+        run=entities.get("run"),
+        entities=entities,
+        key=prefix,
+        asl=asl,
+        sidecar=perf / f"{prefix}_asl.json",
+        aslcontext=perf / f"{prefix}_aslcontext.tsv",
+        m0scan=m0scan,
+        m0scan_sidecar=None if m0scan is None else perf / f"{prefix}_m0scan.json",
+    )
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class M0Source:
+    """Where a run's M0 comes from (calibration inputs; no image data).
+
+    Attributes
+    ----------
+    kind : {"separate", "included", "estimate", "control"}
+        ``M0Type`` Separate / Included / Estimate, or "control": ``M0Type`` Absent
+        with the mean control image allowed as M0 (no background suppression).
+    path : pathlib.Path or None
+        Image holding the M0 volumes (the m0scan file, or the ASL file); None for
+        "estimate".
+    volumes : tuple of int
+        Indices of the M0 volumes in ``path`` (0-based; all volumes of an m0scan).
+    trs : tuple of float, seconds
+        ``RepetitionTimePreparation`` of each M0 volume.  Several distinct values mean
+        a saturation-recovery series: fit it, do not average across TRs.
+    tis : tuple of float, seconds, or None
+        ``InversionTime`` of each M0 volume (``PostLabelingDelay`` for an included
+        Look-Locker M0 without InversionTime), when given.
+    te_ms : float, milliseconds
+        Echo time of the M0 volumes.
+    look_locker : bool
+    flip_angle : tuple of float, degrees, or None
+        Per M0 volume, when given (required with Look-Locker).
+    estimate : float or None, signal units
+        ``M0Estimate`` (the M0 of blood, BIDS) for "estimate".
+    sidecar : pathlib.Path
+        The JSON the values came from.
+    """
+
+    kind: str
+    path: Path | None
+    volumes: tuple[int, ...]
+    trs: tuple[float, ...]
+    tis: tuple[float, ...] | None
+    te_ms: float
+    look_locker: bool
+    flip_angle: tuple[float, ...] | None
+    estimate: float | None
+    sidecar: Path
+
+    @property
+    def distinct_trs(self) -> tuple[float, ...]:
+        """tuple of float, seconds: the distinct TRs of the M0 volumes, ascending."""
+        return tuple(sorted(set(self.trs)))
+
+    @property
+    def is_satrecov(self) -> bool:
+        """bool: the M0 volumes are a recovery series to fit (several TRs or Look-Locker)."""
+        return self.look_locker or len(self.distinct_trs) > 1
+
+
+@dataclass(frozen=True)
+class AslAcquisition:
+    """The checked metadata of one ASL run (see :func:`read_run`).
+
+    Attributes
+    ----------
+    run : AslRun
+    shape : tuple of int
+        Shape of the ASL image from its header (x, y, z[, t]).
+    n_volumes : int
+        Volumes in the ASL image (1 for a 3-D image).
+    volume_types : tuple of str
+        ``volume_type`` of each volume, from :data:`ASL_VOLUME_TYPES`.
+    labeling_type : {"PCASL", "CASL", "PASL"}
+    alpha : float
+        Labelling efficiency: ``LabelingEfficiency`` if given, else
+        :data:`DEFAULT_ALPHA` of the labelling type.
+    m0_type : {"Separate", "Included", "Estimate", "Absent"}
+    m0 : M0Source
+    tr : tuple of float, seconds
+        ``RepetitionTimePreparation`` of each ASL volume.
+    te_ms : float, milliseconds
+        ``EchoTime`` converted from seconds.
+    field_strength : float, tesla
+        1.5, 3.0 or 7.0 (selects the tissue table).
+    magnetic_field_strength : float, tesla
+        The value as written in the sidecar.
+    look_locker : bool
+    flip_angle : tuple of float, degrees, or None
+        Per volume, when given.
+    post_labeling_delay, inversion_time : tuple of float, seconds, or None
+        Per volume, when given.
+    labeling_duration : tuple of float, seconds, or None
+        Per volume, when given.
+    background_suppression : bool or None
+    metadata : dict
+        The sidecar as read.
+    """
+
+    run: AslRun
+    shape: tuple[int, ...]
+    n_volumes: int
+    volume_types: tuple[str, ...]
+    labeling_type: str
+    alpha: float
+    m0_type: str
+    m0: M0Source
+    tr: tuple[float, ...]
+    te_ms: float
+    field_strength: float
+    magnetic_field_strength: float
+    look_locker: bool
+    flip_angle: tuple[float, ...] | None
+    post_labeling_delay: tuple[float, ...] | None
+    inversion_time: tuple[float, ...] | None
+    labeling_duration: tuple[float, ...] | None
+    background_suppression: bool | None
+    metadata: dict = field(repr=False, compare=False)
+
+    def volumes_of(self, volume_type: str) -> tuple[int, ...]:
+        """Indices (0-based) of the ASL volumes of one ``volume_type``."""
+        if volume_type not in ASL_VOLUME_TYPES:
+            raise InputError(f"volume_type={volume_type!r}: expected one of {ASL_VOLUME_TYPES}")
+        return tuple(i for i, v in enumerate(self.volume_types) if v == volume_type)
+
+    def load_asl(self, *, dtype: Any = "float32") -> Image:
+        """Read the ASL image (all volumes) with :func:`aslcal.io.load_image`."""
+        return load_image(self.run.asl, dtype=dtype, name=f"ASL image of {self.run.key}")
+
+    def load_m0(self, *, dtype: Any = "float32") -> Image:
+        """Read the M0 volumes as a 4-D image of shape (x, y, z, len(m0.volumes)).
+
+        Raises
+        ------
+        InputError
+            For ``M0Type`` "Estimate" (no M0 image: use ``m0.estimate``), or an
+            unreadable file.
+        """
+        src = self.m0
+        if src.kind == "estimate" or src.path is None:
+            raise InputError(
+                f"{self.run.sidecar}: M0Type 'Estimate' has no M0 image; "
+                f"use the M0Estimate value {src.estimate}"
+            )
+        name = f"M0 ({src.kind}) of {self.run.key}"
+        img = load_image(src.path, dtype=dtype, name=name)
+        data = img.data if img.ndim == 4 else img.data[..., None]
+        if data.shape[3] <= max(src.volumes):
+            raise InputError(
+                f"{name} {str(src.path)!r}: has {data.shape[3]} volumes, expected at "
+                f"least {max(src.volumes) + 1}"
+            )
+        if src.volumes != tuple(range(data.shape[3])):
+            data = np.ascontiguousarray(data[..., list(src.volumes)])
+        return Image(data=data, affine=img.affine, header=img.header, path=img.path)
+
+
+# ---------------------------------------------------------------------- validation
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise InputError(f"{path}: {what} sidecar is missing; expected a JSON file")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the {what} JSON ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _is_number(value: Any) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(float(value))
+    )
+
+
+def _require(meta: dict, path: Path, name: str, why: str = "") -> Any:
+    if name not in meta or meta[name] is None:
+        raise InputError(f"{path}: required field {name!r} is missing{why}")
+    return meta[name]
+
+
+def _check_value(value: Any, path: Path, name: str, *, low: float, low_open: bool,
+                 high: float | None = None, unit: str) -> float:
+    expected = f"a number {'>' if low_open else '>='} {low}" + (
+        f" and < {high}" if high is not None else ""
+    ) + f" ({unit})"
+    if not _is_number(value):
+        raise InputError(f"{path}: field {name!r} = {value!r}: expected {expected}")
+    v = float(value)
+    if (v <= low if low_open else v < low) or (high is not None and v >= high):
+        raise InputError(f"{path}: field {name!r} = {value!r}: expected {expected}")
+    return v
+
+
+def _scalar(meta: dict, path: Path, name: str, *, required: bool, low: float = 0.0,
+            low_open: bool = False, high: float | None = None, unit: str = "s",
+            why: str = "") -> float | None:
+    if required:
+        value = _require(meta, path, name, why)
+    else:
+        value = meta.get(name)
+        if value is None:
+            return None
+    return _check_value(value, path, name, low=low, low_open=low_open, high=high, unit=unit)
+
+
+def _per_volume(meta: dict, path: Path, name: str, n: int, *, required: bool,
+                low: float = 0.0, low_open: bool = False, high: float | None = None,
+                unit: str = "s", why: str = "") -> tuple[float, ...] | None:
+    """A number (broadcast to ``n``) or a list of exactly ``n`` numbers."""
+    if required:
+        value = _require(meta, path, name, why)
+    else:
+        value = meta.get(name)
+        if value is None:
+            return None
+    if isinstance(value, list):
+        if len(value) != n:
+            raise InputError(
+                f"{path}: field {name!r} has {len(value)} values but the image has "
+                f"{n} volumes; expected one number or one per volume"
+            )
+        return tuple(
+            _check_value(v, path, f"{name}[{i}]", low=low, low_open=low_open, high=high, unit=unit)
+            for i, v in enumerate(value)
+        )
+    v = _check_value(value, path, name, low=low, low_open=low_open, high=high, unit=unit)
+    return (v,) * n
+
+
+def _flag(meta: dict, path: Path, name: str, *, required: bool = False, why: str = "") -> bool | None:
+    if required:
+        value = _require(meta, path, name, why)
+    else:
+        value = meta.get(name)
+        if value is None:
+            return None
+    if not isinstance(value, bool):
+        raise InputError(f"{path}: field {name!r} = {value!r}: expected true or false")
+    return value
+
+
+def _echo_time_ms(meta: dict, path: Path, n: int) -> float:
+    values = _per_volume(meta, path, "EchoTime", n, required=True, unit="s")
+    assert values is not None
+    if len(set(values)) > 1:
+        raise InputError(
+            f"{path}: field 'EchoTime' has several values {sorted(set(values))}; "
+            "multi-echo ASL is not supported (expected one echo time, seconds)"
+        )
+    return values[0] * 1000.0  # BIDS seconds -> aslcal milliseconds
+
+
+def _field_strength(meta: dict, path: Path) -> tuple[float, float]:
+    raw = _scalar(meta, path, "MagneticFieldStrength", required=True, low=0.0,
+                  low_open=True, unit="T")
+    assert raw is not None
+    for fs in _FIELD_STRENGTHS:
+        if abs(raw - fs) <= _FIELD_TOLERANCE:
+            return fs, raw
+    raise InputError(
+        f"{path}: field 'MagneticFieldStrength' = {raw!r}: no tissue table for this field; "
+        f"expected 1.5, 3 or 7 (tesla)"
+    )
+
+
+def _n_volumes(image: Path, what: str) -> tuple[tuple[int, ...], int]:
+    """Shape and volume count from the NIfTI header only (nibabel proxies are lazy)."""
+    if not image.is_file():
+        raise InputError(f"{image}: {what} image is missing")
+    try:
+        shape = tuple(int(s) for s in nibabel.load(os.fspath(image)).shape)
+    except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds for bad headers
+        raise InputError(f"{image}: cannot read the {what} NIfTI header ({exc})") from exc
+    if len(shape) < 3 or any(s < 1 for s in shape):
+        raise InputError(f"{image}: {what} image has shape {shape}; expected 3-D or 4-D")
+    extra = shape[4:]
+    if any(s != 1 for s in extra):
+        raise InputError(f"{image}: {what} image has shape {shape}; expected 3-D or 4-D")
+    return shape, (shape[3] if len(shape) >= 4 else 1)
+
+
+def _read_aslcontext(path: Path, n: int, image: Path) -> tuple[str, ...]:
+    if not path.is_file():
+        raise InputError(f"{path}: aslcontext file is missing; expected a TSV with 'volume_type'")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot read the aslcontext TSV ({exc})") from exc
+    rows = [r for r in csv.reader(text.splitlines(), delimiter="\t") if r and any(c.strip() for c in r)]
+    if not rows:
+        raise InputError(f"{path}: aslcontext is empty; expected a header 'volume_type'")
+    header = [c.strip() for c in rows[0]]
+    if "volume_type" not in header:
+        raise InputError(f"{path}: column 'volume_type' is missing (header {header})")
+    col = header.index("volume_type")
+    types = []
+    for line, row in enumerate(rows[1:], start=2):
+        raw = row[col].strip() if col < len(row) else ""
+        canon = _VOLUME_TYPE_LOOKUP.get(raw.lower())
+        if canon is None:
+            raise InputError(
+                f"{path}: column 'volume_type' line {line} = {raw!r}: "
+                f"expected one of {', '.join(ASL_VOLUME_TYPES)}"
+            )
+        types.append(canon)
+    if len(types) != n:
+        raise InputError(
+            f"{path}: column 'volume_type' has {len(types)} entries but {image.name} has "
+            f"{n} volumes; expected one entry per volume"
+        )
+    return tuple(types)
+
+
+# ----------------------------------------------------------------------------- read
+
+
+def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
+    """Read and check the metadata of one ASL run (no image data are loaded).
+
+    Parameters
+    ----------
+    run : AslRun
+        From :func:`discover`.
+    allow_control_m0 : bool, optional
+        For ``M0Type`` "Absent": use the mean control image as M0, allowed only when
+        the sidecar says ``BackgroundSuppression`` is false (suppressed controls are
+        not an M0).  Default False: "Absent" is an error.
+
+    Returns
+    -------
+    AslAcquisition
+
+    Raises
+    ------
+    InputError
+        Naming the file and the field: a missing or unreadable sidecar, aslcontext or
+        image header; a missing required field (see the module docstring); a value
+        that makes no sense (``RepetitionTimePreparation`` <= 0, negative delays,
+        unknown labelling or M0 type, a field strength without a tissue table, an
+        array whose length is not the number of volumes); an aslcontext whose length
+        differs from the number of volumes or with an unknown ``volume_type``;
+        ``M0Type`` "Separate" without an m0scan file; "Included" without m0scan
+        volumes; "Estimate" without a positive ``M0Estimate``; "Absent" (unless
+        allowed, see ``allow_control_m0``).
+    """
+    if not isinstance(run, AslRun):
+        raise InputError(f"run={run!r}: expected an AslRun from discover()")
+    js = run.sidecar
+    meta = _read_json(js, "ASL")
+    shape, n = _n_volumes(run.asl, "ASL")
+    volume_types = _read_aslcontext(run.aslcontext, n, run.asl)
+
+    lab = _require(meta, js, "ArterialSpinLabelingType")
+    if not isinstance(lab, str) or lab.upper() not in DEFAULT_ALPHA:
+        raise InputError(
+            f"{js}: field 'ArterialSpinLabelingType' = {lab!r}: expected PCASL, CASL or PASL"
+        )
+    lab = lab.upper()
+    eff = _scalar(meta, js, "LabelingEfficiency", required=False, low=0.0, low_open=True,
+                  high=1.0 + 1e-12, unit="fraction")
+    alpha = DEFAULT_ALPHA[lab] if eff is None else eff
+
+    m0_type = _require(meta, js, "M0Type")
+    if m0_type not in _M0_TYPES:
+        raise InputError(f"{js}: field 'M0Type' = {m0_type!r}: expected one of {', '.join(_M0_TYPES)}")
+
+    tr = _per_volume(meta, js, "RepetitionTimePreparation", n, required=True, low=0.0,
+                     low_open=True, unit="s")
+    assert tr is not None
+    te_ms = _echo_time_ms(meta, js, n)
+    fs, fs_raw = _field_strength(meta, js)
+    look_locker = bool(_flag(meta, js, "LookLocker"))
+    flip = _per_volume(meta, js, "FlipAngle", n, required=look_locker, low=0.0, low_open=True,
+                       high=180.0, unit="degrees", why=" (required with LookLocker true)")
+    pld = _per_volume(meta, js, "PostLabelingDelay", n, required=False, unit="s")
+    ti = _per_volume(meta, js, "InversionTime", n, required=False, unit="s")
+    ld = _per_volume(meta, js, "LabelingDuration", n, required=False, unit="s")
+    bs = _flag(meta, js, "BackgroundSuppression")
+
+    if m0_type == "Separate":
+        m0 = _separate_m0(run)
+    elif m0_type == "Included":
+        idx = tuple(i for i, v in enumerate(volume_types) if v == "m0scan")
+        if not idx:
+            raise InputError(
+                f"{run.aslcontext}: column 'volume_type' has no 'm0scan' volume but "
+                f"{js.name} says M0Type 'Included'"
+            )
+        times = ti if ti is not None else pld
+        m0 = M0Source(
+            kind="included", path=run.asl, volumes=idx, trs=tuple(tr[i] for i in idx),
+            tis=None if times is None else tuple(times[i] for i in idx), te_ms=te_ms,
+            look_locker=look_locker,
+            flip_angle=None if flip is None else tuple(flip[i] for i in idx),
+            estimate=None, sidecar=js,
+        )
+    elif m0_type == "Estimate":
+        est = _scalar(meta, js, "M0Estimate", required=True, low=0.0, low_open=True,
+                      unit="signal units", why=" (required with M0Type 'Estimate')")
+        m0 = M0Source(kind="estimate", path=None, volumes=(), trs=(), tis=None, te_ms=te_ms,
+                      look_locker=False, flip_angle=None, estimate=est, sidecar=js)
+    else:  # Absent
+        if not allow_control_m0:
+            raise InputError(
+                f"{js}: field 'M0Type' = 'Absent': no M0 for calibration; provide an M0 "
+                "scan, or allow the mean control image as M0 (only without background "
+                "suppression)"
+            )
+        bs_req = _flag(meta, js, "BackgroundSuppression", required=True,
+                       why=" (needed to use the control images as M0 with M0Type 'Absent')")
+        if bs_req:
+            raise InputError(
+                f"{js}: field 'BackgroundSuppression' = true with field 'M0Type' = 'Absent': "
+                "background-suppressed control images are not an M0"
+            )
+        idx = tuple(i for i, v in enumerate(volume_types) if v == "control")
+        if not idx:
+            raise InputError(
+                f"{run.aslcontext}: column 'volume_type' has no 'control' volume to use "
+                "as M0 (M0Type 'Absent')"
+            )
+        m0 = M0Source(kind="control", path=run.asl, volumes=idx, trs=tuple(tr[i] for i in idx),
+                      tis=None, te_ms=te_ms, look_locker=look_locker,
+                      flip_angle=None if flip is None else tuple(flip[i] for i in idx),
+                      estimate=None, sidecar=js)
+
+    return AslAcquisition(
+        run=run, shape=shape, n_volumes=n, volume_types=volume_types, labeling_type=lab,
+        alpha=alpha, m0_type=m0_type, m0=m0, tr=tr, te_ms=te_ms, field_strength=fs,
+        magnetic_field_strength=fs_raw, look_locker=look_locker, flip_angle=flip,
+        post_labeling_delay=pld, inversion_time=ti, labeling_duration=ld,
+        background_suppression=bs, metadata=meta,
+    )
+
+
+def _separate_m0(run: AslRun) -> M0Source:
+    if run.m0scan is None or run.m0scan_sidecar is None:
+        raise InputError(
+            f"{run.sidecar}: field 'M0Type' = 'Separate' but the m0scan image "
+            f"{run.key}_m0scan.nii[.gz] is missing in {run.asl.parent}"
+        )
+    js = run.m0scan_sidecar
+    meta = _read_json(js, "m0scan")
+    _, n = _n_volumes(run.m0scan, "m0scan")
+    trs = _per_volume(meta, js, "RepetitionTimePreparation", n, required=True, low=0.0,
+                      low_open=True, unit="s")
+    assert trs is not None
+    te_ms = _echo_time_ms(meta, js, n)
+    look_locker = bool(_flag(meta, js, "LookLocker"))
+    flip = _per_volume(meta, js, "FlipAngle", n, required=look_locker, low=0.0, low_open=True,
+                       high=180.0, unit="degrees", why=" (required with LookLocker true)")
+    tis = _per_volume(meta, js, "InversionTime", n, required=look_locker, unit="s",
+                      why=" (required with LookLocker true: the readout times)")
+    return M0Source(kind="separate", path=run.m0scan, volumes=tuple(range(n)), trs=trs,
+                    tis=tis, te_ms=te_ms, look_locker=look_locker, flip_angle=flip,
+                    estimate=None, sidecar=js)

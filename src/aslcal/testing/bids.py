@@ -1,0 +1,361 @@
+"""A phantom BIDS ASL cohort: many subjects, varied acquisitions, some deliberately broken.
+
+:func:`make_bids_cohort` writes a BIDS dataset (``dataset_description.json``,
+``participants.tsv`` and ``sub-*/[ses-*/]perf/``) of noise-free phantom subjects made
+with :func:`aslcal.testing.make_phantom` and the phantom generators, and returns the
+truth of every run (its M0a, acquisition, and for a broken run which file and field
+are wrong and a fragment of the expected error message).
+
+Good subjects cycle through five M0 variants:
+
+``separate``
+    ``M0Type`` "Separate": a one-volume long-TR m0scan.
+``included``
+    ``M0Type`` "Included": two m0scan volumes first in the ASL series, with a
+    per-volume ``RepetitionTimePreparation`` array (M0 TR != ASL TR).
+``estimate``
+    ``M0Type`` "Estimate": ``M0Estimate`` = the true M0a (BIDS: the M0 of blood).
+``satrecov``
+    ``M0Type`` "Separate": an m0scan of several volumes, one saturation-recovery time
+    each, ``RepetitionTimePreparation`` an array of those times.
+``look_locker``
+    ``M0Type`` "Separate": a Look-Locker m0scan (``LookLocker`` true, ``FlipAngle``,
+    ``InversionTime`` per volume: the readout times after the saturation).
+
+Broken subjects cycle through ``tr_zero`` (``RepetitionTimePreparation`` 0 in the ASL
+JSON), ``aslcontext_length`` (one ``volume_type`` line too many) and ``absent_bs``
+(``M0Type`` "Absent" with ``BackgroundSuppression`` true).
+
+Every image is written with :func:`aslcal.io.save_image` and every JSON with
+:func:`aslcal.io.write_json` (atomic); the same seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..io import save_image, write_json, write_text
+from .phantoms import (
+    look_locker_series,
+    longtr_calibration,
+    make_phantom,
+    perfusion_image,
+    satrecov_series,
+)
+
+__all__ = ["GOOD_VARIANTS", "BROKEN_VARIANTS", "CohortTruth", "RunTruth", "make_bids_cohort"]
+
+GOOD_VARIANTS = ("separate", "included", "estimate", "satrecov", "look_locker")
+BROKEN_VARIANTS = ("tr_zero", "aslcontext_length", "absent_bs")
+
+# Field of view of make_phantom's default grid (64 x 3.4, 64 x 3.4, 24 x 5 mm): the
+# cohort's smaller grids keep it, so the whole head stays in view.
+_FOV_MM = (217.6, 217.6, 120.0)
+# Fast phantom settings: a 3.4 mm structural without oversampling (~0.1 s a subject).
+_FAST_PHANTOM = {"struct_voxel_size": (3.4, 3.4, 3.4), "struct_oversample": 1}
+
+_SATRECOV_TRS = (0.5, 1.0, 2.0, 4.0, 8.0)  # s
+_LL = {"ti1": 0.1, "dt": 0.3, "n_ti": 10, "fa": 35.0}  # s, s, -, degrees
+
+
+@dataclass(frozen=True)
+class RunTruth:
+    """The truth of one written ASL run.
+
+    Attributes
+    ----------
+    key : str
+        The run's file-name prefix, as :attr:`aslcal.io.bids.AslRun.key`.
+    subject, session : str, str or None
+        Labels without ``sub-``/``ses-``.
+    variant : str
+        One of :data:`GOOD_VARIANTS` or :data:`BROKEN_VARIANTS`.
+    m0a : float, signal units
+        True arterial-blood M0 of the phantom.
+    field_strength : float, tesla
+    shape : tuple of int
+        ASL grid.
+    voxel_size : tuple of float, mm
+    te_ms : float, milliseconds
+        Echo time of every image (T2 decay with each tissue's T2, not T2*).
+    alpha : float
+        Labelling efficiency used for the perfusion signal.
+    labeling_type : str
+    m0_type : str
+        ``M0Type`` written.
+    m0_trs : tuple of float, seconds
+        ``RepetitionTimePreparation`` of each M0 volume (empty for "estimate").
+    phantom_seed : int
+        ``make_phantom(seed=...)`` of this subject.
+    broken : bool
+    broken_file : str or None
+        For a broken run: the wrong file, relative to the dataset root.
+    broken_field : str or None
+        The wrong field (a JSON key, or ``volume_type`` for the aslcontext).
+    error_fragment : str or None
+        A piece of the :class:`~aslcal.errors.InputError` message ``read_run`` gives
+        (with or without ``allow_control_m0``).
+    """
+
+    key: str
+    subject: str
+    session: str | None
+    variant: str
+    m0a: float
+    field_strength: float
+    shape: tuple[int, int, int]
+    voxel_size: tuple[float, float, float]
+    te_ms: float
+    alpha: float
+    labeling_type: str
+    m0_type: str
+    m0_trs: tuple[float, ...]
+    phantom_seed: int
+    broken: bool = False
+    broken_file: str | None = None
+    broken_field: str | None = None
+    error_fragment: str | None = None
+
+
+@dataclass(frozen=True)
+class CohortTruth:
+    """What :func:`make_bids_cohort` wrote.
+
+    Attributes
+    ----------
+    root : pathlib.Path
+    seed : int
+    runs : dict of str to RunTruth
+        By run key, in the order :func:`aslcal.io.bids.discover` returns them.
+    """
+
+    root: Path
+    seed: int
+    runs: dict[str, RunTruth] = field(repr=False)
+
+    @property
+    def good(self) -> dict[str, RunTruth]:
+        """dict of str to RunTruth: the runs that must calibrate."""
+        return {k: r for k, r in self.runs.items() if not r.broken}
+
+    @property
+    def broken(self) -> dict[str, RunTruth]:
+        """dict of str to RunTruth: the runs that must be reported as input errors."""
+        return {k: r for k, r in self.runs.items() if r.broken}
+
+
+def _plan(n_subjects: int, broken: int, rng: np.random.Generator) -> list[str]:
+    broken_at = set(rng.choice(n_subjects, size=broken, replace=False).tolist()) if broken else set()
+    plan, g, b = [], 0, 0
+    for i in range(n_subjects):
+        if i in broken_at:
+            plan.append(BROKEN_VARIANTS[b % len(BROKEN_VARIANTS)])
+            b += 1
+        else:
+            plan.append(GOOD_VARIANTS[g % len(GOOD_VARIANTS)])
+            g += 1
+    return plan
+
+
+def make_bids_cohort(
+    root: str | os.PathLike[str],
+    n_subjects: int = 20,
+    *,
+    seed: int = 0,
+    shape: tuple[int, int, int] = (32, 32, 12),
+    broken: int = 3,
+    phantom_options: dict[str, Any] | None = None,
+) -> CohortTruth:
+    """Write a phantom BIDS ASL cohort and return its truth.
+
+    Parameters
+    ----------
+    root : str or os.PathLike
+        Dataset folder; created if missing.  Existing files of the same names are
+        replaced.
+    n_subjects : int, optional
+        Number of subjects (``sub-01`` ...).  Default 20.  With at least 5 + ``broken``
+        subjects every good variant appears.
+    seed : int, optional
+        Seed of everything (subject parameters, phantoms).  Same seed, same bytes.
+    shape : tuple of 3 int, optional
+        Base ASL grid; each subject varies it by up to +-2 voxels in x/y and +-1 in z
+        (voxel size scaled to keep make_phantom's default field of view).
+    broken : int, optional
+        Number of deliberately broken subjects (placed at random from ``seed``),
+        cycling through :data:`BROKEN_VARIANTS`.  Default 3.
+    phantom_options : dict, optional
+        Extra keyword arguments for :func:`aslcal.testing.make_phantom`; the default
+        uses a 3.4 mm structural grid without oversampling (fast, ~0.1 s a subject).
+
+    Returns
+    -------
+    CohortTruth
+
+    Notes
+    -----
+    Every 4th subject has a session folder (``ses-1``) and every 6th a ``run-1``
+    entity, so that discovery sees both layouts.  Images are noise-free float32.
+    Field strengths cycle 3 T mostly, with some 1.5 T and 7 T subjects (the phantom
+    uses the same field's tissue table).
+    """
+    if isinstance(n_subjects, bool) or not isinstance(n_subjects, int | np.integer) or n_subjects < 1:
+        raise InputError(f"n_subjects={n_subjects!r}: expected an integer >= 1")
+    if isinstance(broken, bool) or not isinstance(broken, int | np.integer) or not 0 <= broken <= n_subjects:
+        raise InputError(f"broken={broken!r}: expected an integer in 0..n_subjects")
+    if len(tuple(shape)) != 3 or any(int(s) < 8 for s in shape):
+        raise InputError(f"shape={shape!r}: expected 3 integers >= 8")
+    base = tuple(int(s) for s in shape)
+    out = Path(root)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng((int(seed), 6))
+    plan = _plan(int(n_subjects), int(broken), rng)
+    opts = dict(_FAST_PHANTOM if phantom_options is None else phantom_options)
+
+    write_json(out / "dataset_description.json", {
+        "Name": f"aslcal phantom ASL cohort (seed {int(seed)})",
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "raw",
+        "GeneratedBy": [{"Name": "aslcal.testing.make_bids_cohort"}],
+    })
+    width = max(2, len(str(n_subjects)))
+    subjects = [f"{i + 1:0{width}d}" for i in range(n_subjects)]
+    write_text(out / "participants.tsv",
+               "participant_id\n" + "".join(f"sub-{s}\n" for s in subjects))
+
+    runs: dict[str, RunTruth] = {}
+    for i, (label, variant) in enumerate(zip(subjects, plan, strict=True)):
+        sub_rng = np.random.default_rng((int(seed), 7, i))
+        truth = _write_subject(out, label, i, variant, base, sub_rng, opts, int(seed))
+        runs[truth.key] = truth
+    return CohortTruth(root=out, seed=int(seed), runs=runs)
+
+
+def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
+                   rng: np.random.Generator, opts: dict, seed: int) -> RunTruth:
+    session = "1" if i % 4 == 3 else None
+    entities = [f"sub-{label}"] + ([f"ses-{session}"] if session else []) + (
+        ["run-1"] if i % 6 == 5 else []
+    )
+    key = "_".join(entities)
+    perf = out / f"sub-{label}" / (f"ses-{session}" if session else "") / "perf"
+    perf.mkdir(parents=True, exist_ok=True)
+
+    grid = (
+        base[0] + 2 * int(rng.integers(-1, 2)),
+        base[1] + 2 * int(rng.integers(-1, 2)),
+        base[2] + int(rng.integers(-1, 2)),
+    )
+    voxel = tuple(round(f / n, 4) for f, n in zip(_FOV_MM, grid, strict=True))
+    fs = float(rng.choice([3.0, 3.0, 3.0, 1.5, 7.0]))
+    m0a = round(float(rng.uniform(900.0, 1500.0)), 3)
+    te_s = round(float(rng.choice([0.0, 0.011, 0.014])), 6)
+    te_ms = te_s * 1000.0
+    lab = "PASL" if rng.random() < 0.25 else "PCASL"
+    alpha = 0.98 if lab == "PASL" else 0.85
+    asl_tr = round(float(rng.uniform(3.5, 4.5)), 3)
+    n_pairs = int(rng.integers(2, 4))
+    phantom_seed = seed * 100_003 + i
+    ph = make_phantom(shape=grid, voxel_size=voxel, seed=phantom_seed, field_strength=fs,
+                      m0a=m0a, **opts)
+
+    control, _ = longtr_calibration(ph, tr=asl_tr, te=te_ms)
+    perf_img, _ = perfusion_image(ph, alpha=alpha)
+    label_img = control - perf_img
+    volumes = [control, label_img] * n_pairs
+    types = ["control", "label"] * n_pairs
+    trs: list[float] = [asl_tr] * len(volumes)
+    pld = 1.8
+
+    meta: dict[str, Any] = {
+        "ArterialSpinLabelingType": lab,
+        "MagneticFieldStrength": fs,
+        "MRAcquisitionType": "3D",
+        "EchoTime": te_s,
+        "BackgroundSuppression": False,
+        "TotalAcquiredPairs": n_pairs,
+        "PostLabelingDelay": pld,
+    }
+    if lab == "PASL":
+        meta["BolusCutOffFlag"] = False
+    else:
+        meta["LabelingDuration"] = 1.8
+
+    m0_type = "Separate"
+    m0_trs: tuple[float, ...] = ()
+    m0scan: tuple[np.ndarray, dict] | None = None
+    m0_tr = 6.0
+    if variant in ("separate", "tr_zero", "aslcontext_length"):
+        data, _ = longtr_calibration(ph, tr=m0_tr, te=te_ms)
+        m0scan = (data, {"RepetitionTimePreparation": m0_tr, "EchoTime": te_s})
+        m0_trs = (m0_tr,)
+    elif variant == "included":
+        m0_type = "Included"
+        m0, _ = longtr_calibration(ph, tr=m0_tr, te=te_ms)
+        volumes = [m0, m0] + volumes
+        types = ["m0scan", "m0scan"] + types
+        trs = [m0_tr, m0_tr] + trs
+        m0_trs = (m0_tr, m0_tr)
+    elif variant == "estimate":
+        m0_type = "Estimate"
+        meta["M0Estimate"] = m0a
+    elif variant == "satrecov":
+        data, _ = satrecov_series(ph, _SATRECOV_TRS)
+        m0scan = (data, {"RepetitionTimePreparation": list(_SATRECOV_TRS), "EchoTime": te_s})
+        m0_trs = _SATRECOV_TRS
+    elif variant == "look_locker":
+        data, ll = look_locker_series(ph, **_LL)
+        n_vol = data.shape[-1]
+        tr_ll = round(_LL["ti1"] + _LL["dt"] * _LL["n_ti"] + 1.0, 6)
+        m0scan = (data, {
+            "RepetitionTimePreparation": tr_ll,
+            "EchoTime": te_s,
+            "LookLocker": True,
+            "FlipAngle": _LL["fa"],
+            "InversionTime": [round(float(t), 9) for t in ll["ti_per_volume"]],
+        })
+        m0_trs = (tr_ll,) * n_vol
+    elif variant == "absent_bs":
+        m0_type = "Absent"
+        meta["BackgroundSuppression"] = True
+    else:  # pragma: no cover - _plan only yields known variants
+        raise InputError(f"unknown variant {variant!r}")
+    meta["M0Type"] = m0_type
+    meta["RepetitionTimePreparation"] = trs if len(set(trs)) > 1 else trs[0]
+
+    broken_file = broken_field = fragment = None
+    asl_json = perf / f"{key}_asl.json"
+    tsv = perf / f"{key}_aslcontext.tsv"
+    if variant == "tr_zero":
+        meta["RepetitionTimePreparation"] = 0
+        broken_file, broken_field, fragment = asl_json, "RepetitionTimePreparation", "= 0"
+    elif variant == "aslcontext_length":
+        types = types + ["control"]
+        broken_file, broken_field, fragment = tsv, "volume_type", f"has {len(types)} entries"
+    elif variant == "absent_bs":
+        broken_file, broken_field, fragment = asl_json, "M0Type", "'Absent'"
+
+    series = np.stack(volumes, axis=-1)
+    save_image(perf / f"{key}_asl.nii.gz", series, ph.affine)
+    write_json(asl_json, meta)
+    write_text(tsv, "volume_type\n" + "".join(f"{t}\n" for t in types))
+    if m0scan is not None:
+        data, m0meta = m0scan
+        m0meta = {**m0meta, "IntendedFor": f"bids::{perf.relative_to(out).as_posix()}/{key}_asl.nii.gz"}
+        save_image(perf / f"{key}_m0scan.nii.gz", data, ph.affine)
+        write_json(perf / f"{key}_m0scan.json", m0meta)
+
+    return RunTruth(
+        key=key, subject=label, session=session, variant=variant, m0a=m0a,
+        field_strength=fs, shape=grid, voxel_size=voxel, te_ms=te_ms, alpha=alpha,
+        labeling_type=lab, m0_type=m0_type, m0_trs=tuple(m0_trs),
+        phantom_seed=phantom_seed, broken=broken_file is not None,
+        broken_file=None if broken_file is None else broken_file.relative_to(out).as_posix(),
+        broken_field=broken_field, error_fragment=fragment,
+    )

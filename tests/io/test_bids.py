@@ -1,0 +1,327 @@
+"""aslcal.io.bids: discovery and the checked metadata of BIDS ASL runs."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel
+import numpy as np
+import pytest
+
+from aslcal.errors import InputError
+from aslcal.io import bids, save_image
+from aslcal.io.bids import AslRun, discover, read_run
+
+AFFINE = np.diag([3.0, 3.0, 4.0, 1.0])
+
+
+def _base_meta(**extra):
+    meta = {
+        "ArterialSpinLabelingType": "PCASL",
+        "M0Type": "Separate",
+        "RepetitionTimePreparation": 4.0,
+        "EchoTime": 0.012,
+        "MagneticFieldStrength": 3,
+        "BackgroundSuppression": False,
+        "PostLabelingDelay": 1.8,
+        "LabelingDuration": 1.8,
+    }
+    meta.update(extra)
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def _write_run(root, sub="01", *, ses=None, run=None, types=("control", "label") * 2,
+               n_volumes=None, meta=None, m0=None, m0_meta=None, tsv_types=None):
+    """Write one ASL run; return its perf folder.  ``m0`` is an m0scan volume count."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.9.0"}')
+    perf = root / f"sub-{sub}" / (f"ses-{ses}" if ses else "") / "perf"
+    perf.mkdir(parents=True, exist_ok=True)
+    key = "_".join([f"sub-{sub}"] + ([f"ses-{ses}"] if ses else []) + ([f"run-{run}"] if run else []))
+    n = len(types) if n_volumes is None else n_volumes
+    data = np.arange(4 * 4 * 3 * n, dtype=np.float32).reshape(4, 4, 3, n) + 100.0
+    save_image(perf / f"{key}_asl.nii.gz", data if n > 1 else data[..., 0], AFFINE)
+    (perf / f"{key}_asl.json").write_text(json.dumps(_base_meta() if meta is None else meta))
+    lines = "".join(f"{t}\n" for t in (types if tsv_types is None else tsv_types))
+    (perf / f"{key}_aslcontext.tsv").write_text("volume_type\n" + lines)
+    if m0 is not None:
+        m0data = np.full((4, 4, 3, m0), 500.0, dtype=np.float32) + np.arange(m0, dtype=np.float32)
+        save_image(perf / f"{key}_m0scan.nii", m0data if m0 > 1 else m0data[..., 0], AFFINE)
+        mm = {"RepetitionTimePreparation": 6.0, "EchoTime": 0.012} if m0_meta is None else m0_meta
+        (perf / f"{key}_m0scan.json").write_text(json.dumps(mm))
+    return perf
+
+
+def _only(root, **kw):
+    runs = discover(root, **kw)
+    assert len(runs) == 1
+    return runs[0]
+
+
+# ----------------------------------------------------------------------- discovery
+
+
+def test_discover_order_keys_and_paths(tmp_path):
+    _write_run(tmp_path, "10", m0=1)
+    _write_run(tmp_path, "02", ses="2", run="10")
+    _write_run(tmp_path, "02", ses="2", run="9")
+    _write_run(tmp_path, "02", ses="10")
+    _write_run(tmp_path, "02", ses="1")
+    runs = discover(tmp_path)
+    assert [r.key for r in runs] == [
+        "sub-02_ses-1", "sub-02_ses-2_run-9", "sub-02_ses-2_run-10", "sub-02_ses-10", "sub-10",
+    ]
+    r = runs[1]
+    assert (r.subject, r.session, r.run) == ("02", "2", "9")
+    assert r.entities == {"sub": "02", "ses": "2", "run": "9"}
+    assert r.sidecar.name == "sub-02_ses-2_run-9_asl.json"
+    assert r.aslcontext.name == "sub-02_ses-2_run-9_aslcontext.tsv"
+    assert r.m0scan is None
+    last = runs[-1]
+    assert last.m0scan.name == "sub-10_m0scan.nii" and last.m0scan_sidecar.name == "sub-10_m0scan.json"
+
+
+def test_discover_participant_filter(tmp_path):
+    for s in ("01", "02", "03"):
+        _write_run(tmp_path, s)
+    assert [r.subject for r in discover(tmp_path, participant_label="sub-02")] == ["02"]
+    assert [r.subject for r in discover(tmp_path, participant_label=["03", "sub-01"])] == ["01", "03"]
+    with pytest.raises(InputError, match="99"):
+        discover(tmp_path, participant_label="99")
+
+
+def test_discover_errors(tmp_path):
+    with pytest.raises(InputError, match="not a folder"):
+        discover(tmp_path / "nope")
+    (tmp_path / "sub-01" / "perf").mkdir(parents=True)
+    with pytest.raises(InputError, match="dataset_description.json"):
+        discover(tmp_path)
+    (tmp_path / "dataset_description.json").write_text("{}")
+    with pytest.raises(InputError, match="no ASL runs"):
+        discover(tmp_path)
+
+
+# -------------------------------------------------------------------- happy paths
+
+
+def test_separate_single_volume_and_units(tmp_path):
+    _write_run(tmp_path, m0=1)
+    acq = read_run(_only(tmp_path))
+    assert acq.labeling_type == "PCASL" and acq.alpha == 0.85
+    assert acq.m0_type == "Separate" and acq.m0.kind == "separate"
+    assert acq.te_ms == pytest.approx(12.0)  # BIDS 0.012 s -> 12 ms
+    assert acq.m0.te_ms == pytest.approx(12.0)
+    assert acq.field_strength == 3.0
+    assert acq.n_volumes == 4 and acq.shape == (4, 4, 3, 4)
+    assert acq.tr == (4.0,) * 4
+    assert acq.volume_types == ("control", "label") * 2
+    assert acq.volumes_of("control") == (0, 2)
+    assert acq.m0.trs == (6.0,) and not acq.m0.is_satrecov
+    assert acq.post_labeling_delay == (1.8,) * 4
+    m0 = acq.load_m0()
+    assert m0.data.shape == (4, 4, 3, 1) and np.all(m0.data == 500.0)
+    assert acq.load_asl().data.shape == (4, 4, 3, 4)
+
+
+def test_included_with_per_volume_tr(tmp_path):
+    types = ("m0scan", "m0scan", "control", "label")
+    meta = _base_meta(M0Type="Included", RepetitionTimePreparation=[5.0, 5.0, 4.0, 4.0],
+                      PostLabelingDelay=[0.0, 0.0, 1.8, 1.8])
+    _write_run(tmp_path, types=types, meta=meta)
+    acq = read_run(_only(tmp_path))
+    assert acq.m0.kind == "included" and acq.m0.volumes == (0, 1)
+    assert acq.m0.trs == (5.0, 5.0) and acq.tr == (5.0, 5.0, 4.0, 4.0)
+    assert acq.m0.path == acq.run.asl
+    m0 = acq.load_m0()
+    full = acq.load_asl()
+    np.testing.assert_array_equal(m0.data, full.data[..., :2])
+
+
+def test_estimate(tmp_path):
+    _write_run(tmp_path, meta=_base_meta(M0Type="Estimate", M0Estimate=1234.5))
+    acq = read_run(_only(tmp_path))
+    assert acq.m0.kind == "estimate" and acq.m0.estimate == 1234.5 and acq.m0.path is None
+    with pytest.raises(InputError, match="Estimate"):
+        acq.load_m0()
+
+
+def test_satrecov_m0_keeps_each_tr(tmp_path):
+    trs = [0.5, 1.0, 2.0, 4.0]
+    _write_run(tmp_path, m0=4, m0_meta={"RepetitionTimePreparation": trs, "EchoTime": 0.0})
+    acq = read_run(_only(tmp_path))
+    assert acq.m0.trs == tuple(trs) and acq.m0.distinct_trs == tuple(trs)
+    assert acq.m0.is_satrecov and acq.m0.te_ms == 0.0
+    assert acq.load_m0().data.shape == (4, 4, 3, 4)
+
+
+def test_look_locker_asl_and_m0(tmp_path):
+    tis = [0.1, 0.4, 0.7]
+    meta = _base_meta(M0Type="Included", LookLocker=True, FlipAngle=[35.0, 35.0, 35.0, 90.0],
+                      InversionTime=tis + [1.0])
+    _write_run(tmp_path, "01", types=("m0scan",) * 3 + ("control",), meta=meta)
+    _write_run(tmp_path, "02", m0=3, m0_meta={
+        "RepetitionTimePreparation": 4.1, "EchoTime": 0.01, "LookLocker": True,
+        "FlipAngle": 35, "InversionTime": tis})
+    a, b = (read_run(r) for r in discover(tmp_path))
+    assert a.look_locker and a.flip_angle == (35.0, 35.0, 35.0, 90.0)
+    assert a.m0.look_locker and a.m0.tis == tuple(tis) and a.m0.flip_angle == (35.0,) * 3
+    assert a.m0.is_satrecov
+    assert not b.look_locker and b.m0.look_locker and b.m0.tis == tuple(tis)
+    assert b.m0.flip_angle == (35.0,) * 3 and b.m0.trs == (4.1,) * 3
+
+
+@pytest.mark.parametrize(("value", "expected"), [(1.5, 1.5), (2.89, 3.0), (7, 7.0)])
+def test_field_strength_tables(tmp_path, value, expected):
+    _write_run(tmp_path, m0=1, meta=_base_meta(MagneticFieldStrength=value))
+    acq = read_run(_only(tmp_path))
+    assert acq.field_strength == expected and acq.magnetic_field_strength == value
+
+
+def test_pasl_alpha_and_labeling_efficiency(tmp_path):
+    _write_run(tmp_path, "01", m0=1, meta=_base_meta(ArterialSpinLabelingType="PASL"))
+    _write_run(tmp_path, "02", m0=1, meta=_base_meta(LabelingEfficiency=0.7))
+    a, b = (read_run(r) for r in discover(tmp_path))
+    assert a.alpha == 0.98 and b.alpha == 0.7
+
+
+def test_absent_allowed_uses_controls_without_background_suppression(tmp_path):
+    _write_run(tmp_path, meta=_base_meta(M0Type="Absent"))
+    run = _only(tmp_path)
+    with pytest.raises(InputError, match="'M0Type' = 'Absent'"):
+        read_run(run)
+    acq = read_run(run, allow_control_m0=True)
+    assert acq.m0.kind == "control" and acq.m0.volumes == (0, 2)
+
+
+def test_single_volume_deltam(tmp_path):
+    _write_run(tmp_path, types=("deltam",), m0=1)
+    acq = read_run(_only(tmp_path))
+    assert acq.n_volumes == 1 and acq.shape == (4, 4, 3) and acq.volume_types == ("deltam",)
+
+
+def test_reading_metadata_loads_no_image_data(tmp_path, monkeypatch):
+    _write_run(tmp_path, m0=3, m0_meta={"RepetitionTimePreparation": [1, 2, 3], "EchoTime": 0})
+    run = _only(tmp_path)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("image data read while reading metadata")
+
+    monkeypatch.setattr(bids, "load_image", boom)
+    monkeypatch.setattr(nibabel.Nifti1Image, "get_fdata", boom)
+    monkeypatch.setattr(nibabel.arrayproxy.ArrayProxy, "__array__", boom)
+    acq = read_run(run)
+    assert acq.m0.trs == (1.0, 2.0, 3.0)
+    with pytest.raises(AssertionError, match="image data read"):
+        acq.load_m0()
+
+
+# -------------------------------------------------------------------------- errors
+
+
+def _json_of(tmp_path):
+    return str(_only(tmp_path).sidecar)
+
+
+@pytest.mark.parametrize(
+    ("meta", "field", "fragment"),
+    [
+        (_base_meta(RepetitionTimePreparation=0), "RepetitionTimePreparation", "= 0"),
+        (_base_meta(RepetitionTimePreparation=-1.0), "RepetitionTimePreparation", "> 0"),
+        (_base_meta(RepetitionTimePreparation=[4.0, 4.0, 0.0, 4.0]),
+         "RepetitionTimePreparation[2]", "> 0"),
+        (_base_meta(RepetitionTimePreparation=[4.0, 4.0]), "RepetitionTimePreparation",
+         "has 2 values but the image has 4 volumes"),
+        (_base_meta(RepetitionTimePreparation=None), "RepetitionTimePreparation", "missing"),
+        (_base_meta(ArterialSpinLabelingType=None), "ArterialSpinLabelingType", "missing"),
+        (_base_meta(ArterialSpinLabelingType="VSASL"), "ArterialSpinLabelingType", "PCASL"),
+        (_base_meta(M0Type=None), "M0Type", "missing"),
+        (_base_meta(M0Type="Bogus"), "M0Type", "Separate"),
+        (_base_meta(EchoTime=None), "EchoTime", "missing"),
+        (_base_meta(EchoTime="12"), "EchoTime", "expected a number"),
+        (_base_meta(EchoTime=[0.01, 0.02, 0.01, 0.02]), "EchoTime", "multi-echo"),
+        (_base_meta(MagneticFieldStrength=None), "MagneticFieldStrength", "missing"),
+        (_base_meta(MagneticFieldStrength=9.4), "MagneticFieldStrength", "1.5, 3 or 7"),
+        (_base_meta(M0Type="Estimate"), "M0Estimate", "missing"),
+        (_base_meta(M0Type="Estimate", M0Estimate=0), "M0Estimate", "> 0"),
+        (_base_meta(M0Type="Included"), "volume_type", "no 'm0scan'"),
+        (_base_meta(M0Type="Separate"), "M0Type", "m0scan image"),
+        (_base_meta(LookLocker=True), "FlipAngle", "required with LookLocker"),
+        (_base_meta(LookLocker="yes"), "LookLocker", "true or false"),
+        (_base_meta(PostLabelingDelay=-0.5), "PostLabelingDelay", ">= 0"),
+        (_base_meta(LabelingEfficiency=1.5), "LabelingEfficiency", "expected"),
+    ],
+)
+def test_asl_json_errors_name_file_and_field(tmp_path, meta, field, fragment):
+    _write_run(tmp_path, meta=meta)
+    run = _only(tmp_path)
+    with pytest.raises(InputError) as info:
+        read_run(run)
+    msg = str(info.value)
+    where = run.aslcontext if field == "volume_type" else run.sidecar
+    assert str(where) in msg and repr(field) in msg and fragment in msg, msg
+
+
+def test_absent_with_background_suppression_is_refused(tmp_path):
+    _write_run(tmp_path, meta=_base_meta(M0Type="Absent", BackgroundSuppression=True))
+    run = _only(tmp_path)
+    with pytest.raises(InputError, match="'BackgroundSuppression' = true") as info:
+        read_run(run, allow_control_m0=True)
+    assert str(run.sidecar) in str(info.value)
+    _write_run(tmp_path, meta=_base_meta(M0Type="Absent", BackgroundSuppression=None))
+    with pytest.raises(InputError, match="'BackgroundSuppression' is missing"):
+        read_run(run, allow_control_m0=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"tsv_types": ("control", "label", "control")}, "has 3 entries but"),
+        ({"tsv_types": ("control", "label", "control", "tag")}, "line 5 = 'tag'"),
+    ],
+)
+def test_aslcontext_errors(tmp_path, kwargs, fragment):
+    _write_run(tmp_path, m0=1, **kwargs)
+    run = _only(tmp_path)
+    with pytest.raises(InputError, match=fragment) as info:
+        read_run(run)
+    assert str(run.aslcontext) in str(info.value) and "'volume_type'" in str(info.value)
+
+
+def test_missing_files(tmp_path):
+    _write_run(tmp_path, m0=1)
+    run = _only(tmp_path)
+    run.aslcontext.unlink()
+    with pytest.raises(InputError, match="aslcontext file is missing"):
+        read_run(run)
+    _write_run(tmp_path, m0=1)
+    run.sidecar.write_text("{not json")
+    with pytest.raises(InputError, match="cannot read the ASL JSON") as info:
+        read_run(run)
+    assert str(run.sidecar) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("m0_meta", "field", "fragment"),
+    [
+        ({"RepetitionTimePreparation": 0, "EchoTime": 0.01}, "RepetitionTimePreparation", "= 0"),
+        ({"EchoTime": 0.01}, "RepetitionTimePreparation", "missing"),
+        ({"RepetitionTimePreparation": [1, 2], "EchoTime": 0.01}, "RepetitionTimePreparation",
+         "has 2 values but the image has 3 volumes"),
+        ({"RepetitionTimePreparation": 6}, "EchoTime", "missing"),
+        ({"RepetitionTimePreparation": 6, "EchoTime": 0, "LookLocker": True, "FlipAngle": 35},
+         "InversionTime", "required with LookLocker"),
+    ],
+)
+def test_m0scan_json_errors(tmp_path, m0_meta, field, fragment):
+    _write_run(tmp_path, m0=3, m0_meta=m0_meta)
+    run = _only(tmp_path)
+    with pytest.raises(InputError) as info:
+        read_run(run)
+    msg = str(info.value)
+    assert str(run.m0scan_sidecar) in msg and repr(field) in msg and fragment in msg, msg
+
+
+def test_read_run_rejects_non_run():
+    with pytest.raises(InputError, match="AslRun"):
+        read_run("sub-01")  # type: ignore[arg-type]
+    assert AslRun.__dataclass_params__.frozen
