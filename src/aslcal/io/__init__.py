@@ -20,7 +20,9 @@ read_flirt_matrix, read_itk_affine, flirt_to_world, world_to_flirt, flirt_scalin
 
 from __future__ import annotations
 
+from . import bids
 from .atomic import OutputSet, atomic_output, write_json, write_scalar, write_text
+from .derivatives import DerivativesWriter, entities_from_key, subject_key, write_summary_tsv
 from .nifti import Image, load_image, save_image
 from .tissuemaps import find_tissue_maps, load_tissue_map
 from .transforms import (
@@ -32,9 +34,12 @@ from .transforms import (
 )
 
 __all__ = [
+    "DerivativesWriter",
     "Image",
     "OutputSet",
     "atomic_output",
+    "bids",
+    "entities_from_key",
     "flirt_scaling",
     "flirt_to_world",
     "find_tissue_maps",
@@ -43,8 +48,10 @@ __all__ = [
     "read_flirt_matrix",
     "read_itk_affine",
     "save_image",
+    "subject_key",
     "world_to_flirt",
     "write_json",
     "write_scalar",
+    "write_summary_tsv",
     "write_text",
 ]

@@ -1,11 +1,13 @@
 """aslcal.testing: deterministic brain phantoms and simulated ASL calibration data.
 
 Used by the test suite, the notebooks, the CLI demo and the benchmarks.  See
-:mod:`aslcal.testing.phantoms`.
+:mod:`aslcal.testing.phantoms` and, for a phantom BIDS ASL cohort,
+:mod:`aslcal.testing.bids`.
 """
 
 from __future__ import annotations
 
+from .bids import CohortTruth, RunTruth, make_bids_cohort
 from .phantoms import (
     DEFAULT_LOOK_LOCKER,
     DEFAULT_SATRECOV_TIS,
@@ -25,6 +27,9 @@ from .phantoms import (
 )
 
 __all__ = [
+    "CohortTruth",
+    "RunTruth",
+    "make_bids_cohort",
     "DEFAULT_LOOK_LOCKER",
     "DEFAULT_SATRECOV_TIS",
     "LABELS",
