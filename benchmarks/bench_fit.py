@@ -75,10 +75,14 @@ def test_bench_satrecov(benchmark, bench_rows, full_run, backend, dtype, n_obs, 
     if backend != "cuda" and n_vox > 1_000_000:
         pytest.skip("1e7 voxels is a GPU size (the GPU needs >= 1e5 voxels to fill)")
     y, tis = sr_problem(n_vox, n_obs, dtype=dtype)
+    h2d = 0.0
     if backend == "cuda":
         import cupy
 
-        y = cupy.asarray(y)
+        t0 = time.perf_counter()
+        y = cupy.asarray(y)  # the host->device copy, reported separately from the fit
+        cupy.cuda.Device().synchronize()
+        h2d = time.perf_counter() - t0
     t0 = time.perf_counter()
     first = aslcal.fit_satrecov(y, tis, backend=backend, dtype=dtype)
     first_s = time.perf_counter() - t0
@@ -96,7 +100,8 @@ def test_bench_satrecov(benchmark, bench_rows, full_run, backend, dtype, n_obs, 
         "problem": f"SR {backend}/{dtype}", "n_vox": n_vox, "n_obs": n_obs, "backend": f"{backend}/{dtype}",
         "warm_s": warm, "end_to_end_s": float(np.median([f.timings["total"] for f in fits])),
         "first_call_s": first_s, "fits_per_s": rate, "baseline_fits_per_s": base,
-        "ratio_to_baseline": rate / base, "transfer_s": first.timings.get("h2d", 0) + first.timings.get("d2h", 0),
+        "ratio_to_baseline": rate / base, "h2d_s": h2d or first.timings.get("h2d", 0.0),
+        "d2h_s": first.timings.get("d2h", 0.0),
     })
 
 
