@@ -32,3 +32,12 @@ def test_public_names_resolve_lazily():
     mods = _modules_after("import aslcal\nf = aslcal.fit_satrecov\nassert callable(f)")
     assert "aslcal.fitting" in mods
     assert not {m for m in mods if m.split(".")[0] in {"numba", "cupy"}}  # still nothing compiled
+
+
+def test_cli_help_compiles_nothing():
+    code = "from aslcal.cli import main\nfor a in (['--help'], ['calib', '--help'], ['demo', '--help']):\n    main(a)"
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print('\\n'.join(sys.modules))"],
+                         check=True, capture_output=True, text=True).stdout
+    mods = set(out.split())
+    assert "aslcal.cli.calib" in mods
+    assert not {m for m in mods if m.split(".")[0] in {"numba", "numba_cuda", "cupy", "scipy"}}
