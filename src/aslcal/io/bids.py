@@ -413,6 +413,11 @@ def _require(meta: dict, path: Path, name: str, why: str = "") -> Any:
     return meta[name]
 
 
+def _field(meta: dict, path: Path, name: str, *, required: bool, why: str = "") -> Any:
+    """The field's value; a missing required field is an InputError, a missing optional one None."""
+    return _require(meta, path, name, why) if required else meta.get(name)
+
+
 def _check_value(value: Any, path: Path, name: str, *, low: float, low_open: bool,
                  high: float | None = None, unit: str) -> float:
     expected = f"a number {'>' if low_open else '>='} {low}" + (
@@ -429,12 +434,9 @@ def _check_value(value: Any, path: Path, name: str, *, low: float, low_open: boo
 def _scalar(meta: dict, path: Path, name: str, *, required: bool, low: float = 0.0,
             low_open: bool = False, high: float | None = None, unit: str = "s",
             why: str = "") -> float | None:
-    if required:
-        value = _require(meta, path, name, why)
-    else:
-        value = meta.get(name)
-        if value is None:
-            return None
+    value = _field(meta, path, name, required=required, why=why)
+    if value is None:
+        return None
     return _check_value(value, path, name, low=low, low_open=low_open, high=high, unit=unit)
 
 
@@ -442,12 +444,9 @@ def _per_volume(meta: dict, path: Path, name: str, n: int, *, required: bool,
                 low: float = 0.0, low_open: bool = False, high: float | None = None,
                 unit: str = "s", why: str = "") -> tuple[float, ...] | None:
     """A number (broadcast to ``n``) or a list of exactly ``n`` numbers."""
-    if required:
-        value = _require(meta, path, name, why)
-    else:
-        value = meta.get(name)
-        if value is None:
-            return None
+    value = _field(meta, path, name, required=required, why=why)
+    if value is None:
+        return None
     if isinstance(value, list):
         if len(value) != n:
             raise InputError(
@@ -463,12 +462,9 @@ def _per_volume(meta: dict, path: Path, name: str, n: int, *, required: bool,
 
 
 def _flag(meta: dict, path: Path, name: str, *, required: bool = False, why: str = "") -> bool | None:
-    if required:
-        value = _require(meta, path, name, why)
-    else:
-        value = meta.get(name)
-        if value is None:
-            return None
+    value = _field(meta, path, name, required=required, why=why)
+    if value is None:
+        return None
     if not isinstance(value, bool):
         raise InputError(f"{path}: field {name!r} = {value!r}: expected true or false")
     return value
