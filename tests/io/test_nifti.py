@@ -9,6 +9,7 @@ import re
 import struct
 import subprocess
 import sys
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +18,9 @@ import numpy as np
 import pytest
 
 import aslcal
-from aslcal.errors import InputError
-from aslcal.io import Image, load_image, save_image
+import aslcal.io.nifti as nifti_module
+from aslcal.errors import BackendUnavailableError, InputError
+from aslcal.io import Image, gzip_backend, load_image, save_image
 
 
 @contextlib.contextmanager
@@ -76,6 +78,16 @@ def _nib_write(path: Path, data: np.ndarray, affine: np.ndarray = AFFINE) -> Pat
     """Write with nibabel directly (independent of save_image)."""
     nibabel.save(nibabel.Nifti1Image(data, affine), os.fspath(path))
     return path
+
+
+@pytest.fixture(params=["isal", "zlib"])
+def any_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test once with ISA-L and once with the standard library (ASLCAL_GZIP)."""
+    if request.param == "isal":
+        pytest.importorskip("isal")
+    monkeypatch.setenv("ASLCAL_GZIP", request.param)
+    assert gzip_backend() == request.param
+    return request.param
 
 
 def _set_scaling(path: Path, slope: float, inter: float) -> None:
@@ -389,14 +401,14 @@ def test_nifti_pair_header_rejected(tmp_path: Path) -> None:
     _assert_input_error(tmp_path / "pair.hdr", "not a NIfTI")
 
 
-def test_truncated_nii_gz(tmp_path: Path) -> None:
+def test_truncated_nii_gz(tmp_path: Path, any_backend: str) -> None:
     path = _nib_write(tmp_path / "calib.nii.gz", _random((8, 8, 8, 4)))
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
     _assert_input_error(path, "gzip stream is truncated or corrupt")
 
 
-def test_corrupt_gzip_stream(tmp_path: Path) -> None:
+def test_corrupt_gzip_stream(tmp_path: Path, any_backend: str) -> None:
     path = _nib_write(tmp_path / "calib.nii.gz", _random((8, 8, 8, 4)))
     raw = bytearray(path.read_bytes())
     middle = len(raw) // 2
@@ -424,22 +436,227 @@ def test_complex_data_rejected(tmp_path: Path) -> None:
     _assert_input_error(path, "complex")
 
 
+# ------------------------------------------------------------- gzip backends
+
+# RFC 1952: ID1 ID2 CM FLG MTIME(4, little-endian) XFL OS; FLG bit 3 = FNAME.
+GZIP_FNAME = 0x08
+
+
+def _gzip_member_header(raw: bytes) -> tuple[int, int]:
+    """(FLG, MTIME) of the first gzip member (RFC 1952 section 2.3)."""
+    assert raw[:3] == b"\x1f\x8b\x08", raw[:3]  # magic and CM = 8 (deflate)
+    return raw[3], struct.unpack("<I", raw[4:8])[0]
+
+
+def _nifti_from_gzip_module(path: Path) -> np.ndarray:
+    """Voxels of a .nii.gz decompressed by the standard library, parsed by nibabel."""
+    img = nibabel.Nifti1Image.from_bytes(gzip.decompress(path.read_bytes()))
+    return np.asarray(img.dataobj)
+
+
+class _Recorder:
+    """Wraps isal.igzip, counting compress/decompress calls."""
+
+    def __init__(self, real: object) -> None:
+        self.real = real
+        self.calls: list[str] = []
+
+    def compress(self, *args: object, **kwargs: object) -> bytes:
+        self.calls.append("compress")
+        return self.real.compress(*args, **kwargs)  # type: ignore[attr-defined]
+
+    def decompress(self, *args: object, **kwargs: object) -> bytes:
+        self.calls.append("decompress")
+        return self.real.decompress(*args, **kwargs)  # type: ignore[attr-defined]
+
+
+class _Forbidden:
+    """Stands in for isal.igzip where it must not be used."""
+
+    def compress(self, *args: object, **kwargs: object) -> bytes:
+        raise AssertionError("isal used although ASLCAL_GZIP=zlib")
+
+    decompress = compress
+
+
+def test_gzip_backend_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("isal")
+    monkeypatch.delenv("ASLCAL_GZIP", raising=False)
+    assert gzip_backend() == "isal"  # isal importable: the default
+    for value, expected in [("zlib", "zlib"), (" ZLIB ", "zlib"), ("isal", "isal"),
+                            ("auto", "isal"), ("", "isal")]:
+        monkeypatch.setenv("ASLCAL_GZIP", value)
+        assert gzip_backend() == expected, value
+    monkeypatch.setenv("ASLCAL_GZIP", "zstd")
+    with pytest.raises(InputError, match="ASLCAL_GZIP='zstd'"):
+        gzip_backend()
+
+
+def test_gzip_backend_without_isal(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(nifti_module, "_igzip", None)  # as if isal were not installed
+    monkeypatch.delenv("ASLCAL_GZIP", raising=False)
+    assert gzip_backend() == "zlib"
+    monkeypatch.setenv("ASLCAL_GZIP", "auto")
+    assert gzip_backend() == "zlib"
+    data = _random((4, 5, 6, 2))
+    out = save_image(tmp_path / "a.nii.gz", data, AFFINE)
+    np.testing.assert_array_equal(_nifti_from_gzip_module(out), data)
+    np.testing.assert_array_equal(load_image(out).data, data)
+    monkeypatch.setenv("ASLCAL_GZIP", "isal")  # explicitly requested but missing
+    with pytest.raises(BackendUnavailableError, match="isal"):
+        gzip_backend()
+    with pytest.raises(BackendUnavailableError, match="isal"):
+        save_image(tmp_path / "b.nii.gz", data, AFFINE)
+    assert _names(tmp_path) == ["a.nii.gz"]
+
+
+def test_isal_used_by_default_and_zlib_forced(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    igzip = pytest.importorskip("isal.igzip")
+    recorder = _Recorder(igzip)
+    monkeypatch.setattr(nifti_module, "_igzip", recorder)
+    monkeypatch.delenv("ASLCAL_GZIP", raising=False)
+    data = _random((3, 4, 5))
+    np.testing.assert_array_equal(load_image(save_image(tmp_path / "a.nii.gz", data, AFFINE)).data, data)
+    assert recorder.calls == ["compress", "decompress"]
+    recorder.calls.clear()
+    load_image(save_image(tmp_path / "b.nii", data, AFFINE))  # uncompressed: no gzip at all
+    assert recorder.calls == []
+    monkeypatch.setattr(nifti_module, "_igzip", _Forbidden())
+    monkeypatch.setenv("ASLCAL_GZIP", "zlib")
+    out = save_image(tmp_path / "c.nii.gz", data, AFFINE)
+    np.testing.assert_array_equal(load_image(out).data, data)
+    np.testing.assert_array_equal(load_image(tmp_path / "a.nii.gz").data, data)
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 6), (6, 5, 4, 3)])
+def test_round_trip_each_backend(tmp_path: Path, any_backend: str, shape: tuple[int, ...]) -> None:
+    data = _random(shape)
+    out = save_image(tmp_path / "img.nii.gz", data, AFFINE)
+    assert out.read_bytes()[:2] == b"\x1f\x8b"
+    image = load_image(out)
+    np.testing.assert_array_equal(image.data, data)
+    np.testing.assert_array_equal(image.affine, AFFINE)
+    # Readable without aslcal: the standard library gzip and plain nibabel.load.
+    np.testing.assert_array_equal(_nifti_from_gzip_module(out), data)
+    loaded = nibabel.load(os.fspath(out))
+    np.testing.assert_array_equal(np.asarray(loaded.dataobj), data)
+    np.testing.assert_array_equal(loaded.affine, AFFINE)
+    # Same content as the uncompressed file written by the same call.
+    plain = save_image(tmp_path / "img.nii", data, AFFINE)
+    assert gzip.decompress(out.read_bytes()) == plain.read_bytes()
+    assert _names(tmp_path) == ["img.nii", "img.nii.gz"]
+
+
+def test_nifti2_round_trip_each_backend(tmp_path: Path, any_backend: str) -> None:
+    header = nibabel.Nifti2Header()
+    header.set_data_shape((2, 2, 3))
+    out = save_image(tmp_path / "n2.nii.gz", _ramp((2, 2, 3)), AFFINE, header=header)
+    raw = gzip.decompress(out.read_bytes())
+    assert struct.unpack("<i", raw[:4])[0] == 540  # NIfTI-2 sizeof_hdr
+    np.testing.assert_array_equal(np.asarray(nibabel.load(os.fspath(out)).dataobj), _ramp((2, 2, 3)))
+    np.testing.assert_array_equal(load_image(out).data, _ramp((2, 2, 3)))
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_output_is_deterministic(tmp_path: Path, any_backend: str, suffix: str) -> None:
+    data = _random((5, 6, 7, 2))
+    first = save_image(tmp_path / f"a{suffix}", data, AFFINE).read_bytes()
+    os.utime(tmp_path / f"a{suffix}", (0, 0))  # nothing depends on the clock or the name
+    second = save_image(tmp_path / f"other-name{suffix}", data, AFFINE).read_bytes()
+    third = save_image(tmp_path / f"a{suffix}", data, AFFINE).read_bytes()  # overwrite
+    assert first == second == third
+    if suffix == ".nii.gz":
+        flags, mtime = _gzip_member_header(first)
+        assert mtime == 0
+        assert not flags & GZIP_FNAME  # no (temporary) file name in the header
+
+
+def test_files_of_one_backend_read_by_the_other(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("isal")
+    data = _random((6, 5, 4, 2))
+    written = {}
+    for backend in ("isal", "zlib"):
+        monkeypatch.setenv("ASLCAL_GZIP", backend)
+        written[backend] = save_image(tmp_path / f"{backend}.nii.gz", data, AFFINE)
+    for backend in ("isal", "zlib"):
+        monkeypatch.setenv("ASLCAL_GZIP", backend)
+        for path in written.values():
+            np.testing.assert_array_equal(load_image(path).data, data)
+    for path in written.values():
+        np.testing.assert_array_equal(_nifti_from_gzip_module(path), data)
+        np.testing.assert_array_equal(np.asarray(nibabel.load(os.fspath(path)).dataobj), data)
+    # The compressed bytes may differ; the NIfTI they hold does not.
+    assert gzip.decompress(written["isal"].read_bytes()) == gzip.decompress(written["zlib"].read_bytes())
+
+
+def test_foreign_gzip_files_read_by_each_backend(tmp_path: Path, any_backend: str) -> None:
+    data = _random((4, 4, 3, 2))
+    nib = _nib_write(tmp_path / "nib.nii.gz", data)  # nibabel's own gzip writer
+    plain = _nib_write(tmp_path / "plain.nii", data)
+    level9 = tmp_path / "level9.nii.gz"
+    level9.write_bytes(gzip.compress(plain.read_bytes(), compresslevel=9))
+    # Two gzip members (as `cat a.gz b.gz` makes): one file of the concatenated content.
+    raw = plain.read_bytes()
+    multi = tmp_path / "multi.nii.gz"
+    multi.write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    for path in (nib, level9, multi):
+        np.testing.assert_array_equal(load_image(path).data, data)
+
+
+def _invalid_deflate_block() -> bytes:
+    """A gzip header then a deflate block of the reserved type BTYPE=11 (RFC 1951)."""
+    header = b"\x1f\x8b\x08\x00" + b"\x00" * 4 + b"\x00\xff"
+    return header + b"\x07" + bytes(64)  # bits: BFINAL=1, BTYPE=11 (reserved: an error)
+
+
+def test_invalid_deflate_block_is_input_error(tmp_path: Path, any_backend: str) -> None:
+    stream = _invalid_deflate_block()
+    with pytest.raises(zlib.error):  # what zlib itself says of this stream
+        gzip.decompress(stream)
+    if any_backend == "isal":
+        from isal import igzip, isal_zlib
+
+        with pytest.raises(isal_zlib.error):  # ISA-L's own error type (not OSError)
+            igzip.decompress(stream)
+    path = tmp_path / "calib.nii.gz"
+    path.write_bytes(stream)
+    _assert_input_error(path, "gzip stream is truncated or corrupt")
+
+
+def test_bad_crc_is_input_error(tmp_path: Path, any_backend: str) -> None:
+    plain = _nib_write(tmp_path / "s.nii", _random((4, 4, 4)))
+    raw = bytearray(gzip.compress(plain.read_bytes(), mtime=0))
+    raw[-8] ^= 0x01  # CRC32 is the 8th..5th byte from the end (RFC 1952)
+    path = tmp_path / "calib.nii.gz"
+    path.write_bytes(bytes(raw))
+    _assert_input_error(path, "gzip stream is truncated or corrupt")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99, 10])
+def test_truncated_gzip_each_point(tmp_path: Path, any_backend: str, keep: float) -> None:
+    out = save_image(tmp_path / "calib.nii.gz", _random((8, 8, 8, 4)), AFFINE)
+    raw = out.read_bytes()
+    cut = int(keep) if keep >= 1 else int(len(raw) * keep)
+    out.write_bytes(raw[:cut])
+    _assert_input_error(out, "gzip stream is truncated or corrupt")
+
+
 # ----------------------------------------------------------------------- saving
 
 
 def test_failing_writer_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_save = nibabel.save
+    real_write = nifti_module._write_file
 
-    def half_then_fail(img: nibabel.Nifti1Image, filename: str) -> None:
-        real_save(img, filename)
-        full = Path(filename).read_bytes()
-        Path(filename).write_bytes(full[: len(full) // 2])
+    def half_then_fail(path: Path, payload: bytes) -> None:
+        real_write(path, payload)
+        full = Path(path).read_bytes()
+        Path(path).write_bytes(full[: len(full) // 2])
         raise OSError(28, "No space left on device")
 
     dest = tmp_path / "m0.nii.gz"
     previous = save_image(dest, _ramp((2, 2, 2)), AFFINE)
     before = previous.read_bytes()
-    monkeypatch.setattr(nibabel, "save", half_then_fail)
+    monkeypatch.setattr(nifti_module, "_write_file", half_then_fail)
     with pytest.raises(OSError, match="No space left"):
         save_image(dest, _random((4, 4, 4)), AFFINE)
     with pytest.raises(OSError, match="No space left"):

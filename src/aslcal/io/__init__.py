@@ -13,6 +13,12 @@ write_text, write_json, write_scalar
     Atomic writers for text, JSON (NumPy-aware, NaN -> null) and one-number files.
 Image, load_image, save_image
     NIfTI images: a checked, fully read in-memory image, and an atomic writer.
+gzip_backend
+    Which gzip implementation ``.nii.gz`` uses: "isal" (ISA-L, default when installed)
+    or "zlib" (standard library; forced by the environment variable ASLCAL_GZIP=zlib).
+BidsFieldError
+    The :class:`~aslcal.errors.InputError` of :mod:`aslcal.io.bids` for one wrong BIDS
+    file, with the file and field as attributes (``.file``, ``.field``).
 read_flirt_matrix, read_itk_affine, flirt_to_world, world_to_flirt, flirt_scaling
     Transforms: FSL FLIRT matrices and ITK/ANTs affine text files, as world (RAS mm)
     point mappings (see :mod:`aslcal.io.transforms` for the direction conventions).
@@ -22,8 +28,9 @@ from __future__ import annotations
 
 from . import bids
 from .atomic import OutputSet, atomic_output, write_json, write_scalar, write_text
+from .bids import BidsFieldError
 from .derivatives import DerivativesWriter, entities_from_key, subject_key, write_summary_tsv
-from .nifti import Image, load_image, save_image
+from .nifti import Image, gzip_backend, load_image, save_image
 from .tissuemaps import find_tissue_maps, load_tissue_map
 from .transforms import (
     flirt_scaling,
@@ -34,6 +41,7 @@ from .transforms import (
 )
 
 __all__ = [
+    "BidsFieldError",
     "DerivativesWriter",
     "Image",
     "OutputSet",
@@ -43,6 +51,7 @@ __all__ = [
     "flirt_scaling",
     "flirt_to_world",
     "find_tissue_maps",
+    "gzip_backend",
     "load_image",
     "load_tissue_map",
     "read_flirt_matrix",

@@ -6,6 +6,15 @@ that names the input, rather than later inside a fit.  :func:`save_image` writes
 through :func:`aslcal.io.atomic.atomic_output`, so an output is either complete or
 absent.
 
+gzip (``.nii.gz``) goes through ISA-L (:mod:`isal.igzip`, several times faster than
+zlib at the same format) when the ``isal`` package can be imported, and through the
+standard library :mod:`gzip` (zlib) otherwise.  Both read every valid gzip file and
+write files that any gzip reader (``nibabel.load``, :func:`gzip.decompress`, ``gunzip``)
+reads; the compressed bytes of the two differ.  The environment variable
+``ASLCAL_GZIP=zlib`` forces the standard library (to compare the two, or to rule ISA-L
+out); ``ASLCAL_GZIP=isal`` requires ISA-L; unset, empty or ``auto`` picks ISA-L when
+available.  It is read at every call; :func:`gzip_backend` says which one is in use.
+
 This module is an I/O boundary: :func:`save_image` copies a CuPy array to the host.
 """
 
@@ -25,10 +34,22 @@ from nibabel.filebasedimages import ImageFileError
 from nibabel.spatialimages import HeaderDataError
 from nibabel.wrapstruct import WrapStructError
 
-from ..errors import InputError
+from ..errors import BackendUnavailableError, InputError
 from .atomic import StrPath, atomic_output
 
-__all__ = ["Image", "load_image", "save_image"]
+try:  # ISA-L: the same gzip format as zlib, compressed/decompressed several times faster.
+    from isal import igzip as _igzip
+    from isal import isal_zlib as _isal_zlib
+except ImportError:  # pragma: no cover - isal is a dependency; keep working without it
+    _igzip = None
+    _isal_zlib = None
+
+__all__ = ["GZIP_ENV", "Image", "gzip_backend", "load_image", "save_image"]
+
+#: Environment variable choosing the gzip implementation: "zlib", "isal" or "auto".
+GZIP_ENV = "ASLCAL_GZIP"
+#: zlib/ISA-L compression level of written ``.nii.gz`` files (nibabel's default, 1).
+_GZIP_LEVEL = 1
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _ALLOWED_NDIM = frozenset({3, 4})
@@ -36,6 +57,14 @@ _DESCRIP_BYTES = 79  # descrip is char[80] including the terminating NUL
 _NIFTI_CODE_SCANNER = 1
 # Factor from the header's spatial unit to millimetres (NIfTI-1 xyzt_units).
 _TO_MM = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3, "unknown": 1.0}
+
+# Exceptions that mean "the gzip stream is truncated or corrupt": the standard library
+# raises EOFError (truncated), gzip.BadGzipFile (an OSError: bad header, CRC or length)
+# and zlib.error; ISA-L raises EOFError, gzip.BadGzipFile and isal_zlib.error
+# (IsalError, "Invalid deflate block found"), which derives from neither of the others.
+_GZIP_ERRORS: tuple[type[BaseException], ...] = (OSError, EOFError, zlib.error) + (
+    () if _isal_zlib is None else (_isal_zlib.error,)
+)
 
 # Exceptions that mean "the bytes are not a readable NIfTI image" while parsing a
 # header or reading its data (nibabel raises several kinds, NumPy raises ValueError
@@ -51,6 +80,74 @@ _READ_ERRORS = (
     TypeError,
     KeyError,
 )
+
+
+def gzip_backend() -> str:
+    """Which gzip implementation this process uses for ``.nii.gz`` now.
+
+    Returns
+    -------
+    {"isal", "zlib"}
+        ``"isal"``: ISA-L (:mod:`isal.igzip`, the ``isal`` package), the default when
+        it can be imported.  ``"zlib"``: the standard library :mod:`gzip`, when
+        ``isal`` is not installed or the environment variable ``ASLCAL_GZIP`` is
+        ``zlib``.
+
+    Raises
+    ------
+    InputError
+        ``ASLCAL_GZIP`` is set to something other than ``zlib``, ``isal``, ``auto``
+        or the empty string (case-insensitive).
+    BackendUnavailableError
+        ``ASLCAL_GZIP=isal`` but the ``isal`` package cannot be imported.
+
+    Notes
+    -----
+    ``ASLCAL_GZIP`` is read at every call (and so at every :func:`load_image` and
+    :func:`save_image`): ``zlib`` forces the standard library, ``isal`` requires
+    ISA-L, unset/empty/``auto`` picks ISA-L when available.  Both implementations
+    read any valid gzip file and verify its CRC; written files differ in their bytes
+    (each is deterministic: level 1, mtime 0, no file name) but hold the same data.
+    """
+    raw = os.environ.get(GZIP_ENV, "")
+    choice = raw.strip().lower()
+    if choice == "zlib":
+        return "zlib"
+    if choice in ("", "auto", "isal"):
+        if _igzip is not None:
+            return "isal"
+        if choice == "isal":
+            raise BackendUnavailableError(
+                f"{GZIP_ENV}=isal but the 'isal' package cannot be imported; "
+                f"install isal or set {GZIP_ENV}=zlib (or unset it)"
+            )
+        return "zlib"
+    raise InputError(
+        f"environment variable {GZIP_ENV}={raw!r}: expected 'zlib', 'isal' or 'auto' "
+        "(or unset)"
+    )
+
+
+def _gunzip(raw: bytes, backend: str) -> bytes:
+    """Decompress a whole gzip file (all members), verifying CRC and length."""
+    if backend == "isal":
+        assert _igzip is not None
+        return _igzip.decompress(raw)
+    return gzip.decompress(raw)
+
+
+def _gzip(data: bytes, backend: str) -> bytes:
+    """gzip ``data`` deterministically: level 1, mtime 0, no file name in the header."""
+    if backend == "isal":
+        assert _igzip is not None
+        return _igzip.compress(data, compresslevel=_GZIP_LEVEL, mtime=0)
+    return gzip.compress(data, compresslevel=_GZIP_LEVEL, mtime=0)
+
+
+def _write_file(path: Path, payload: bytes) -> None:
+    """Write ``payload`` as the whole content of ``path`` (the atomic temporary file)."""
+    with open(path, "wb") as fh:
+        fh.write(payload)
 
 
 @dataclass(eq=False)
@@ -226,13 +323,17 @@ def load_image(
         says); non-finite header scaling (``scl_slope`` +-Inf, or ``scl_inter``
         NaN/Inf with a non-zero finite slope); a dimensionality not in ``ndim``
         (e.g. a 2-D image, or a 4-D series of several volumes when 3-D is required);
-        complex or RGB data.
+        complex or RGB data.  Also (without the path) for a gzip file when
+        ``ASLCAL_GZIP`` has an unknown value (see :func:`gzip_backend`).
+    BackendUnavailableError
+        A gzip file with ``ASLCAL_GZIP=isal`` but no ``isal`` package.
 
     Notes
     -----
     The file is read and decompressed completely (the gzip CRC is verified), so
     corruption is detected here.  Memory use is briefly the size of the
-    uncompressed file plus the returned array.
+    uncompressed file plus the returned array.  Decompression uses ISA-L when
+    available, else zlib (see :func:`gzip_backend` and ``ASLCAL_GZIP``).
     """
     target = _float_dtype(dtype)
     allowed = _allowed_ndims(ndim)
@@ -250,9 +351,10 @@ def load_image(
     except OSError as exc:
         raise InputError(f"{where}: cannot read the file ({exc.strerror or exc}); {expected}") from exc
     if raw[:2] == _GZIP_MAGIC:
+        backend = gzip_backend()
         try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
+            raw = _gunzip(raw, backend)
+        except _GZIP_ERRORS as exc:
             raise InputError(
                 f"{where}: the gzip stream is truncated or corrupt "
                 f"({type(exc).__name__}: {exc}); {expected}"
@@ -455,14 +557,23 @@ def save_image(
     InputError
         Bad extension; neither ``affine`` nor ``header``; ``affine`` not a finite
         4x4 matrix; complex, object or string data; values the chosen dtype cannot
-        hold; or the destination cannot be written (see
-        :func:`aslcal.io.atomic.atomic_output`).
+        hold; the destination cannot be written (see
+        :func:`aslcal.io.atomic.atomic_output`); or, for ``.nii.gz``, an unknown
+        ``ASLCAL_GZIP`` value (see :func:`gzip_backend`).
+    BackendUnavailableError
+        ``.nii.gz`` with ``ASLCAL_GZIP=isal`` but no ``isal`` package.
 
     Notes
     -----
     Spatial/temporal units are set to millimetres/seconds, and the scaling fields to
     "no scaling" (the values are stored as given).  The data are written to a hidden
     temporary file in the destination folder and renamed when complete.
+
+    The file is built in memory (nibabel's ``to_bytes``) and, for ``.nii.gz``,
+    gzip-compressed at level 1 with mtime 0 and no file name by ISA-L when available,
+    else by zlib (see :func:`gzip_backend` and ``ASLCAL_GZIP``): the same array,
+    header and backend give byte-identical files.  Memory use is briefly the
+    uncompressed plus the compressed file size.
     """
     dest = Path(path)
     lower = dest.name.lower()
@@ -520,6 +631,9 @@ def save_image(
     out_header.set_slope_inter(None, None)
     out_header["descrip"] = _descrip(description)
 
+    payload = img.to_bytes()
+    if lower.endswith(".nii.gz"):
+        payload = _gzip(payload, gzip_backend())
     with atomic_output(dest, overwrite=overwrite) as tmp:
-        nibabel.save(img, os.fspath(tmp))
+        _write_file(tmp, payload)
     return dest
