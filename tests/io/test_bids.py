@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import pickle
+from pathlib import Path
 
 import nibabel
 import numpy as np
 import pytest
 
+import aslcal.io
 from aslcal.errors import InputError
 from aslcal.io import bids, save_image
-from aslcal.io.bids import AslRun, discover, read_run
+from aslcal.io.bids import AslRun, BidsFieldError, discover, read_run
+from aslcal.testing.bids import make_bids_cohort
 
 AFFINE = np.diag([3.0, 3.0, 4.0, 1.0])
 
@@ -259,6 +263,10 @@ def test_asl_json_errors_name_file_and_field(tmp_path, meta, field, fragment):
     msg = str(info.value)
     where = run.aslcontext if field == "volume_type" else run.sidecar
     assert str(where) in msg and repr(field) in msg and fragment in msg, msg
+    # The same file and field as data; an array element is reported by its JSON key.
+    assert isinstance(info.value, BidsFieldError)
+    assert info.value.file == str(where)
+    assert info.value.field == field.split("[")[0]
 
 
 def test_absent_with_background_suppression_is_refused(tmp_path):
@@ -267,9 +275,15 @@ def test_absent_with_background_suppression_is_refused(tmp_path):
     with pytest.raises(InputError, match="'BackgroundSuppression' = true") as info:
         read_run(run, allow_control_m0=True)
     assert str(run.sidecar) in str(info.value)
+    # No usable M0 either way: M0Type 'Absent' is the field at fault (as without allow).
+    assert (info.value.file, info.value.field) == (str(run.sidecar), "M0Type")
+    with pytest.raises(BidsFieldError) as info:
+        read_run(run)
+    assert (info.value.file, info.value.field) == (str(run.sidecar), "M0Type")
     _write_run(tmp_path, meta=_base_meta(M0Type="Absent", BackgroundSuppression=None))
-    with pytest.raises(InputError, match="'BackgroundSuppression' is missing"):
+    with pytest.raises(InputError, match="'BackgroundSuppression' is missing") as info:
         read_run(run, allow_control_m0=True)
+    assert (info.value.file, info.value.field) == (str(run.sidecar), "BackgroundSuppression")
 
 
 @pytest.mark.parametrize(
@@ -285,19 +299,83 @@ def test_aslcontext_errors(tmp_path, kwargs, fragment):
     with pytest.raises(InputError, match=fragment) as info:
         read_run(run)
     assert str(run.aslcontext) in str(info.value) and "'volume_type'" in str(info.value)
+    assert isinstance(info.value, BidsFieldError)
+    assert (info.value.file, info.value.field) == (str(run.aslcontext), "volume_type")
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [("", "aslcontext is empty"), ("type\ncontrol\nlabel\n", "column 'volume_type' is missing")],
+)
+def test_aslcontext_without_column(tmp_path, text, fragment):
+    _write_run(tmp_path, m0=1)
+    run = _only(tmp_path)
+    run.aslcontext.write_text(text)
+    with pytest.raises(BidsFieldError, match=fragment) as info:
+        read_run(run)
+    assert (info.value.file, info.value.field) == (str(run.aslcontext), "volume_type")
 
 
 def test_missing_files(tmp_path):
     _write_run(tmp_path, m0=1)
     run = _only(tmp_path)
     run.aslcontext.unlink()
-    with pytest.raises(InputError, match="aslcontext file is missing"):
+    with pytest.raises(InputError, match="aslcontext file is missing") as info:
         read_run(run)
+    # A missing or unreadable file: that file, no single field.
+    assert (info.value.file, info.value.field) == (str(run.aslcontext), None)
     _write_run(tmp_path, m0=1)
     run.sidecar.write_text("{not json")
     with pytest.raises(InputError, match="cannot read the ASL JSON") as info:
         read_run(run)
     assert str(run.sidecar) in str(info.value)
+    assert (info.value.file, info.value.field) == (str(run.sidecar), None)
+    run.sidecar.write_text("[1, 2]")
+    with pytest.raises(BidsFieldError, match="expected a JSON object") as info:
+        read_run(run)
+    assert (info.value.file, info.value.field) == (str(run.sidecar), None)
+    run.sidecar.unlink()
+    with pytest.raises(BidsFieldError, match="ASL sidecar is missing") as info:
+        read_run(run)
+    assert (info.value.file, info.value.field) == (str(run.sidecar), None)
+    _write_run(tmp_path, m0=1)
+    run.m0scan_sidecar.unlink()
+    with pytest.raises(BidsFieldError, match="m0scan sidecar is missing") as info:
+        read_run(run)
+    assert (info.value.file, info.value.field) == (str(run.m0scan_sidecar), None)
+
+
+def test_bad_image_headers_name_the_image(tmp_path):
+    _write_run(tmp_path, m0=1)
+    run = _only(tmp_path)
+    run.m0scan.write_bytes(b"not a nifti image" * 40)
+    with pytest.raises(BidsFieldError, match="cannot read the m0scan NIfTI header") as info:
+        read_run(run)
+    assert (info.value.file, info.value.field) == (str(run.m0scan), None)
+    save_image(run.asl, np.zeros((4, 4), dtype=np.float32), AFFINE)  # 2-D
+    with pytest.raises(BidsFieldError, match="expected 3-D or 4-D") as info:
+        read_run(run)
+    assert (info.value.file, info.value.field) == (str(run.asl), None)
+    run.asl.unlink()
+    with pytest.raises(BidsFieldError, match="ASL image is missing") as info:
+        read_run(run)
+    assert (info.value.file, info.value.field) == (str(run.asl), None)
+
+
+def test_dataset_description_missing_names_it(tmp_path):
+    (tmp_path / "sub-01" / "perf").mkdir(parents=True)
+    with pytest.raises(BidsFieldError, match="dataset_description.json") as info:
+        discover(tmp_path)
+    assert info.value.file == str(tmp_path / "dataset_description.json")
+    assert info.value.field is None
+
+
+def test_estimate_has_no_m0_image_error_names_m0type(tmp_path):
+    _write_run(tmp_path, meta=_base_meta(M0Type="Estimate", M0Estimate=1000.0))
+    acq = read_run(_only(tmp_path))
+    with pytest.raises(BidsFieldError, match="Estimate") as info:
+        acq.load_m0()
+    assert (info.value.file, info.value.field) == (str(acq.run.sidecar), "M0Type")
 
 
 @pytest.mark.parametrize(
@@ -319,6 +397,43 @@ def test_m0scan_json_errors(tmp_path, m0_meta, field, fragment):
         read_run(run)
     msg = str(info.value)
     assert str(run.m0scan_sidecar) in msg and repr(field) in msg and fragment in msg, msg
+    assert isinstance(info.value, BidsFieldError)
+    assert (info.value.file, info.value.field) == (str(run.m0scan_sidecar), field)
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    return make_bids_cohort(tmp_path_factory.mktemp("cohort") / "bids", n_subjects=8, broken=3,
+                            shape=(16, 16, 8))
+
+
+@pytest.mark.parametrize("allow", [False, True])
+def test_cohort_broken_runs_carry_file_and_field(cohort, allow):
+    runs = {r.key: r for r in discover(cohort.root)}
+    assert len(cohort.broken) == 3
+    for key, truth in cohort.broken.items():
+        with pytest.raises(BidsFieldError) as info:
+            read_run(runs[key], allow_control_m0=allow)
+        assert info.value.file == str(cohort.root / truth.broken_file), (key, info.value)
+        assert info.value.field == truth.broken_field, (key, info.value)
+        assert truth.error_fragment in str(info.value)
+
+
+def test_bids_field_error_class():
+    assert issubclass(BidsFieldError, InputError) and issubclass(BidsFieldError, ValueError)
+    assert aslcal.io.BidsFieldError is BidsFieldError
+    assert "BidsFieldError" in bids.__all__ and "BidsFieldError" in aslcal.io.__all__
+    err = BidsFieldError("x.json: field 'EchoTime' is missing", file=Path("a") / "x.json",
+                         field="EchoTime")
+    assert str(err) == "x.json: field 'EchoTime' is missing"  # message as given
+    assert err.file == str(Path("a") / "x.json") and isinstance(err.file, str)
+    assert err.field == "EchoTime"
+    assert BidsFieldError("m", file="f").field is None
+    with pytest.raises(TypeError):
+        BidsFieldError("m")  # type: ignore[call-arg]  # file is required
+    again = pickle.loads(pickle.dumps(err))  # process pools / dask send errors back
+    assert type(again) is BidsFieldError and str(again) == str(err)
+    assert (again.file, again.field) == (err.file, err.field)
 
 
 def test_read_run_rejects_non_run():

@@ -8,8 +8,10 @@ number of volumes); :meth:`AslAcquisition.load_asl` and :meth:`AslAcquisition.lo
 read the voxels with :func:`aslcal.io.load_image`.
 
 Every problem is an :class:`~aslcal.errors.InputError` whose message names the file and
-the field, so a cohort runner can record it per subject and go on.  Nothing is ever
-replaced by a silent zero or default.
+the field, so a cohort runner can record it per subject and go on.  Where one file is at
+fault (a sidecar JSON, the ``_aslcontext.tsv``, an image whose header or volume count is
+wrong) it is a :class:`BidsFieldError`, which also carries that file and the field as
+data (``.file``, ``.field``).  Nothing is ever replaced by a silent zero or default.
 
 Units (calibration.md section 2): times in seconds, except ``te_ms`` (BIDS
 ``EchoTime`` is in seconds and is converted here, the one place); flip angles in
@@ -65,6 +67,7 @@ __all__ = [
     "DEFAULT_ALPHA",
     "AslAcquisition",
     "AslRun",
+    "BidsFieldError",
     "M0Source",
     "discover",
     "read_run",
@@ -84,6 +87,54 @@ _FIELD_TOLERANCE = 0.15  # tesla: vendors write e.g. 2.89 for a 3 T magnet
 
 _ASL_NAME = re.compile(r"^(?P<prefix>sub-[A-Za-z0-9]+(?:_[A-Za-z]+-[A-Za-z0-9]+)*)_asl\.nii(?:\.gz)?$")
 _ENTITY = re.compile(r"([A-Za-z]+)-([A-Za-z0-9]+)")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class BidsFieldError(InputError):
+    """An :class:`~aslcal.errors.InputError` caused by one file of a BIDS run.
+
+    The message is the same text as for any ``InputError`` (it names the file and
+    the field); the attributes give them to a program, e.g. a cohort runner that
+    tabulates what is wrong per subject.
+
+    Parameters
+    ----------
+    message : str
+        The error message.
+    file : str or os.PathLike
+        The file that is wrong (or missing): a ``*_asl.json`` / ``*_m0scan.json``
+        sidecar, an ``*_aslcontext.tsv``, an image, or ``dataset_description.json``.
+    field : str or None, optional
+        The JSON key at fault (without any ``[i]`` index of an array element),
+        ``"volume_type"`` for the aslcontext column, or None when no single field is
+        at fault (a missing or unreadable file, an image header).
+
+    Attributes
+    ----------
+    file : str
+        ``os.fspath`` of the ``file`` argument, as the path was given (not resolved).
+    field : str or None
+    """
+
+    def __init__(self, message: str, *, file: str | os.PathLike[str],
+                 field: str | None = None) -> None:
+        super().__init__(message)
+        self.file = os.fspath(file)
+        self.field = field
+
+    def __reduce__(self) -> tuple:
+        # Keyword-only constructor arguments: rebuild without calling __init__ so that
+        # the error pickles (process pools, dask) with its attributes.
+        return (_rebuild_error, (type(self), self.args, self.__dict__))
+
+
+def _rebuild_error(cls: type[BaseException], args: tuple, state: dict) -> BaseException:
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
 
 
 # ------------------------------------------------------------------------ discovery
@@ -166,9 +217,10 @@ def discover(
     if not root.is_dir():
         raise InputError(f"BIDS root {str(root)!r} is not a folder; expected a BIDS dataset")
     if not (root / "dataset_description.json").is_file():
-        raise InputError(
+        raise BidsFieldError(
             f"BIDS root {str(root)!r}: dataset_description.json is missing; "
-            "expected a BIDS dataset"
+            "expected a BIDS dataset",
+            file=root / "dataset_description.json",
         )
     wanted: set[str] | None = None
     if participant_label is not None:
@@ -362,22 +414,25 @@ class AslAcquisition:
         Raises
         ------
         InputError
-            For ``M0Type`` "Estimate" (no M0 image: use ``m0.estimate``), or an
-            unreadable file.
+            For ``M0Type`` "Estimate" (no M0 image: use ``m0.estimate``; a
+            :class:`BidsFieldError` with ``field`` "M0Type"), an M0 image with fewer
+            volumes than indexed (a :class:`BidsFieldError`), or an unreadable file.
         """
         src = self.m0
         if src.kind == "estimate" or src.path is None:
-            raise InputError(
+            raise BidsFieldError(
                 f"{self.run.sidecar}: M0Type 'Estimate' has no M0 image; "
-                f"use the M0Estimate value {src.estimate}"
+                f"use the M0Estimate value {src.estimate}",
+                file=self.run.sidecar, field="M0Type",
             )
         name = f"M0 ({src.kind}) of {self.run.key}"
         img = load_image(src.path, dtype=dtype, name=name)
         data = img.data if img.ndim == 4 else img.data[..., None]
         if data.shape[3] <= max(src.volumes):
-            raise InputError(
+            raise BidsFieldError(
                 f"{name} {str(src.path)!r}: has {data.shape[3]} volumes, expected at "
-                f"least {max(src.volumes) + 1}"
+                f"least {max(src.volumes) + 1}",
+                file=src.path,
             )
         if src.volumes != tuple(range(data.shape[3])):
             data = np.ascontiguousarray(data[..., list(src.volumes)])
@@ -389,13 +444,15 @@ class AslAcquisition:
 
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
-        raise InputError(f"{path}: {what} sidecar is missing; expected a JSON file")
+        raise BidsFieldError(f"{path}: {what} sidecar is missing; expected a JSON file",
+                             file=path)
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: cannot read the {what} JSON ({exc})") from exc
+        raise BidsFieldError(f"{path}: cannot read the {what} JSON ({exc})", file=path) from exc
     if not isinstance(obj, dict):
-        raise InputError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+        raise BidsFieldError(f"{path}: expected a JSON object, got {type(obj).__name__}",
+                             file=path)
     return obj
 
 
@@ -409,7 +466,8 @@ def _is_number(value: Any) -> bool:
 
 def _require(meta: dict, path: Path, name: str, why: str = "") -> Any:
     if name not in meta or meta[name] is None:
-        raise InputError(f"{path}: required field {name!r} is missing{why}")
+        raise BidsFieldError(f"{path}: required field {name!r} is missing{why}",
+                             file=path, field=name)
     return meta[name]
 
 
@@ -419,15 +477,19 @@ def _field(meta: dict, path: Path, name: str, *, required: bool, why: str = "") 
 
 
 def _check_value(value: Any, path: Path, name: str, *, low: float, low_open: bool,
-                 high: float | None = None, unit: str) -> float:
+                 high: float | None = None, unit: str, key: str | None = None) -> float:
+    """Check one number; ``name`` is as shown (``"X[2]"``), ``key`` the JSON key (``"X"``)."""
+    key = name if key is None else key
     expected = f"a number {'>' if low_open else '>='} {low}" + (
         f" and < {high}" if high is not None else ""
     ) + f" ({unit})"
     if not _is_number(value):
-        raise InputError(f"{path}: field {name!r} = {value!r}: expected {expected}")
+        raise BidsFieldError(f"{path}: field {name!r} = {value!r}: expected {expected}",
+                             file=path, field=key)
     v = float(value)
     if (v <= low if low_open else v < low) or (high is not None and v >= high):
-        raise InputError(f"{path}: field {name!r} = {value!r}: expected {expected}")
+        raise BidsFieldError(f"{path}: field {name!r} = {value!r}: expected {expected}",
+                             file=path, field=key)
     return v
 
 
@@ -449,12 +511,14 @@ def _per_volume(meta: dict, path: Path, name: str, n: int, *, required: bool,
         return None
     if isinstance(value, list):
         if len(value) != n:
-            raise InputError(
+            raise BidsFieldError(
                 f"{path}: field {name!r} has {len(value)} values but the image has "
-                f"{n} volumes; expected one number or one per volume"
+                f"{n} volumes; expected one number or one per volume",
+                file=path, field=name,
             )
         return tuple(
-            _check_value(v, path, f"{name}[{i}]", low=low, low_open=low_open, high=high, unit=unit)
+            _check_value(v, path, f"{name}[{i}]", low=low, low_open=low_open, high=high,
+                         unit=unit, key=name)
             for i, v in enumerate(value)
         )
     v = _check_value(value, path, name, low=low, low_open=low_open, high=high, unit=unit)
@@ -466,7 +530,8 @@ def _flag(meta: dict, path: Path, name: str, *, required: bool = False, why: str
     if value is None:
         return None
     if not isinstance(value, bool):
-        raise InputError(f"{path}: field {name!r} = {value!r}: expected true or false")
+        raise BidsFieldError(f"{path}: field {name!r} = {value!r}: expected true or false",
+                             file=path, field=name)
     return value
 
 
@@ -474,9 +539,10 @@ def _echo_time_ms(meta: dict, path: Path, n: int) -> float:
     values = _per_volume(meta, path, "EchoTime", n, required=True, unit="s")
     assert values is not None
     if len(set(values)) > 1:
-        raise InputError(
+        raise BidsFieldError(
             f"{path}: field 'EchoTime' has several values {sorted(set(values))}; "
-            "multi-echo ASL is not supported (expected one echo time, seconds)"
+            "multi-echo ASL is not supported (expected one echo time, seconds)",
+            file=path, field="EchoTime",
         )
     return values[0] * 1000.0  # BIDS seconds -> aslcal milliseconds
 
@@ -488,56 +554,66 @@ def _field_strength(meta: dict, path: Path) -> tuple[float, float]:
     for fs in _FIELD_STRENGTHS:
         if abs(raw - fs) <= _FIELD_TOLERANCE:
             return fs, raw
-    raise InputError(
+    raise BidsFieldError(
         f"{path}: field 'MagneticFieldStrength' = {raw!r}: no tissue table for this field; "
-        f"expected 1.5, 3 or 7 (tesla)"
+        f"expected 1.5, 3 or 7 (tesla)",
+        file=path, field="MagneticFieldStrength",
     )
 
 
 def _n_volumes(image: Path, what: str) -> tuple[tuple[int, ...], int]:
     """Shape and volume count from the NIfTI header only (nibabel proxies are lazy)."""
     if not image.is_file():
-        raise InputError(f"{image}: {what} image is missing")
+        raise BidsFieldError(f"{image}: {what} image is missing", file=image)
     try:
         shape = tuple(int(s) for s in nibabel.load(os.fspath(image)).shape)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds for bad headers
-        raise InputError(f"{image}: cannot read the {what} NIfTI header ({exc})") from exc
+        raise BidsFieldError(f"{image}: cannot read the {what} NIfTI header ({exc})",
+                             file=image) from exc
     if len(shape) < 3 or any(s < 1 for s in shape):
-        raise InputError(f"{image}: {what} image has shape {shape}; expected 3-D or 4-D")
+        raise BidsFieldError(f"{image}: {what} image has shape {shape}; expected 3-D or 4-D",
+                             file=image)
     extra = shape[4:]
     if any(s != 1 for s in extra):
-        raise InputError(f"{image}: {what} image has shape {shape}; expected 3-D or 4-D")
+        raise BidsFieldError(f"{image}: {what} image has shape {shape}; expected 3-D or 4-D",
+                             file=image)
     return shape, (shape[3] if len(shape) >= 4 else 1)
 
 
 def _read_aslcontext(path: Path, n: int, image: Path) -> tuple[str, ...]:
     if not path.is_file():
-        raise InputError(f"{path}: aslcontext file is missing; expected a TSV with 'volume_type'")
+        raise BidsFieldError(
+            f"{path}: aslcontext file is missing; expected a TSV with 'volume_type'", file=path
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot read the aslcontext TSV ({exc})") from exc
+        raise BidsFieldError(f"{path}: cannot read the aslcontext TSV ({exc})", file=path) from exc
     rows = [r for r in csv.reader(text.splitlines(), delimiter="\t") if r and any(c.strip() for c in r)]
     if not rows:
-        raise InputError(f"{path}: aslcontext is empty; expected a header 'volume_type'")
+        raise BidsFieldError(f"{path}: aslcontext is empty; expected a header 'volume_type'",
+                             file=path, field="volume_type")
     header = [c.strip() for c in rows[0]]
     if "volume_type" not in header:
-        raise InputError(f"{path}: column 'volume_type' is missing (header {header})")
+        raise BidsFieldError(f"{path}: column 'volume_type' is missing (header {header})",
+                             file=path, field="volume_type")
     col = header.index("volume_type")
     types = []
     for line, row in enumerate(rows[1:], start=2):
         raw = row[col].strip() if col < len(row) else ""
         canon = _VOLUME_TYPE_LOOKUP.get(raw.lower())
         if canon is None:
-            raise InputError(
+            raise BidsFieldError(
                 f"{path}: column 'volume_type' line {line} = {raw!r}: "
-                f"expected one of {', '.join(ASL_VOLUME_TYPES)}"
+                f"expected one of {', '.join(ASL_VOLUME_TYPES)}",
+                file=path, field="volume_type",
             )
         types.append(canon)
     if len(types) != n:
-        raise InputError(
+        raise BidsFieldError(
             f"{path}: column 'volume_type' has {len(types)} entries but {image.name} has "
-            f"{n} volumes; expected one entry per volume"
+            f"{n} volumes; expected one entry per volume",
+            file=path, field="volume_type",
         )
     return tuple(types)
 
@@ -563,16 +639,23 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
 
     Raises
     ------
+    BidsFieldError
+        An :class:`~aslcal.errors.InputError` naming the file and the field in its
+        message and as ``.file``/``.field``: a missing or unreadable sidecar,
+        aslcontext or image header (``field`` None); a missing required field (see
+        the module docstring); a value that makes no sense
+        (``RepetitionTimePreparation`` <= 0, negative delays, unknown labelling or M0
+        type, a field strength without a tissue table, an array whose length is not
+        the number of volumes; ``field`` is the JSON key, without the ``[i]`` of an
+        array element); an aslcontext whose length differs from the number of
+        volumes or with an unknown ``volume_type`` (``field`` "volume_type");
+        ``M0Type`` "Separate" without an m0scan file (the ASL sidecar, "M0Type");
+        "Included" without m0scan volumes (the aslcontext, "volume_type"); "Estimate"
+        without a positive ``M0Estimate``; "Absent" (unless allowed, see
+        ``allow_control_m0``; "M0Type", also when refused for
+        ``BackgroundSuppression`` true).
     InputError
-        Naming the file and the field: a missing or unreadable sidecar, aslcontext or
-        image header; a missing required field (see the module docstring); a value
-        that makes no sense (``RepetitionTimePreparation`` <= 0, negative delays,
-        unknown labelling or M0 type, a field strength without a tissue table, an
-        array whose length is not the number of volumes); an aslcontext whose length
-        differs from the number of volumes or with an unknown ``volume_type``;
-        ``M0Type`` "Separate" without an m0scan file; "Included" without m0scan
-        volumes; "Estimate" without a positive ``M0Estimate``; "Absent" (unless
-        allowed, see ``allow_control_m0``).
+        ``run`` is not an :class:`AslRun`.
     """
     if not isinstance(run, AslRun):
         raise InputError(f"run={run!r}: expected an AslRun from discover()")
@@ -583,8 +666,9 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
 
     lab = _require(meta, js, "ArterialSpinLabelingType")
     if not isinstance(lab, str) or lab.upper() not in DEFAULT_ALPHA:
-        raise InputError(
-            f"{js}: field 'ArterialSpinLabelingType' = {lab!r}: expected PCASL, CASL or PASL"
+        raise BidsFieldError(
+            f"{js}: field 'ArterialSpinLabelingType' = {lab!r}: expected PCASL, CASL or PASL",
+            file=js, field="ArterialSpinLabelingType",
         )
     lab = lab.upper()
     eff = _scalar(meta, js, "LabelingEfficiency", required=False, low=0.0, low_open=True,
@@ -593,7 +677,10 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
 
     m0_type = _require(meta, js, "M0Type")
     if m0_type not in _M0_TYPES:
-        raise InputError(f"{js}: field 'M0Type' = {m0_type!r}: expected one of {', '.join(_M0_TYPES)}")
+        raise BidsFieldError(
+            f"{js}: field 'M0Type' = {m0_type!r}: expected one of {', '.join(_M0_TYPES)}",
+            file=js, field="M0Type",
+        )
 
     tr = _per_volume(meta, js, "RepetitionTimePreparation", n, required=True, low=0.0,
                      low_open=True, unit="s")
@@ -613,9 +700,10 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
     elif m0_type == "Included":
         idx = tuple(i for i, v in enumerate(volume_types) if v == "m0scan")
         if not idx:
-            raise InputError(
+            raise BidsFieldError(
                 f"{run.aslcontext}: column 'volume_type' has no 'm0scan' volume but "
-                f"{js.name} says M0Type 'Included'"
+                f"{js.name} says M0Type 'Included'",
+                file=run.aslcontext, field="volume_type",
             )
         times = ti if ti is not None else pld
         m0 = M0Source(
@@ -632,23 +720,28 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
                       look_locker=False, flip_angle=None, estimate=est, sidecar=js)
     else:  # Absent
         if not allow_control_m0:
-            raise InputError(
+            raise BidsFieldError(
                 f"{js}: field 'M0Type' = 'Absent': no M0 for calibration; provide an M0 "
                 "scan, or allow the mean control image as M0 (only without background "
-                "suppression)"
+                "suppression)",
+                file=js, field="M0Type",
             )
         bs_req = _flag(meta, js, "BackgroundSuppression", required=True,
                        why=" (needed to use the control images as M0 with M0Type 'Absent')")
         if bs_req:
-            raise InputError(
+            # The run has no usable M0: 'M0Type' Absent is what is wrong (as without
+            # allow_control_m0); BackgroundSuppression only rules out the fallback.
+            raise BidsFieldError(
                 f"{js}: field 'BackgroundSuppression' = true with field 'M0Type' = 'Absent': "
-                "background-suppressed control images are not an M0"
+                "background-suppressed control images are not an M0",
+                file=js, field="M0Type",
             )
         idx = tuple(i for i, v in enumerate(volume_types) if v == "control")
         if not idx:
-            raise InputError(
+            raise BidsFieldError(
                 f"{run.aslcontext}: column 'volume_type' has no 'control' volume to use "
-                "as M0 (M0Type 'Absent')"
+                "as M0 (M0Type 'Absent')",
+                file=run.aslcontext, field="volume_type",
             )
         m0 = M0Source(kind="control", path=run.asl, volumes=idx, trs=tuple(tr[i] for i in idx),
                       tis=None, te_ms=te_ms, look_locker=look_locker,
@@ -666,9 +759,10 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
 
 def _separate_m0(run: AslRun) -> M0Source:
     if run.m0scan is None or run.m0scan_sidecar is None:
-        raise InputError(
+        raise BidsFieldError(
             f"{run.sidecar}: field 'M0Type' = 'Separate' but the m0scan image "
-            f"{run.key}_m0scan.nii[.gz] is missing in {run.asl.parent}"
+            f"{run.key}_m0scan.nii[.gz] is missing in {run.asl.parent}",
+            file=run.sidecar, field="M0Type",
         )
     js = run.m0scan_sidecar
     meta = _read_json(js, "m0scan")
