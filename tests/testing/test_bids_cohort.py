@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 
+import nibabel as nib
 import numpy as np
 import pytest
 
+from aslcal.calibration.refregion import m0_refregion
 from aslcal.errors import InputError
+from aslcal.io import load_image
 from aslcal.io.bids import discover, read_run
+from aslcal.physics.tissues import tissue_table
+from aslcal.testing import make_phantom
 from aslcal.testing.bids import BROKEN_VARIANTS, GOOD_VARIANTS, make_bids_cohort
 
 
@@ -57,7 +64,10 @@ def test_reader_reads_good_and_reports_broken(cohort):
         assert acq.shape[:3] == truth.shape
         assert acq.m0.trs == truth.m0_trs
         if truth.variant == "estimate":
-            assert acq.m0.estimate == truth.m0a
+            # BIDS M0Estimate: the M0 of blood as seen at the sequence TE.
+            t2b = tissue_table(truth.field_strength)["blood"].t2
+            assert acq.m0.estimate == pytest.approx(truth.m0a * math.exp(-truth.te_ms / t2b), rel=1e-8)
+            assert truth.m0a_te == pytest.approx(truth.m0a * math.exp(-truth.te_ms / t2b), rel=1e-12)
         assert acq.m0.is_satrecov == (truth.variant in ("satrecov", "look_locker"))
         if truth.variant == "look_locker":
             assert acq.m0.look_locker and acq.m0.tis is not None and acq.m0.flip_angle
@@ -74,6 +84,77 @@ def test_images_match_truth(cohort):
     assert np.all(control - label >= -1e-3)  # perfusion signal is non-negative
 
 
+def test_reference_masks_written_and_true(cohort):
+    root = cohort.root
+    desc = json.loads((root / "derivatives/refmasks/dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative" and desc["BIDSVersion"] == "1.9.0"
+    assert desc["GeneratedBy"][0]["Name"] == "aslcal.testing.make_bids_cohort"
+    for run in discover(root):  # the derivatives folder is not taken for raw data
+        truth = cohort.runs[run.key]
+        perf_rel = run.asl.parent.relative_to(root).as_posix()
+        assert truth.ref_mask == f"derivatives/refmasks/{perf_rel}/{run.key}_desc-ref_mask.nii.gz"
+        img = nib.load(root / truth.ref_mask)
+        assert img.get_data_dtype() == np.uint8
+        assert np.allclose(img.affine, nib.load(run.asl).affine)
+        mask = np.asarray(img.dataobj)
+        assert mask.shape == truth.shape and set(np.unique(mask)) <= {0, 1}
+        assert int(mask.sum()) == truth.n_ref_voxels > 0
+    # One subject: the mask is the pure lateral ventricle of a freshly made phantom.
+    truth = next(t for t in cohort.runs.values() if t.session)
+    ph = make_phantom(shape=truth.shape, voxel_size=truth.voxel_size, seed=truth.phantom_seed,
+                      field_strength=truth.field_strength, m0a=truth.m0a,
+                      struct_voxel_size=(3.4, 3.4, 3.4), struct_oversample=1)
+    mask = np.asarray(nib.load(root / truth.ref_mask).dataobj)
+    np.testing.assert_array_equal(mask.astype(bool), ph.ventricle_pv >= 0.99)
+    assert truth.cbf_gm == ph.cbf_gm and truth.cbf_wm == ph.cbf_wm and truth.flat_coil
+
+
+def _refregion_m0a(root, truth, mask_path):
+    """m0_refregion on the run's written m0scan (a one-volume long-TR image, TR 6 s)."""
+    run = next(r for r in discover(root) if r.key == truth.key)
+    res = m0_refregion(load_image(run.m0scan).data, load_image(mask_path).data, tr=6.0,
+                       te=truth.te_ms, field_strength=truth.field_strength)
+    assert res.n_voxels == truth.n_ref_voxels
+    return res
+
+
+def test_flat_coil_refregion_recovers_m0a(cohort):
+    """Noise-free, flat receive field: the ventricle reference region gives the true M0a.
+
+    m0_refregion reports M0a at the echo time, ``M0a * exp(-TE/T2b)`` (the blood T2
+    decay of the perfusion signal); that factor is divided out here.
+    """
+    truth = next(t for t in cohort.good.values() if t.variant == "separate")
+    res = _refregion_m0a(cohort.root, truth, cohort.root / truth.ref_mask)
+    t2b = res.t2b_factor
+    assert t2b == pytest.approx(math.exp(-truth.te_ms / res.t2b) if truth.te_ms else 1.0)
+    assert res.m0a / t2b == pytest.approx(truth.m0a, rel=1e-3)
+
+
+def test_receive_coil_and_no_masks(tmp_path):
+    """flat_coil=False keeps the phantom's receive map; ref_masks=False writes no masks."""
+    flat = make_bids_cohort(tmp_path / "flat", 1, seed=2, broken=0, ref_masks=True)
+    coil = make_bids_cohort(tmp_path / "coil", 1, seed=2, broken=0, flat_coil=False,
+                            ref_masks=False)
+    assert not (coil.root / "derivatives").exists()
+    (key, t_coil), = coil.runs.items()
+    t_flat = flat.runs[key]
+    assert t_coil.ref_mask is None and not t_coil.flat_coil
+    assert t_coil.n_ref_voxels == t_flat.n_ref_voxels > 0
+    assert t_flat.variant == t_coil.variant == "separate"
+    ph = make_phantom(shape=t_coil.shape, voxel_size=t_coil.voxel_size,
+                      seed=t_coil.phantom_seed, field_strength=t_coil.field_strength,
+                      m0a=t_coil.m0a, struct_voxel_size=(3.4, 3.4, 3.4), struct_oversample=1)
+    (run_flat,), (run_coil,) = discover(flat.root), discover(coil.root)
+    m0_flat, asl_flat = load_image(run_flat.m0scan).data, load_image(run_flat.asl).data
+    m0_coil, asl_coil = load_image(run_coil.m0scan).data, load_image(run_coil.asl).data
+    # coil image = flat image * the receive map (M0 and every ASL volume).
+    inside = m0_flat > 1e-3 * m0_flat.max()
+    np.testing.assert_allclose(m0_coil[inside] / m0_flat[inside], ph.sensitivity[inside], rtol=1e-5)
+    np.testing.assert_allclose(asl_coil, asl_flat * ph.sensitivity[..., None].astype(np.float32),
+                               rtol=1e-5, atol=1e-4)
+
+
 def test_deterministic_from_seed(tmp_path, cohort):
     small_a = make_bids_cohort(tmp_path / "a", 6, seed=5, broken=1)
     small_b = make_bids_cohort(tmp_path / "b", 6, seed=5, broken=1)
@@ -85,7 +166,8 @@ def test_deterministic_from_seed(tmp_path, cohort):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"n_subjects": 0}, "n_subjects"), ({"broken": 9}, "broken"), ({"shape": (4, 4, 4)}, "shape")],
+    [({"n_subjects": 0}, "n_subjects"), ({"broken": 9}, "broken"), ({"shape": (4, 4, 4)}, "shape"),
+     ({"flat_coil": 1}, "flat_coil"), ({"ref_masks": None}, "ref_masks")],
 )
 def test_bad_arguments(tmp_path, kwargs, match):
     args = {"n_subjects": 5, **kwargs}

@@ -14,17 +14,41 @@ Good subjects cycle through five M0 variants:
     ``M0Type`` "Included": two m0scan volumes first in the ASL series, with a
     per-volume ``RepetitionTimePreparation`` array (M0 TR != ASL TR).
 ``estimate``
-    ``M0Type`` "Estimate": ``M0Estimate`` = the true M0a (BIDS: the M0 of blood).
+    ``M0Type`` "Estimate": ``M0Estimate`` = the M0a at the echo time (``m0a_te``; BIDS: the M0 of blood).
 ``satrecov``
     ``M0Type`` "Separate": an m0scan of several volumes, one saturation-recovery time
     each, ``RepetitionTimePreparation`` an array of those times.
 ``look_locker``
-    ``M0Type`` "Separate": a Look-Locker m0scan (``LookLocker`` true, ``FlipAngle``,
+    ``M0Type`` "Separate": a dual-flip-angle Look-Locker m0scan (``LookLocker`` true,
+    ``FlipAngle`` per volume: 35 degrees, then 11.7 degrees as the last phase;
     ``InversionTime`` per volume: the readout times after the saturation).
+
 
 Broken subjects cycle through ``tr_zero`` (``RepetitionTimePreparation`` 0 in the ASL
 JSON), ``aslcontext_length`` (one ``volume_type`` line too many) and ``absent_bs``
 (``M0Type`` "Absent" with ``BackgroundSuppression`` true).
+
+Receive coil: by default (``flat_coil=True``) every image is acquired through a flat
+receive field (a body coil: the phantom's ``sensitivity`` replaced by ones), because a
+BIDS dataset cannot carry a coil-sensitivity map and a reference-region M0a would
+otherwise be off by the mean sensitivity in the reference region.  The transmit field
+(``fa_scale``, seen by the Look-Locker series) is kept; the Look-Locker fit corrects it.
+``flat_coil=False`` gives the phantom's own receive map (the former behaviour).
+
+Reference masks: with ``ref_masks=True`` (default) every run (good and broken) also has
+its pure lateral-ventricle mask (``ventricle_pv >= 0.99``, uint8, the run's affine) in a
+derivative dataset, laid out as the ``aslcal cohort`` runner's own outputs::
+
+    derivatives/refmasks/dataset_description.json
+    derivatives/refmasks/sub-XX/[ses-Y/]perf/<key>_desc-ref_mask.nii.gz
+
+(:func:`aslcal.io.bids.discover` only looks at ``sub-*/`` under the root, so the
+``derivatives`` folder is never taken for raw data.)
+
+Perfusion convention: each ASL series is ``n_pairs`` of (control, label) with
+``control - label = cbf * s * M0a * alpha / 6000 * exp(-TE / T2b)`` (:func:`perfusion_image`
+times the blood T2 decay at the echo; s = 1 with the flat coil), ``cbf = cbf_gm * pv_gm + cbf_wm * pv_wm``; the
+control image is the long-TR signal at the ASL TR and TE.
 
 Every image is written with :func:`aslcal.io.save_image` and every JSON with
 :func:`aslcal.io.write_json` (atomic); the same seed gives byte-identical files.
@@ -32,6 +56,8 @@ Every image is written with :func:`aslcal.io.save_image` and every JSON with
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +75,14 @@ from .phantoms import (
     satrecov_series,
 )
 
-__all__ = ["GOOD_VARIANTS", "BROKEN_VARIANTS", "CohortTruth", "RunTruth", "make_bids_cohort"]
+__all__ = [
+    "GOOD_VARIANTS",
+    "BROKEN_VARIANTS",
+    "REF_MASK_DIR",
+    "CohortTruth",
+    "RunTruth",
+    "make_bids_cohort",
+]
 
 GOOD_VARIANTS = ("separate", "included", "estimate", "satrecov", "look_locker")
 BROKEN_VARIANTS = ("tr_zero", "aslcontext_length", "absent_bs")
@@ -61,7 +94,15 @@ _FOV_MM = (217.6, 217.6, 120.0)
 _FAST_PHANTOM = {"struct_voxel_size": (3.4, 3.4, 3.4), "struct_oversample": 1}
 
 _SATRECOV_TRS = (0.5, 1.0, 2.0, 4.0, 8.0)  # s
-_LL = {"ti1": 0.1, "dt": 0.3, "n_ti": 10, "fa": 35.0}  # s, s, -, degrees
+# A dual-flip-angle Look-Locker series (high flip angle, then a low one as the last
+# phase, as QUASAR / asl_calib --lfa): the low phase lets the fit estimate the transmit
+# field g, without which a single-flip-angle T1 (and M0a) is biased by g != 1.
+_LL = {"ti1": 0.1, "dt": 0.3, "n_ti": 10, "fa": 35.0, "lfa": 11.7}  # s, s, -, degrees, degrees
+
+#: Folder of the reference-mask derivative dataset, relative to the dataset root.
+REF_MASK_DIR = "derivatives/refmasks"
+# Partial-volume threshold of the written reference masks (pure lateral ventricle).
+_REF_PV = 0.99
 
 
 @dataclass(frozen=True)
@@ -78,6 +119,10 @@ class RunTruth:
         One of :data:`GOOD_VARIANTS` or :data:`BROKEN_VARIANTS`.
     m0a : float, signal units
         True arterial-blood M0 of the phantom.
+    m0a_te : float, signal units
+        ``m0a * exp(-TE / T2b)``: the M0a that calibration reports (calibration.md
+        section 4 puts the blood T2 decay at the sequence TE into M0a), and the
+        ``M0Estimate`` written for the "estimate" variant.
     field_strength : float, tesla
     shape : tuple of int
         ASL grid.
@@ -85,7 +130,13 @@ class RunTruth:
     te_ms : float, milliseconds
         Echo time of every image (T2 decay with each tissue's T2, not T2*).
     alpha : float
-        Labelling efficiency used for the perfusion signal.
+        Labelling efficiency used for the perfusion signal: every (control, label)
+        pair has ``control - label = cbf * s * m0a_te * alpha / 6000`` (s = 1 with
+        ``flat_coil``).  Saturation-recovery and Look-Locker runs have TE 0 (their
+        generators model no T2 decay).
+    cbf_gm, cbf_wm : float, ml/100g/min
+        Perfusion of pure grey and white matter of the phantom (``cbf = cbf_gm *
+        pv_gm + cbf_wm * pv_wm``).
     labeling_type : str
     m0_type : str
         ``M0Type`` written.
@@ -93,6 +144,15 @@ class RunTruth:
         ``RepetitionTimePreparation`` of each M0 volume (empty for "estimate").
     phantom_seed : int
         ``make_phantom(seed=...)`` of this subject.
+    flat_coil : bool
+        Whether the images were made with a flat receive field (s = 1) instead of
+        the phantom's ``sensitivity`` map.
+    ref_mask : str or None
+        The reference mask (``ventricle_pv >= 0.99``, uint8) relative to the dataset
+        root, ``derivatives/refmasks/sub-XX/[ses-Y/]perf/<key>_desc-ref_mask.nii.gz``;
+        None when not written (``ref_masks=False``).
+    n_ref_voxels : int
+        Number of voxels in that mask (counted even when it is not written).
     broken : bool
     broken_file : str or None
         For a broken run: the wrong file, relative to the dataset root.
@@ -108,15 +168,21 @@ class RunTruth:
     session: str | None
     variant: str
     m0a: float
+    m0a_te: float
     field_strength: float
     shape: tuple[int, int, int]
     voxel_size: tuple[float, float, float]
     te_ms: float
     alpha: float
+    cbf_gm: float
+    cbf_wm: float
     labeling_type: str
     m0_type: str
     m0_trs: tuple[float, ...]
     phantom_seed: int
+    flat_coil: bool
+    ref_mask: str | None
+    n_ref_voxels: int
     broken: bool = False
     broken_file: str | None = None
     broken_field: str | None = None
@@ -171,6 +237,8 @@ def make_bids_cohort(
     shape: tuple[int, int, int] = (32, 32, 12),
     broken: int = 3,
     phantom_options: dict[str, Any] | None = None,
+    flat_coil: bool = True,
+    ref_masks: bool = True,
 ) -> CohortTruth:
     """Write a phantom BIDS ASL cohort and return its truth.
 
@@ -193,6 +261,18 @@ def make_bids_cohort(
     phantom_options : dict, optional
         Extra keyword arguments for :func:`aslcal.testing.make_phantom`; the default
         uses a 3.4 mm structural grid without oversampling (fast, ~0.1 s a subject).
+    flat_coil : bool, optional
+        Acquire every image through a flat receive field (a body coil: the
+        phantom's ``sensitivity`` replaced by ones), so that a reference-region M0a
+        needs no coil-sensitivity map.  Default True.  False: the phantom's own
+        receive map (0.7..1.3; a ventricle reference region then reads off by its
+        mean sensitivity there, a few per cent either way depending on the subject).
+        The transmit field ``fa_scale`` is kept either way.
+    ref_masks : bool, optional
+        Write every run's reference mask (pure lateral ventricle, ``ventricle_pv >=
+        0.99``, uint8 in the ASL grid) to ``derivatives/refmasks/sub-XX/[ses-Y/]perf/
+        <key>_desc-ref_mask.nii.gz`` with the derivative's
+        ``dataset_description.json``.  Default True.
 
     Returns
     -------
@@ -211,6 +291,9 @@ def make_bids_cohort(
         raise InputError(f"broken={broken!r}: expected an integer in 0..n_subjects")
     if len(tuple(shape)) != 3 or any(int(s) < 8 for s in shape):
         raise InputError(f"shape={shape!r}: expected 3 integers >= 8")
+    for name, value in (("flat_coil", flat_coil), ("ref_masks", ref_masks)):
+        if not isinstance(value, bool | np.bool_):
+            raise InputError(f"{name}={value!r}: expected True or False")
     base = tuple(int(s) for s in shape)
     out = Path(root)
     out.mkdir(parents=True, exist_ok=True)
@@ -228,23 +311,34 @@ def make_bids_cohort(
     subjects = [f"{i + 1:0{width}d}" for i in range(n_subjects)]
     write_text(out / "participants.tsv",
                "participant_id\n" + "".join(f"sub-{s}\n" for s in subjects))
+    if ref_masks:
+        (out / REF_MASK_DIR).mkdir(parents=True, exist_ok=True)
+        write_json(out / REF_MASK_DIR / "dataset_description.json", {
+            "Name": f"aslcal phantom ASL cohort reference masks (seed {int(seed)})",
+            "BIDSVersion": "1.9.0",
+            "DatasetType": "derivative",
+            "GeneratedBy": [{"Name": "aslcal.testing.make_bids_cohort"}],
+        })
 
     runs: dict[str, RunTruth] = {}
     for i, (label, variant) in enumerate(zip(subjects, plan, strict=True)):
         sub_rng = np.random.default_rng((int(seed), 7, i))
-        truth = _write_subject(out, label, i, variant, base, sub_rng, opts, int(seed))
+        truth = _write_subject(out, label, i, variant, base, sub_rng, opts, int(seed),
+                               flat_coil=bool(flat_coil), ref_masks=bool(ref_masks))
         runs[truth.key] = truth
     return CohortTruth(root=out, seed=int(seed), runs=runs)
 
 
 def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
-                   rng: np.random.Generator, opts: dict, seed: int) -> RunTruth:
+                   rng: np.random.Generator, opts: dict, seed: int, *,
+                   flat_coil: bool, ref_masks: bool) -> RunTruth:
     session = "1" if i % 4 == 3 else None
     entities = [f"sub-{label}"] + ([f"ses-{session}"] if session else []) + (
         ["run-1"] if i % 6 == 5 else []
     )
     key = "_".join(entities)
-    perf = out / f"sub-{label}" / (f"ses-{session}" if session else "") / "perf"
+    rel = Path(f"sub-{label}") / (f"ses-{session}" if session else "") / "perf"
+    perf = out / rel
     perf.mkdir(parents=True, exist_ok=True)
 
     grid = (
@@ -256,6 +350,9 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
     fs = float(rng.choice([3.0, 3.0, 3.0, 1.5, 7.0]))
     m0a = round(float(rng.uniform(900.0, 1500.0)), 3)
     te_s = round(float(rng.choice([0.0, 0.011, 0.014])), 6)
+    if variant in ("satrecov", "look_locker"):
+        # The recovery-series generators model no T2 decay: the whole run is at TE 0.
+        te_s = 0.0
     te_ms = te_s * 1000.0
     lab = "PASL" if rng.random() < 0.25 else "PCASL"
     alpha = 0.98 if lab == "PASL" else 0.85
@@ -264,9 +361,16 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
     phantom_seed = seed * 100_003 + i
     ph = make_phantom(shape=grid, voxel_size=voxel, seed=phantom_seed, field_strength=fs,
                       m0a=m0a, **opts)
+    if flat_coil:
+        # A body-coil receive field: every generator takes s from ph.sensitivity.
+        ph = dataclasses.replace(ph, sensitivity=np.ones_like(ph.sensitivity))
 
     control, _ = longtr_calibration(ph, tr=asl_tr, te=te_ms)
     perf_img, _ = perfusion_image(ph, alpha=alpha)
+    # The labelled blood water decays with the blood T2 until the echo (the calibration
+    # puts the same factor into M0a: calibration.md section 4, step 5).
+    t2b_factor = math.exp(-te_ms / float(ph.tissues["blood"].t2)) if te_ms > 0 else 1.0
+    perf_img = (perf_img * t2b_factor).astype(perf_img.dtype)
     label_img = control - perf_img
     volumes = [control, label_img] * n_pairs
     types = ["control", "label"] * n_pairs
@@ -304,7 +408,7 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
         m0_trs = (m0_tr, m0_tr)
     elif variant == "estimate":
         m0_type = "Estimate"
-        meta["M0Estimate"] = m0a
+        meta["M0Estimate"] = round(m0a * t2b_factor, 6)
     elif variant == "satrecov":
         data, _ = satrecov_series(ph, _SATRECOV_TRS)
         m0scan = (data, {"RepetitionTimePreparation": list(_SATRECOV_TRS), "EchoTime": te_s})
@@ -317,7 +421,7 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
             "RepetitionTimePreparation": tr_ll,
             "EchoTime": te_s,
             "LookLocker": True,
-            "FlipAngle": _LL["fa"],
+            "FlipAngle": [_LL["lfa"] if p else _LL["fa"] for p in ll["phase_per_volume"]],
             "InversionTime": [round(float(t), 9) for t in ll["ti_per_volume"]],
         })
         m0_trs = (tr_ll,) * n_vol
@@ -351,11 +455,23 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
         save_image(perf / f"{key}_m0scan.nii.gz", data, ph.affine)
         write_json(perf / f"{key}_m0scan.json", m0meta)
 
+    ref = ph.ventricle_pv >= _REF_PV
+    ref_rel = None
+    if ref_masks:
+        mask_dir = out / REF_MASK_DIR / rel
+        mask_dir.mkdir(parents=True, exist_ok=True)
+        mask_path = mask_dir / f"{key}_desc-ref_mask.nii.gz"
+        save_image(mask_path, ref.astype(np.uint8), ph.affine, dtype=np.uint8)
+        ref_rel = mask_path.relative_to(out).as_posix()
+
     return RunTruth(
         key=key, subject=label, session=session, variant=variant, m0a=m0a,
+        m0a_te=m0a * t2b_factor,
         field_strength=fs, shape=grid, voxel_size=voxel, te_ms=te_ms, alpha=alpha,
+        cbf_gm=float(ph.cbf_gm), cbf_wm=float(ph.cbf_wm),
         labeling_type=lab, m0_type=m0_type, m0_trs=tuple(m0_trs),
-        phantom_seed=phantom_seed, broken=broken_file is not None,
+        phantom_seed=phantom_seed, flat_coil=flat_coil, ref_mask=ref_rel,
+        n_ref_voxels=int(np.count_nonzero(ref)), broken=broken_file is not None,
         broken_file=None if broken_file is None else broken_file.relative_to(out).as_posix(),
         broken_field=broken_field, error_fragment=fragment,
     )
