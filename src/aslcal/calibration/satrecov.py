@@ -45,7 +45,7 @@ from .refregion import (
     resolve_tissue,
 )
 
-__all__ = ["M0_SCALES", "SatrecovCalibration", "m0_refregion_satrecov"]
+__all__ = ["M0_SCALES", "SatrecovCalibration", "m0_refregion_satrecov", "m0a_from_satrecov_maps"]
 
 #: ``relaxed``: M0t / sin(g·FA), the equilibrium magnetisation; ``readout``: M0t as fitted.
 M0_SCALES = ("relaxed", "readout")
@@ -247,23 +247,10 @@ def m0_refregion_satrecov(
         corrected, tis, mask=mask, priors=fabber_priors(tissue["t1r"]) if priors else None, **design
     )
 
-    m0t = ref_fit.m0t
-    readout = None
-    if ref_fit.design.fa is not None:
-        sin_map = xp.sin(ref_fit.g * math.radians(ref_fit.design.fa))
-        values = safe_divide(xp, m0t, sin_map) if m0_scale == "relaxed" else m0t
-    else:
-        sin_map, values = None, m0t
-    s_ref, n_used, n_excl, valid = masked_mean(xp, values, mask)
-    if n_used == 0:
-        raise no_usable_voxel_error("series", n_mask, "the fitted M0t")
-    if sin_map is not None:
-        readout = masked_mean(xp, sin_map, valid)[0]
-
-    refregion = finish_m0a(
-        mode="satrecov", s_ref=s_ref, n_voxels=n_used, n_excluded=n_excl, n_mask=n_mask,
-        tr_factor=1.0, tr=None, taq=None, te=te, cgain=cgain, tissref=tissref, t2star=t2star,
-        field_strength=fs, sensitivity=sensitivity is not None, tissue=tissue,
+    refregion, readout = m0a_from_satrecov_maps(
+        ref_fit.m0t, ref_fit.g, ref_fit.design.fa, mask, m0_scale=m0_scale, tissref=tissref,
+        tissue=tissue, te=te, cgain=cgain, t2star=t2star, field_strength=fs,
+        sensitivity=sensitivity is not None, n_mask=n_mask,
     )
     brain_fit = None
     if bmask is not None:
@@ -274,3 +261,89 @@ def m0_refregion_satrecov(
         refregion=refregion, ref_fit=ref_fit, brain_fit=brain_fit, m0_scale=m0_scale,
         readout_factor=readout, priors=priors,
     )
+
+
+def m0a_from_satrecov_maps(
+    m0t: Any,
+    g: Any,
+    fa: float | None,
+    refmask: Any,
+    *,
+    m0_scale: str = "readout",
+    tissref: str = "csf",
+    tissue: Mapping[str, Any] | None = None,
+    te: float = 0.0,
+    cgain: float = 1.0,
+    t2star: bool = False,
+    field_strength: float = 3.0,
+    tissue_table: Mapping[str, Any] | None = None,
+    sensitivity: bool = False,
+    n_mask: int | None = None,
+) -> tuple[RefRegionM0, float | None]:
+    """M0a from fitted saturation-recovery maps over a reference mask (steps 2-3 above).
+
+    The tail of :func:`m0_refregion_satrecov`, for callers that fitted the series
+    themselves (the cohort runner packs the voxels of many subjects into one fit).
+
+    Parameters
+    ----------
+    m0t, g : array of shape ``spatial``
+        Fitted M0t (signal units) and flip-angle correction maps (NumPy or CuPy).
+    fa : float or None, degrees
+        Look-Locker readout flip angle of the fit's design; None for plain saturation
+        recovery (no readout correction).
+    refmask : array of shape ``spatial``
+        Reference region (non-zero = inside).
+    m0_scale : {"relaxed", "readout"}
+        See the module docstring.
+    tissue : mapping, optional
+        Resolved reference-tissue values (from :func:`resolve_tissue`); resolved here
+        from ``tissref`` / ``field_strength`` / ``tissue_table`` when None.
+    te : float, milliseconds
+    cgain : float
+    t2star : bool
+    field_strength : float, tesla
+    tissue_table : mapping, optional
+    sensitivity : bool
+        Whether the fitted series had been divided by a coil-sensitivity map (provenance).
+    n_mask : int, optional
+        Voxels in the mask (counted here when None).
+
+    Returns
+    -------
+    (RefRegionM0, float or None)
+        M0a with its factors, and the mean sin(g·FA) over the reference voxels used
+        (None without ``fa``).
+    """
+    xp = array_namespace(m0t, refmask)
+    if m0_scale not in M0_SCALES:
+        raise InputError(f"m0_scale={m0_scale!r}: expected one of {', '.join(M0_SCALES)}")
+    tissref = _check_tissref(tissref)
+    fs = check_field_strength(field_strength)
+    mask = as_mask("refmask", as_array("refmask", refmask), xp, tuple(m0t.shape), "m0t")
+    if n_mask is None:
+        n_mask = count(xp, mask)
+    if n_mask == 0:
+        raise empty_mask_error("refmask")
+    if tissue is None:
+        tissue = resolve_tissue(
+            tissref=tissref, te=te, t1r=None, t2r=None, t2b=None, pc=None, t2star=t2star,
+            field_strength=fs, tissue_table=tissue_table, mask=mask, xp=xp, need_t1r=False,
+        )
+    readout = None
+    if fa is not None:
+        sin_map = xp.sin(g * math.radians(fa))
+        values = safe_divide(xp, m0t, sin_map) if m0_scale == "relaxed" else m0t
+    else:
+        sin_map, values = None, m0t
+    s_ref, n_used, n_excl, valid = masked_mean(xp, values, mask)
+    if n_used == 0:
+        raise no_usable_voxel_error("series", n_mask, "the fitted M0t")
+    if sin_map is not None:
+        readout = masked_mean(xp, sin_map, valid)[0]
+    refregion = finish_m0a(
+        mode="satrecov", s_ref=s_ref, n_voxels=n_used, n_excluded=n_excl, n_mask=n_mask,
+        tr_factor=1.0, tr=None, taq=None, te=te, cgain=cgain, tissref=tissref, t2star=t2star,
+        field_strength=fs, sensitivity=sensitivity, tissue=tissue,
+    )
+    return refregion, readout
