@@ -34,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
-    from . import calib, demo, info, voxelwise  # noqa: F401  (subcommand modules)
+    from . import calib, cohort, demo, info, voxelwise  # noqa: F401  (subcommand modules)
 
     parser = _Parser(
         prog="aslcal",
@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     common.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (calib, voxelwise, demo, info):
+    for module in (calib, voxelwise, cohort, demo, info):
         module.add_parser(sub, common)
     return parser
 

@@ -1,0 +1,246 @@
+"""The pipeline inside one worker: read ahead, pack the fits, write behind.
+
+::
+
+    reader threads ──(bounded window)──▶ main thread ──(bounded queue)──▶ writer threads
+    load_subject: read, decompress,      batch of subjects:                write_subject:
+    brain mask, perfusion, fit jobs      one fit launch per design,        atomic files,
+                                         calibration on the device         completion marker
+
+* **Readers** (``workers`` threads) run :func:`~aslcal.cohort.subject.load_subject`; gzip
+  decompression (zlib or ISA-L), NumPy and SciPy release the GIL, so they overlap.  At
+  most ``batch_size + workers`` subjects are read ahead, and a batch is cut early when
+  the prepared arrays pass ``max_batch_bytes`` (memory-aware).
+* **The main thread** takes subjects in input order (deterministic batches), fits the
+  voxels of the whole batch with :func:`~aslcal.cohort.packing.fit_packed` and finishes
+  each subject (:func:`~aslcal.cohort.subject.finish_subject`).
+* **Writers** (``workers`` threads) run :meth:`DerivativesWriter.write_subject`; at most
+  ``2 * workers`` finished subjects wait for a writer.
+
+A subject that fails at any stage is recorded in the failure log (key, stage, message,
+file/field) and the run goes on.  ``stop`` (a :class:`threading.Event`, set by the first
+SIGINT/SIGTERM) stops reading new subjects: the batch in hand is fitted and written, and
+the function returns with ``interrupted=True``.  A :class:`KeyboardInterrupt` (second
+signal) abandons the batch: queued writes are cancelled, running ones finish (each is
+atomic) and the exception propagates; nothing half-written is left marked complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..io.bids import AslRun
+from ..io.derivatives import DerivativesWriter
+from .packing import fit_packed
+from .state import FailureLog
+from .subject import CohortOptions, PreparedSubject, SubjectError, _fail, finish_subject, load_subject
+
+__all__ = ["BatchOutcome", "run_subjects"]
+
+#: Default subjects per fit launch.
+DEFAULT_BATCH_SIZE = 32
+#: Default cap on the prepared arrays of one batch (bytes).
+DEFAULT_MAX_BATCH_BYTES = 2 << 30
+
+
+@dataclass
+class BatchOutcome:
+    """What :func:`run_subjects` did.
+
+    Attributes
+    ----------
+    done : list of str
+        Subjects written and marked complete.
+    failed : list of dict
+        Failure records (``key``, ``stage``, ``message``, ``details``).
+    interrupted : bool
+        Stopped early by ``stop``; subjects not started are neither done nor failed.
+    launches : list of dict
+        One per fit launch: ``n_jobs``, ``n_vox``, ``n_obs``, backend, timings.
+    seconds : float
+        Wall time.
+    """
+
+    done: list[str] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: bool = False
+    launches: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"done": list(self.done), "failed": list(self.failed), "interrupted": self.interrupted,
+                "launches": list(self.launches), "seconds": self.seconds}
+
+
+def run_subjects(
+    runs: Sequence[AslRun],
+    writer: DerivativesWriter,
+    options: CohortOptions,
+    *,
+    failure_log: FailureLog,
+    workers: int = 2,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    bids_root: str | Path | None = None,
+    on_subject: Callable[[str, bool], None] | None = None,
+    stop: threading.Event | None = None,
+) -> BatchOutcome:
+    """Process ``runs`` with the read-ahead / packed-fit / write-behind pipeline.
+
+    Parameters
+    ----------
+    runs : sequence of AslRun
+        In the order to process (subjects to skip must already be removed).
+    writer : DerivativesWriter
+    options : CohortOptions
+    failure_log : FailureLog
+        Where failures are appended (one JSON line each, flushed).
+    workers : int
+        Reader threads and writer threads (each).
+    batch_size : int
+        Subjects per fit launch.
+    max_batch_bytes : int
+        A batch is cut early when its prepared arrays exceed this.
+    bids_root : path, optional
+        For relative input paths in the provenance.
+    on_subject : callable(key, ok), optional
+        Called (from any thread, under a lock) when a subject is written or has failed.
+    stop : threading.Event, optional
+        Set it to stop after the current batch.
+
+    Returns
+    -------
+    BatchOutcome
+    """
+    if workers < 1 or batch_size < 1:
+        raise ValueError("workers and batch_size must be >= 1")
+    t0 = time.perf_counter()
+    root = Path(bids_root) if bids_root is not None else None
+    stop = stop or threading.Event()
+    out = BatchOutcome()
+    lock = threading.Lock()
+
+    def report(key: str, ok: bool) -> None:
+        if on_subject is not None:
+            on_subject(key, ok)
+
+    def record(err: SubjectError) -> None:
+        rec = failure_log.record(err.key, err.stage, err.message, **err.details)
+        with lock:
+            out.failed.append(rec.to_json())
+            report(err.key, False)
+
+    def write(key: str, outputs) -> str:
+        try:
+            writer.write_subject(key, outputs.images, outputs.records, outputs.provenance)
+        except Exception as exc:  # noqa: BLE001 - one subject's failure must not stop the run
+            record(_fail(key, "write", exc))
+            return key
+        with lock:
+            out.done.append(key)
+            report(key, True)
+        return key
+
+    readers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aslcal-read")
+    writers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aslcal-write")
+    pending_writes: set[Future] = set()
+    window: collections.deque[tuple[AslRun, Future]] = collections.deque()
+    queue = list(runs)
+    next_run = 0
+    abandoned = False
+    try:
+
+        def fill() -> None:
+            nonlocal next_run
+            while not stop.is_set() and next_run < len(queue) and len(window) < batch_size + workers:
+                run = queue[next_run]
+                next_run += 1
+                window.append((run, readers.submit(load_subject, run, options, bids_root=root)))
+
+        def flush(batch: list[PreparedSubject]) -> None:
+            if not batch:
+                return
+            for key, outputs in _fit_and_finish(batch, options, out, record):
+                while len(pending_writes) >= 2 * workers:
+                    finished, _ = wait(pending_writes, return_when=FIRST_COMPLETED)
+                    pending_writes.difference_update(finished)
+                pending_writes.add(writers.submit(write, key, outputs))
+
+        fill()
+        batch: list[PreparedSubject] = []
+        batch_bytes = 0
+        while window:
+            run, future = window.popleft()
+            try:
+                prepared = future.result()
+            except SubjectError as err:
+                record(err)
+                prepared = None
+            except Exception as exc:  # noqa: BLE001
+                record(_fail(run.key, "load", exc))
+                prepared = None
+            if prepared is not None:
+                batch.append(prepared)
+                batch_bytes += prepared.nbytes
+            fill()
+            if len(batch) >= batch_size or batch_bytes >= max_batch_bytes or not window:
+                flush(batch)
+                batch, batch_bytes = [], 0
+        flush(batch)
+        wait(pending_writes)
+        out.interrupted = stop.is_set() and next_run < len(queue)
+    except BaseException:
+        abandoned = True
+        raise
+    finally:
+        for _, future in window:
+            future.cancel()
+        readers.shutdown(wait=not abandoned, cancel_futures=True)
+        writers.shutdown(wait=True, cancel_futures=abandoned)
+        out.seconds = time.perf_counter() - t0
+    return out
+
+
+def _fit_and_finish(batch: list[PreparedSubject], options: CohortOptions, out: BatchOutcome, record):
+    """Yield ``(key, SubjectOutputs)`` for the subjects of a batch that calibrate."""
+    jobs = [job for prep in batch for job in prep.jobs]
+    fits_by_subject: dict[str, dict[str, Any]] = {prep.key: {} for prep in batch}
+    failed: set[str] = set()
+    if jobs:
+        try:
+            results, launches = fit_packed(jobs, options)
+            out.launches.extend(launches)
+            it = iter(results)
+            for prep in batch:
+                for job in prep.jobs:
+                    fits_by_subject[prep.key][job.role] = next(it)
+        except Exception:  # noqa: BLE001 - find the subject at fault: fit one by one
+            for prep in batch:
+                if not prep.jobs:
+                    continue
+                try:
+                    results, launches = fit_packed(prep.jobs, options)
+                    out.launches.extend(launches)
+                    fits_by_subject[prep.key] = {job.role: r for job, r in zip(prep.jobs, results, strict=True)}
+                except Exception as exc:  # noqa: BLE001
+                    record(_fail(prep.key, "fit", exc))
+                    failed.add(prep.key)
+    for prep in batch:
+        if prep.key in failed:
+            continue
+        try:
+            outputs = finish_subject(prep, fits_by_subject[prep.key], options)
+        except SubjectError as err:
+            record(err)
+            continue
+        except Exception as exc:  # noqa: BLE001
+            record(_fail(prep.key, "calibrate", exc))
+            continue
+        yield prep.key, outputs

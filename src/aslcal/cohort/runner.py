@@ -1,0 +1,239 @@
+"""A whole cohort run: discover, shard, plan (resume), execute, summarise.
+
+:func:`run_cohort` is what ``aslcal cohort`` calls.  Its steps:
+
+1. :func:`aslcal.io.bids.discover` the ASL runs (``participant_label`` filters);
+2. keep this job-array shard (:func:`aslcal.cohort.shard`, ``--shard I/N``);
+3. :func:`aslcal.cohort.plan_run`: with ``resume``, complete subjects are skipped and
+   partial ones cleaned and redone; earlier failure records of the subjects about to be
+   redone are dropped;
+4. execute: in this process (:func:`aslcal.cohort.pipeline.run_subjects`) or on a Dask
+   cluster (:func:`aslcal.cohort.distributed.run_dask`), batches of subjects as the unit;
+5. rebuild the run-level ``summary.tsv`` from every complete subject's summary JSON and
+   every failure log in the folder (so shards and resumed runs add up).
+
+Files of the run, besides the subjects' ``perf/`` folders::
+
+    OUT_ROOT/derivatives/aslcal/
+        dataset_description.json
+        summary.tsv                          one row per subject: status, M0a, T1, CBF
+        logs/failures[_shard-I-of-N].jsonl   failed subjects: key, stage, message, file/field
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from ..io.bids import AslRun, discover
+from ..io.derivatives import DerivativesWriter, entities_from_key, write_summary_tsv
+from .pipeline import DEFAULT_BATCH_SIZE, BatchOutcome, run_subjects
+from .state import FailureLog, FailureRecord, parse_shard, plan_run, shard
+from .subject import CohortOptions
+
+__all__ = ["CohortReport", "run_cohort", "rebuild_summary"]
+
+SUMMARY_NAME = "summary.tsv"
+LOG_FOLDER = "logs"
+
+
+@dataclass
+class CohortReport:
+    """The outcome of :func:`run_cohort`.
+
+    Attributes
+    ----------
+    n_discovered : int
+        ASL runs found (after ``participant_label``).
+    selected : list of str
+        Keys of this shard.
+    skipped : list of str
+        Complete subjects skipped by ``resume``.
+    redo : list of str
+        Partial subjects cleaned and redone.
+    done : list of str
+        Subjects written in this run.
+    failed : list of dict
+        Failure records of this run.
+    interrupted : bool
+    seconds : float
+    executor : str
+        ``local`` or the Dask scheduler address.
+    gzip : str
+        ``isal`` or ``zlib``: the gzip path used.
+    summary_tsv, failure_log : pathlib.Path
+    launches : list of dict
+        Fit launches (subjects packed per launch).
+    """
+
+    n_discovered: int
+    selected: list[str]
+    skipped: list[str]
+    redo: list[str]
+    done: list[str] = field(default_factory=list)
+    failed: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+    executor: str = "local"
+    gzip: str = "zlib"
+    summary_tsv: Path | None = None
+    failure_log: Path | None = None
+    launches: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        """0: every subject done; 1: some failed; 130: interrupted (no failure)."""
+        if self.failed:
+            return 1
+        return 130 if self.interrupted else 0
+
+
+def run_cohort(
+    bids_root: str | Path,
+    out_root: str | Path,
+    *,
+    options: CohortOptions | None = None,
+    participant_label: str | Sequence[str] | None = None,
+    workers: int = 2,
+    resume: bool = False,
+    shard_spec: str | None = None,
+    dask: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_start: Callable[[int], None] | None = None,
+    on_subject: Callable[[str, bool], None] | None = None,
+    stop: threading.Event | None = None,
+) -> CohortReport:
+    """Calibrate every ASL run of a BIDS dataset into ``out_root/derivatives/aslcal``.
+
+    Parameters
+    ----------
+    bids_root : path
+        The BIDS dataset.
+    out_root : path
+        Folder that contains (or will contain) ``derivatives/``.
+    options : CohortOptions, optional
+        Calibration options (defaults: voxelwise M0 without reference masks).
+    participant_label : str or list of str, optional
+        Only these subjects (with or without ``sub-``).
+    workers : int
+        Reader and writer threads per process; with ``dask="local"`` the number of
+        Dask worker processes.
+    resume : bool
+        Skip complete subjects, redo partial and failed ones.  Without it, existing
+        outputs of a selected subject are an error (before any work).
+    shard_spec : str, optional
+        ``"I/N"``: only the subjects of job-array task I of N.
+    dask : str, optional
+        ``"local"`` (a LocalCluster, or LocalCUDACluster when GPUs are present) or a
+        scheduler address; None runs in this process.
+    batch_size : int
+        Subjects per fit launch (and per Dask task).
+    on_start : callable(n_todo), optional
+        Called once with the number of subjects to process (progress bars).
+    on_subject : callable(key, ok), optional
+        Called when a subject is written (ok) or has failed.
+    stop : threading.Event, optional
+        Set it to stop after the current batch(es).
+
+    Returns
+    -------
+    CohortReport
+
+    Raises
+    ------
+    InputError
+        No dataset, no runs, a bad shard, existing outputs without ``resume``.
+    """
+    from ..io.nifti import gzip_backend
+
+    t0 = time.perf_counter()
+    options = options or CohortOptions()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise InputError(f"workers={workers!r}: expected an integer >= 1")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size={batch_size!r}: expected an integer >= 1")
+    if shard_spec is not None:
+        parse_shard(shard_spec)
+    bids_root = Path(bids_root)
+    runs = discover(bids_root, participant_label=participant_label)
+    by_key = {r.key: r for r in runs}
+    keys = [r.key for r in runs]
+    selected = shard(keys, shard_spec) if shard_spec else sorted(keys)
+    writer = DerivativesWriter(out_root, source_datasets=[{"URL": "bids::"}])
+    plan = plan_run(selected, writer, resume=resume)
+    logs = writer.root / LOG_FOLDER
+    logs.mkdir(exist_ok=True)
+    failure_log = FailureLog.for_shard(logs, shard_spec)
+    if resume and plan.todo:
+        failure_log.discard(plan.todo)
+    todo: list[AslRun] = [by_key[k] for k in plan.todo]
+
+    report = CohortReport(
+        n_discovered=len(runs), selected=selected, skipped=plan.skipped, redo=plan.redo,
+        gzip=gzip_backend(), failure_log=failure_log.path,
+        executor="local" if dask is None else dask,
+    )
+    if on_start is not None:
+        on_start(len(todo))
+    if todo:
+        if dask is None:
+            outcome = run_subjects(
+                todo, writer, options, failure_log=failure_log, workers=workers, batch_size=batch_size,
+                bids_root=bids_root, on_subject=on_subject, stop=stop,
+            )
+        else:
+            from .distributed import run_dask
+
+            outcome, report.executor = run_dask(
+                todo, writer, options, failure_log=failure_log, scheduler=dask, workers=workers,
+                batch_size=batch_size, bids_root=bids_root, on_subject=on_subject, stop=stop,
+            )
+    else:
+        outcome = BatchOutcome()
+    report.done = sorted(outcome.done)
+    report.failed = sorted(outcome.failed, key=lambda r: r["key"])
+    report.interrupted = outcome.interrupted
+    report.launches = outcome.launches
+    report.summary_tsv = rebuild_summary(writer, keys)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _latest_failures(log_folder: Path) -> dict[str, FailureRecord]:
+    latest: dict[str, FailureRecord] = {}
+    for path in sorted(log_folder.glob("failures*.jsonl")):
+        for rec in FailureLog(path).load():
+            latest[rec.key] = rec
+    return latest
+
+
+def rebuild_summary(writer: DerivativesWriter, keys: Sequence[str]) -> Path:
+    """Write ``summary.tsv``: a row per complete or failed subject among ``keys``.
+
+    Complete subjects (marker present and sizes matching) contribute their summary JSON;
+    failed ones (any failure log of the folder) their stage and message.  Subjects never
+    run (other shards still running, an interrupted run) have no row yet.
+    """
+    failures = _latest_failures(writer.root / LOG_FOLDER)
+    rows = []
+    for key in keys:
+        ent = entities_from_key(key)
+        base = {"participant_id": ent["sub"], "session": ent.get("ses"), "run": ent.get("run")}
+        extra = {k: ent[k] for k in ("acq", "rec", "dir") if k in ent}
+        if writer.is_complete(key, check="size"):
+            try:
+                values = json.loads(writer.subject_paths(key)["summary"].read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                values = {}
+            rows.append({**base, **extra, "status": "ok", **{k: v for k, v in values.items()
+                                                           if not isinstance(v, dict | list)}})
+        elif key in failures:
+            rec = failures[key]
+            rows.append({**base, **extra, "status": "failed", "stage": rec.stage, "message": rec.message})
+    return write_summary_tsv(rows, writer.root / SUMMARY_NAME)

@@ -1,0 +1,709 @@
+"""One subject of a cohort: read and prepare it, then finish it after the packed fit.
+
+The runner (:mod:`aslcal.cohort.pipeline`) calls, for every ASL run:
+
+1. :func:`load_subject` in a reader thread: BIDS metadata (:func:`aslcal.io.bids.read_run`),
+   the images (decompressed here, off the main thread), the reference mask, the
+   perfusion-weighted image, the brain mask, and — for a saturation-recovery or
+   Look-Locker M0 — the masked voxels to fit as :class:`FitJob` s;
+2. the packed fit of many subjects' jobs at once (:mod:`aslcal.cohort.packing`);
+3. :func:`finish_subject`: M0a (reference region, M0Estimate or voxelwise), the
+   calibrated CBF, the summary values and the provenance record, on the device of the
+   fit (NumPy or CuPy), returned as host arrays ready for
+   :meth:`aslcal.io.DerivativesWriter.write_subject`.
+
+Each step raises :class:`SubjectError` carrying the subject key, the stage that failed
+(one of :data:`STAGES`) and, for a BIDS metadata error, the file and field at fault.
+
+Calibration choices for BIDS inputs (documented in the README):
+
+* **M0 of the run**: ``M0Type`` "Estimate" gives M0a directly (``M0Estimate``, the M0 of
+  blood in BIDS).  An M0 with one TR is a long-TR calibration image (the mean of its
+  volumes).  Several TRs, or ``LookLocker`` true, make a recovery series that is fitted
+  voxelwise (recovery times = ``RepetitionTimePreparation`` for saturation recovery,
+  ``InversionTime`` for Look-Locker; two distinct ``FlipAngle`` values = a dual-flip-angle
+  series, the lower one the last phase).  "Absent" needs ``allow_control_m0`` and no
+  background suppression: the mean control image is the M0.
+* **Reference region**: with ``ref_masks`` (a folder laid out like aslcal's own outputs,
+  ``sub-X/[ses-Y/]perf/<key>_desc-ref_mask.nii[.gz]``, in ASL space), M0a comes from the
+  reference region (calibration.md §4 / §7.4).  Without it, the M0 is voxelwise
+  (calibration.md §5).  The mode is one per run of the runner, never mixed silently.
+* **Perfusion**: the mean of ``control − label`` (BIDS ``ΔM`` convention), else the mean
+  of the ``deltam`` volumes; CBF = 6000·ΔM/(M0a·α) (calibration.md §9, no kinetic model),
+  α from ``LabelingEfficiency`` or the labelling type.
+* **Look-Locker M0 scale** (``m0_scale="auto"``): ``relaxed`` (M0t / sin(g·FA)) when the
+  ASL volumes have their own readout (the ASL sidecar's ``LookLocker`` false), ``readout``
+  when the ASL series is itself a Look-Locker acquisition (QUASAR-like).
+* **Brain mask**: :func:`aslcal.masks.brain_mask_from_calib` of the M0 image (the
+  longest-TR volume of a recovery series; the mean control image for "Estimate").
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import AslcalError, InputError
+from ..io.bids import AslAcquisition, AslRun, read_run
+from ..io.nifti import load_image
+
+__all__ = [
+    "STAGES",
+    "CohortOptions",
+    "FitJob",
+    "PreparedSubject",
+    "SubjectError",
+    "SubjectOutputs",
+    "finish_subject",
+    "load_subject",
+    "ref_mask_path",
+]
+
+#: Stages of one subject, in order; a failure record names one of them.
+STAGES = ("metadata", "load", "prepare", "fit", "calibrate", "write")
+
+_M0_SCALES = ("auto", "readout", "relaxed")
+_TISSREFS = ("csf", "wm", "gm", "none")
+
+
+class SubjectError(AslcalError):
+    """A subject failed at one stage; the run records it and goes on.
+
+    Attributes
+    ----------
+    key : str
+    stage : str
+        One of :data:`STAGES`.
+    message : str
+    details : dict
+        ``file`` and ``field`` for a BIDS metadata error, ``error`` (the exception type).
+    """
+
+    def __init__(self, key: str, stage: str, message: str, details: Mapping[str, Any] | None = None):
+        super().__init__(f"{key}: {stage}: {message}")
+        self.key = key
+        self.stage = stage
+        self.message = message
+        self.details = dict(details or {})
+
+
+def _fail(key: str, stage: str, exc: BaseException) -> SubjectError:
+    details: dict[str, Any] = {"error": type(exc).__name__}
+    for attr in ("file", "field"):
+        value = getattr(exc, attr, None)
+        if value is not None:
+            details[attr] = str(value)
+    message = str(exc) if isinstance(exc, AslcalError) else f"{type(exc).__name__}: {exc}"
+    return SubjectError(key, stage, message or type(exc).__name__, details)
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class CohortOptions:
+    """Calibration options of a cohort run (the options of ``aslcal calib`` that apply).
+
+    Attributes
+    ----------
+    ref_masks : str or None
+        Folder of reference masks (module docstring); None: voxelwise M0.
+    tissref : {"csf", "wm", "gm", "none"}
+        Reference tissue (T1, T2, pc defaults from the run's field-strength table).
+    t1r, t2r, t2b, pc : float or None
+        User values (s, ms, ms, ml/g) overriding the table.
+    t2star : bool
+        T2* instead of T2 (defaults change).
+    cgain : float
+        Gain of the ASL data relative to the calibration image.
+    taq : float, seconds
+        Acquisition time of the long-TR calibration image (TR correction).
+    m0_scale : {"auto", "readout", "relaxed"}
+        Scale of a Look-Locker M0 (module docstring).
+    priors, fix_a : bool
+        fabber's priors; fix the saturation efficiency A = 1.
+    model : {"exact", "fabber"}
+        Look-Locker signal model.
+    allow_control_m0 : bool
+        ``M0Type`` "Absent": use the mean control image as M0 (no background suppression).
+    voxel_pc, voxel_t1t : float
+        Generic partition coefficient and tissue T1 of the voxelwise M0 (calibration.md §5).
+    edge_correction : bool
+        Voxelwise M0 edge correction.
+    tissue_overrides : dict or None
+        Tissue-table values overriding the built-in table (``--tissue-table`` file).
+    backend, dtype : str or None
+        Fitting backend (``numpy``, ``numba``, ``cuda``; None = automatic) and dtype.
+    """
+
+    ref_masks: str | None = None
+    tissref: str = "csf"
+    t1r: float | None = None
+    t2r: float | None = None
+    t2b: float | None = None
+    pc: float | None = None
+    t2star: bool = False
+    cgain: float = 1.0
+    taq: float = 0.0
+    m0_scale: str = "auto"
+    priors: bool = False
+    fix_a: bool = False
+    model: str = "exact"
+    allow_control_m0: bool = False
+    voxel_pc: float = 0.9
+    voxel_t1t: float = 1.3
+    edge_correction: bool = True
+    tissue_overrides: dict | None = None
+    backend: str | None = None
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tissref not in _TISSREFS:
+            raise InputError(f"tissref={self.tissref!r}: expected one of {', '.join(_TISSREFS)}")
+        if self.m0_scale not in _M0_SCALES:
+            raise InputError(f"m0_scale={self.m0_scale!r}: expected one of {', '.join(_M0_SCALES)}")
+        if self.model not in ("exact", "fabber"):
+            raise InputError(f"model={self.model!r}: expected 'exact' or 'fabber'")
+        for name in ("t1r", "t2r", "t2b", "pc", "cgain", "voxel_pc", "voxel_t1t"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise InputError(f"{name}={value!r}: expected a positive number")
+        if not (isinstance(self.taq, int | float) and math.isfinite(self.taq) and self.taq >= 0):
+            raise InputError(f"taq={self.taq!r}: expected a number of seconds >= 0")
+        if self.ref_masks is not None and not Path(self.ref_masks).is_dir():
+            raise InputError(f"reference masks folder {str(self.ref_masks)!r} does not exist")
+
+    @property
+    def m0_mode(self) -> str:
+        """``refregion`` with reference masks, else ``voxel``."""
+        return "refregion" if self.ref_masks is not None else "voxel"
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["m0_mode"] = self.m0_mode
+        if self.ref_masks is not None:
+            out["ref_masks"] = os.fspath(self.ref_masks)
+        return out
+
+
+def ref_mask_path(folder: str | os.PathLike, run: AslRun) -> Path | None:
+    """The run's reference mask in ``folder`` (``.nii.gz`` or ``.nii``), None if absent."""
+    base = Path(folder) / f"sub-{run.subject}"
+    if run.session:
+        base = base / f"ses-{run.session}"
+    base = base / "perf"
+    for ext in (".nii.gz", ".nii"):
+        path = base / f"{run.key}_desc-ref_mask{ext}"
+        if path.is_file():
+            return path
+    return None
+
+
+# --------------------------------------------------------------------------- prepared
+
+
+@dataclass
+class FitJob:
+    """Voxels of one subject to fit with one design (packed with other subjects' jobs).
+
+    Attributes
+    ----------
+    role : {"brain", "ref"}
+        ``ref`` only with priors (the reference fit has its own T1 prior).
+    group : tuple
+        Jobs with equal groups share one fit launch (same design and priors).
+    tis, fa, lfa, dt, prior_t1
+        Design: one recovery time per volume (s), Look-Locker flip angles (degrees),
+        readout spacing (s), T1 prior mean (s) or None.
+    mask : ndarray of bool, spatial
+        The voxels fitted.
+    series : ndarray of shape (n_vox, n_vol), float32
+        Their signals (C order of ``mask``).
+    """
+
+    role: str
+    tis: tuple[float, ...]
+    fa: float | None
+    lfa: float | None
+    dt: float | None
+    prior_t1: float | None
+    mask: np.ndarray = field(repr=False)
+    series: np.ndarray = field(repr=False)
+
+    @property
+    def group(self) -> tuple:
+        return (self.tis, self.fa, self.lfa, self.dt, self.prior_t1)
+
+    @property
+    def n_vox(self) -> int:
+        return int(self.series.shape[0])
+
+
+@dataclass
+class PreparedSubject:
+    """A subject after the reader stage (host arrays; no device memory held)."""
+
+    key: str
+    acq: AslAcquisition
+    affine: np.ndarray = field(repr=False)
+    shape: tuple[int, int, int]
+    perf: np.ndarray = field(repr=False)
+    perf_source: str
+    brain: np.ndarray = field(repr=False)
+    brain_info: dict
+    ref: np.ndarray | None = field(repr=False)
+    ref_file: str | None
+    m0_kind: str
+    m0_image: np.ndarray | None = field(repr=False)
+    m0_tr: float | None
+    jobs: list[FitJob]
+    inputs: dict[str, int]
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [self.perf, self.brain, self.ref, self.m0_image] + [j.series for j in self.jobs]
+        return int(sum(a.nbytes for a in arrays if a is not None))
+
+
+@dataclass
+class SubjectOutputs:
+    """What :func:`finish_subject` returns: the arguments of ``write_subject``."""
+
+    key: str
+    images: dict[str, tuple]
+    records: dict[str, Any]
+    provenance: dict[str, Any]
+    summary: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _rel(path: Path | None, root: Path | None) -> str | None:
+    if path is None:
+        return None
+    if root is not None:
+        try:
+            return Path(path).relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return Path(path).as_posix()
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def load_subject(run: AslRun, options: CohortOptions, *, bids_root: Path | None = None) -> PreparedSubject:
+    """Reader stage: metadata, images, masks and fit jobs of one run (see module docstring).
+
+    Raises
+    ------
+    SubjectError
+        With stage ``metadata``, ``load`` or ``prepare``.
+    """
+    key = run.key
+    try:
+        acq = read_run(run, allow_control_m0=options.allow_control_m0)
+    except (AslcalError, OSError, ValueError) as exc:
+        raise _fail(key, "metadata", exc) from exc
+
+    try:
+        asl = acq.load_asl(dtype="float32")
+        m0_img = acq.load_m0(dtype="float32") if acq.m0.kind in ("separate",) else None
+        ref = ref_file = None
+        if options.ref_masks is not None and acq.m0.kind != "estimate":
+            path = ref_mask_path(options.ref_masks, run)
+            if path is None:
+                raise InputError(
+                    f"no reference mask for {key} in {str(options.ref_masks)!r} (expected "
+                    f"sub-{run.subject}/{'ses-' + run.session + '/' if run.session else ''}perf/"
+                    f"{key}_desc-ref_mask.nii.gz)"
+                )
+            mask_img = load_image(path, dtype="float32", ndim=3, name=f"reference mask of {key}")
+            ref, ref_file = mask_img.data, path
+            _check_grid(mask_img.data.shape, mask_img.affine, asl, path)
+        if m0_img is not None:
+            _check_grid(m0_img.data.shape[:3], m0_img.affine, asl, m0_img.path)
+    except (AslcalError, OSError, ValueError, MemoryError) as exc:
+        raise _fail(key, "load", exc) from exc
+
+    inputs = {_rel(p, bids_root): _file_size(p) for p in
+              (run.asl, run.sidecar, run.aslcontext, acq.m0.path if acq.m0.kind == "separate" else None,
+               acq.m0.sidecar if acq.m0.kind == "separate" else None, ref_file) if p is not None}
+    try:
+        return _prepare(key, acq, asl, m0_img, ref, ref_file, inputs, options, bids_root)
+    except (AslcalError, OSError, ValueError, MemoryError, FloatingPointError) as exc:
+        raise _fail(key, "prepare", exc) from exc
+
+
+def _check_grid(shape: tuple, affine: np.ndarray, asl, path: Path) -> None:
+    asl_shape = tuple(int(s) for s in asl.data.shape[:3])
+    if tuple(int(s) for s in shape[:3]) != asl_shape:
+        raise InputError(
+            f"{str(path)!r}: grid {tuple(shape[:3])} does not match the ASL image grid {asl_shape}"
+        )
+    if not np.allclose(affine, asl.affine, atol=1e-3, rtol=0):
+        raise InputError(
+            f"{str(path)!r}: its affine differs from the ASL image's by up to "
+            f"{float(np.max(np.abs(affine - asl.affine))):.4g} mm; expected the ASL grid"
+        )
+
+
+def _volumes(data: np.ndarray, idx: tuple[int, ...]) -> np.ndarray:
+    series = data if data.ndim == 4 else data[..., None]
+    return series[..., list(idx)]
+
+
+def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, options: CohortOptions,
+             bids_root) -> PreparedSubject:
+    from ..masks import brain_mask_from_calib
+
+    data = asl.data if asl.data.ndim == 4 else asl.data[..., None]
+    shape = tuple(int(s) for s in data.shape[:3])
+    control, label, deltam = (acq.volumes_of(t) for t in ("control", "label", "deltam"))
+    if control and label:
+        perf = _volumes(data, control).mean(axis=-1, dtype=np.float64) - _volumes(data, label).mean(
+            axis=-1, dtype=np.float64)
+        perf_source = f"mean(control) - mean(label) ({len(control)} control, {len(label)} label volumes)"
+    elif deltam:
+        perf = _volumes(data, deltam).mean(axis=-1, dtype=np.float64)
+        perf_source = f"mean(deltam) ({len(deltam)} volumes)"
+    else:
+        raise InputError(
+            f"{acq.run.aslcontext}: column 'volume_type' has neither control and label nor "
+            "deltam volumes: no perfusion-weighted image to calibrate"
+        )
+    perf = perf.astype(np.float32)
+
+    src = acq.m0
+    m0_image = m0_tr = None
+    jobs: list[FitJob] = []
+    series = None
+    if src.kind == "estimate":
+        m0_kind = "estimate"
+    else:
+        series = m0_img.data if src.kind == "separate" else _volumes(data, src.volumes)
+        if src.is_satrecov:
+            m0_kind = "lookLocker" if src.look_locker else "satrecov"
+        else:
+            m0_kind = "control" if src.kind == "control" else "longtr"
+            m0_image = series.mean(axis=-1, dtype=np.float64).astype(np.float32)
+            m0_tr = float(src.trs[0])
+
+    # Brain mask: from the M0 image, the longest-TR volume of a recovery series, or the
+    # mean control image.
+    if m0_image is not None:
+        bm_source, bm_image = "M0 image", m0_image
+    elif series is not None:
+        if src.look_locker:
+            bm_source, bm_image = "mean of the Look-Locker series", series.mean(axis=-1)
+        else:
+            last = int(np.argmax(np.asarray(src.trs)))
+            bm_source, bm_image = f"M0 volume with the longest TR ({src.trs[last]} s)", series[..., last]
+    elif control:
+        bm_source, bm_image = "mean control image", _volumes(data, control).mean(axis=-1)
+    else:
+        raise InputError(
+            f"{acq.run.sidecar}: no M0 image and no control volume to make a brain mask from"
+        )
+    bm = brain_mask_from_calib(bm_image, voxel_size=asl.voxel_size)
+    brain = np.asarray(bm.mask, dtype=bool)
+    brain_info = {"source": bm_source, **bm.as_dict()}
+
+    ref_bool = None if ref is None else np.asarray(ref) > 0.5
+    if ref_bool is not None and not ref_bool.any():
+        raise InputError(f"reference mask {str(ref_file)!r} is empty")
+
+    if m0_kind in ("satrecov", "lookLocker"):
+        jobs = _fit_jobs(acq, series, brain, ref_bool, options)
+
+    return PreparedSubject(
+        key=key, acq=acq, affine=np.asarray(asl.affine, dtype=np.float64), shape=shape, perf=perf,
+        perf_source=perf_source, brain=brain, brain_info=brain_info, ref=ref_bool,
+        ref_file=_rel(ref_file, bids_root) if ref_file is not None else None, m0_kind=m0_kind,
+        m0_image=m0_image, m0_tr=m0_tr, jobs=jobs, inputs=inputs,
+    )
+
+
+def _design_of(acq: AslAcquisition) -> tuple[tuple[float, ...], float | None, float | None]:
+    """(tis per volume, fa, lfa) of the run's recovery series."""
+    src = acq.m0
+    where = src.sidecar
+    if not src.look_locker:
+        return tuple(float(t) for t in src.trs), None, None
+    if src.tis is None:
+        raise InputError(f"{where}: field 'InversionTime' is required for a Look-Locker M0 series")
+    if not src.flip_angle:
+        raise InputError(f"{where}: field 'FlipAngle' is required for a Look-Locker M0 series")
+    angles = sorted(set(float(a) for a in src.flip_angle))
+    if len(angles) == 1:
+        return tuple(float(t) for t in src.tis), angles[0], None
+    if len(angles) > 2:
+        raise InputError(
+            f"{where}: field 'FlipAngle' has {len(angles)} distinct values {angles}; expected one "
+            "(Look-Locker) or two (high, then low flip-angle phase)"
+        )
+    low, high = angles
+    n = len(src.flip_angle)
+    first_low = src.flip_angle.index(low)
+    if any(float(a) != low for a in src.flip_angle[first_low:]) or (n - first_low) * 2 > n:
+        raise InputError(
+            f"{where}: field 'FlipAngle': the low flip angle ({low}) must be the last phase "
+            "(after every high-flip-angle volume)"
+        )
+    return tuple(float(t) for t in src.tis), high, low
+
+
+def _fit_jobs(acq, series: np.ndarray, brain: np.ndarray, ref: np.ndarray | None,
+              options: CohortOptions) -> list[FitJob]:
+    tis, fa, lfa = _design_of(acq)
+    if len(tis) != series.shape[-1]:
+        raise InputError(
+            f"{acq.m0.sidecar}: {len(tis)} recovery times for {series.shape[-1]} M0 volumes"
+        )
+    jobs = []
+    if options.priors:
+        from ..calibration.refregion import resolve_tissue
+        from ..calibration.satrecov import BRAIN_T1_PRIOR
+
+        fit_mask = brain
+        jobs.append(FitJob("brain", tis, fa, lfa, None, BRAIN_T1_PRIOR, fit_mask,
+                           np.ascontiguousarray(series[fit_mask], dtype=np.float32)))
+        if ref is not None:
+            tissue = _resolve_tissue(acq, options, ref, resolve_tissue, need_t1r=True)
+            jobs.append(FitJob("ref", tis, fa, lfa, None, float(tissue["t1r"]), ref,
+                               np.ascontiguousarray(series[ref], dtype=np.float32)))
+    else:
+        fit_mask = brain | ref if ref is not None else brain
+        jobs.append(FitJob("brain", tis, fa, lfa, None, None, fit_mask,
+                           np.ascontiguousarray(series[fit_mask], dtype=np.float32)))
+    return jobs
+
+
+def _tissue_table(acq: AslAcquisition, options: CohortOptions):
+    if not options.tissue_overrides:
+        return None
+    from ..physics.tissues import tissue_table
+
+    return tissue_table(acq.field_strength, overrides=options.tissue_overrides)
+
+
+def _resolve_tissue(acq, options: CohortOptions, mask, resolve_tissue, *, need_t1r: bool) -> dict:
+    return resolve_tissue(
+        tissref=options.tissref, te=acq.m0.te_ms, t1r=options.t1r, t2r=options.t2r, t2b=options.t2b,
+        pc=options.pc, t2star=options.t2star, field_strength=acq.field_strength,
+        tissue_table=_tissue_table(acq, options), mask=mask, xp=np, need_t1r=need_t1r,
+    )
+
+
+# --------------------------------------------------------------------------- finish
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return value.as_posix()
+    return value
+
+
+def _fit_summary(fit: Mapping[str, Any] | None) -> dict | None:
+    if fit is None:
+        return None
+    # Deterministic content only (no timings): the provenance must not change between
+    # an interrupted-and-resumed run and an uninterrupted one.
+    return {k: fit[k] for k in ("backend", "dtype", "n_fitted", "status_counts", "design") if k in fit}
+
+
+def finish_subject(prep: PreparedSubject, fits: Mapping[str, Mapping[str, Any]], options: CohortOptions) -> SubjectOutputs:
+    """Calibration stage: M0a, CBF, maps, summary and provenance of one subject.
+
+    Parameters
+    ----------
+    prep : PreparedSubject
+    fits : mapping of role to fitted maps
+        For every job of ``prep``: ``{"m0t", "t1t", "g", "status"}`` 1-D arrays over the
+        job's mask voxels (NumPy or CuPy) plus ``backend``, ``dtype``, ``n_fitted``,
+        ``status_counts``, ``design`` (from :mod:`aslcal.cohort.packing`).
+
+    Raises
+    ------
+    SubjectError
+        Stage ``calibrate``.
+    """
+    try:
+        return _finish(prep, fits, options)
+    except (AslcalError, ValueError, FloatingPointError, ArithmeticError) as exc:
+        raise _fail(prep.key, "calibrate", exc) from exc
+
+
+def _unpack(xp, values, mask_dev, shape, fill=0.0):
+    out = xp.full(shape, fill, dtype=values.dtype)
+    out[mask_dev] = values
+    return out
+
+
+def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutputs:
+    from .. import __version__
+    from ..backend import is_cupy_array, to_device, to_host
+    from ..calibration import apply_calibration, m0_refregion, m0_voxelwise
+    from ..calibration.refregion import resolve_tissue
+    from ..calibration.satrecov import m0a_from_satrecov_maps
+
+    acq = prep.acq
+    any_fit = next(iter(fits.values()), None)
+    on_gpu = any_fit is not None and is_cupy_array(any_fit["m0t"])
+    if on_gpu:
+        import cupy as xp
+    else:
+        xp = np
+
+    def dev(a):
+        return to_device(a, "gpu") if on_gpu else a
+
+    brain = dev(prep.brain)
+    ref = dev(prep.ref) if prep.ref is not None else None
+    maps: dict[str, Any] = {}
+    fit_prov: dict[str, Any] = {}
+    for job in prep.jobs:
+        f = fits[job.role]
+        mask = dev(job.mask)
+        fit_prov[job.role] = _fit_summary(f)
+        if job.role == "brain":
+            for name in ("m0t", "t1t", "g"):
+                maps[name] = _unpack(xp, f[name], mask, prep.shape)
+        else:
+            maps["ref_m0t"] = _unpack(xp, f["m0t"], mask, prep.shape)
+            maps["ref_g"] = _unpack(xp, f["g"], mask, prep.shape)
+
+    design = prep.jobs[0] if prep.jobs else None
+    m0_scale = options.m0_scale
+    if m0_scale == "auto":
+        m0_scale = "readout" if acq.look_locker else "relaxed"
+
+    m0a: float | None = None
+    m0_map = None
+    calib_prov: dict[str, Any] = {"m0_kind": prep.m0_kind, "m0_mode": options.m0_mode}
+    te = acq.m0.te_ms
+    table = _tissue_table(acq, options)
+    if prep.m0_kind == "estimate":
+        m0a = float(acq.m0.estimate)
+        calib_prov["m0a_source"] = f"M0Estimate of {acq.run.sidecar.name}"
+    elif options.m0_mode == "refregion":
+        if prep.m0_kind in ("longtr", "control"):
+            res = m0_refregion(
+                dev(prep.m0_image), ref, tissref=options.tissref, te=te, tr=prep.m0_tr, taq=options.taq,
+                t1r=options.t1r, t2r=options.t2r, t2b=options.t2b, pc=options.pc, t2star=options.t2star,
+                cgain=options.cgain, field_strength=acq.field_strength, tissue_table=table,
+            )
+            m0a = float(res.m0a)
+            calib_prov["refregion"] = res.as_dict()
+        else:
+            tissue = resolve_tissue(
+                tissref=options.tissref, te=te, t1r=options.t1r, t2r=options.t2r, t2b=options.t2b,
+                pc=options.pc, t2star=options.t2star, field_strength=acq.field_strength,
+                tissue_table=table, mask=ref, xp=xp, need_t1r=options.priors,
+            )
+            src_m0 = maps.get("ref_m0t", maps["m0t"])
+            src_g = maps.get("ref_g", maps["g"])
+            res, readout = m0a_from_satrecov_maps(
+                src_m0, src_g, design.fa, ref, m0_scale=m0_scale, tissref=options.tissref,
+                tissue=tissue, te=te, cgain=options.cgain, t2star=options.t2star,
+                field_strength=acq.field_strength,
+            )
+            m0a = float(res.m0a)
+            calib_prov["refregion"] = res.as_dict()
+            calib_prov.update(m0_scale=m0_scale, readout_factor=readout, priors=options.priors)
+    else:  # voxelwise M0
+        if prep.m0_kind in ("longtr", "control"):
+            calib_img, tr = dev(prep.m0_image), prep.m0_tr
+        else:
+            calib_img, tr = maps["m0t"], None
+            if design.fa is not None and m0_scale == "relaxed":
+                sin_map = xp.sin(maps["g"] * math.radians(design.fa))
+                calib_img = xp.where(sin_map > 0, calib_img / xp.where(sin_map > 0, sin_map, 1), 0)
+            calib_prov.update(m0_scale=m0_scale)
+        vox = m0_voxelwise(calib_img, brain, tr=tr, t1t=options.voxel_t1t, pc=options.voxel_pc,
+                           cgain=options.cgain, edge_correction=options.edge_correction)
+        m0_map = vox.m0
+        calib_prov["voxelwise"] = vox.as_dict()
+
+    cal = apply_calibration(dev(prep.perf), m0_map if m0_map is not None else m0a, alpha=acq.alpha)
+    cbf = cal.image
+    if m0_map is None:
+        cbf = xp.where(brain, cbf, 0)
+    calib_prov["cbf"] = {"alpha": acq.alpha, "labeling_type": acq.labeling_type,
+                         "perfusion": prep.perf_source, "units": "ml/100g/min",
+                         "formula": "6000 * perfusion / (M0a * alpha)"}
+
+    # --- images (host) and summary values
+    images: dict[str, tuple] = {}
+    records: dict[str, Any] = {}
+    aff = prep.affine
+    if m0_map is not None:
+        images["m0"] = (to_host(m0_map), aff)
+        records["m0"] = {"Description": "Voxelwise M0 of arterial blood (calibration.md section 5)"}
+    elif prep.m0_image is not None:
+        images["m0"] = (prep.m0_image, aff)
+        records["m0"] = {"Description": f"M0 calibration image ({prep.m0_kind}): mean of the M0 volumes, "
+                                        f"TR {prep.m0_tr} s, not TR-corrected"}
+    elif "m0t" in maps:
+        images["m0"] = (to_host(maps["m0t"]), aff)
+        records["m0"] = {"Description": "Fitted fully relaxed tissue M0t (readout scale for Look-Locker)"}
+    if "t1t" in maps:
+        images["t1"] = (to_host(maps["t1t"]), aff)
+    if design is not None and design.lfa is not None:
+        images["facorr"] = (to_host(maps["g"]), aff)
+    images["cbf"] = (to_host(cbf), aff)
+    records["cbf"] = {"M0a": m0a, "LabelingEfficiency": acq.alpha, "M0Mode": options.m0_mode}
+    if prep.ref is not None:
+        images["ref_mask"] = (prep.ref, aff)
+        records["ref_mask"] = {"Sources": [prep.ref_file]}
+    images["brain_mask"] = (prep.brain, aff)
+
+    summary: dict[str, Any] = {
+        "M0a": m0a,
+        "m0_mode": options.m0_mode,
+        "m0_kind": prep.m0_kind,
+        "field_strength": acq.field_strength,
+        "n_brain_voxels": int(prep.brain.sum()),
+        "n_ref_voxels": None if prep.ref is None else int(prep.ref.sum()),
+        "cbf_mean_brain": float(xp.mean(cbf[brain])) if int(prep.brain.sum()) else None,
+    }
+    if "t1t" in maps:
+        t1 = maps["t1t"]
+        summary["T1_median_brain"] = float(xp.median(t1[brain]))
+        if ref is not None:
+            summary[f"T1_mean_ref_{options.tissref}"] = float(xp.mean(t1[ref]))
+    summary = _jsonable(summary)
+    records["summary"] = summary
+
+    provenance = _jsonable({
+        "aslcal": __version__,
+        "subject": prep.key,
+        "inputs": {"files": prep.inputs, "m0_type": acq.m0_type, "labeling_type": acq.labeling_type,
+                   "field_strength": acq.field_strength, "te_ms": acq.te_ms,
+                   "m0_trs": list(acq.m0.trs)},
+        "options": options.as_dict(),
+        "brain_mask": prep.brain_info,
+        "calibration": calib_prov,
+        "fits": fit_prov,
+    })
+    return SubjectOutputs(key=prep.key, images=images, records=records, provenance=provenance,
+                          summary=summary)
