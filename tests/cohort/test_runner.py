@@ -1,0 +1,271 @@
+"""aslcal cohort: correct outputs, broken subjects reported, resume after SIGKILL, Dask, shards.
+
+The truth comes from the phantom cohort's generator (aslcal.testing.bids): M0a at the
+echo time (``m0a_te``), the phantom's CBF map, and for broken subjects the file and field
+that were broken on purpose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aslcal.cli import main
+from aslcal.cohort import CohortOptions, FailureLog, run_cohort
+from aslcal.io import load_image
+from aslcal.io.atomic import _TEMP_MARKER
+from aslcal.testing import make_phantom
+from aslcal.testing.bids import GOOD_VARIANTS, make_bids_cohort
+
+N_SUBJECTS = 20
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bids")
+    truth = make_bids_cohort(root, n_subjects=N_SUBJECTS, seed=11, broken=3)
+    return truth
+
+
+@pytest.fixture(scope="module")
+def reference_run(cohort, tmp_path_factory):
+    """An uninterrupted in-process run with reference masks (the other tests compare to it)."""
+    out = tmp_path_factory.mktemp("out-ref")
+    report = run_cohort(cohort.root, out, options=_options(cohort), workers=2, batch_size=4)
+    return out, report
+
+
+def _options(cohort) -> CohortOptions:
+    return CohortOptions(ref_masks=str(cohort.root / "derivatives" / "refmasks"))
+
+
+def _checksums(out: Path, *, logs: bool = False) -> dict[str, str]:
+    root = out / "derivatives" / "aslcal"
+    sums = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and (logs or "logs" not in path.relative_to(root).parts):
+            sums[path.relative_to(root).as_posix()] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return sums
+
+
+def _temp_files(out: Path) -> list[Path]:
+    return [p for p in out.rglob("*") if _TEMP_MARKER in p.name]
+
+
+def _summary_rows(out: Path) -> dict[str, dict[str, str]]:
+    lines = (out / "derivatives" / "aslcal" / "summary.tsv").read_text().splitlines()
+    head = lines[0].split("\t")
+    rows = [dict(zip(head, line.split("\t"), strict=True)) for line in lines[1:]]
+    return {_row_key(r): r for r in rows}
+
+
+def _row_key(row) -> str:
+    parts = [row["participant_id"]]
+    if row["session"] != "n/a":
+        parts.append(row["session"])
+    if row["run"] != "n/a":
+        parts.append(f"run-{row['run']}")
+    return "_".join(parts)
+
+
+def test_cohort_covers_every_variant(cohort):
+    variants = {r.variant for r in cohort.good.values()}
+    assert variants == set(GOOD_VARIANTS)
+    assert len(cohort.broken) == 3 and len(cohort.runs) == N_SUBJECTS
+
+
+def test_good_subjects_m0a_and_cbf_match_truth(cohort, reference_run):
+    out, report = reference_run
+    assert sorted(report.done) == sorted(cohort.good)
+    rows = _summary_rows(out)
+    for key, truth in cohort.good.items():
+        row = rows[key]
+        assert row["status"] == "ok"
+        m0a = float(row["M0a"])
+        # Acceptance: within 0.5 % of truth, noise-free (observed: < 1e-6).
+        assert m0a == pytest.approx(truth.m0a_te, rel=5e-3), (key, truth.variant)
+        assert m0a == pytest.approx(truth.m0a_te, rel=1e-5), (key, truth.variant)
+
+
+@pytest.mark.parametrize("variant", ["separate", "satrecov", "look_locker"])
+def test_cbf_and_t1_maps_match_the_phantom(cohort, reference_run, variant):
+    out, _ = reference_run
+    key, truth = next((k, t) for k, t in cohort.good.items() if t.variant == variant)
+    ph = make_phantom(shape=truth.shape, voxel_size=truth.voxel_size, seed=truth.phantom_seed,
+                      field_strength=truth.field_strength, m0a=truth.m0a,
+                      struct_voxel_size=(3.4, 3.4, 3.4), struct_oversample=1)
+    perf = out / "derivatives" / "aslcal" / f"sub-{truth.subject}" / (
+        f"ses-{truth.session}" if truth.session else "") / "perf"
+    cbf = load_image(perf / f"{key}_desc-cbf_cbf.nii.gz").data
+    brain = load_image(perf / f"{key}_desc-brain_mask.nii.gz").data > 0
+    # CBF = 6000 * dM / (M0a alpha) with dM = cbf * M0a_TE * alpha / 6000: the phantom's map.
+    np.testing.assert_allclose(cbf[brain], ph.cbf[brain], rtol=1e-4, atol=1e-3)
+    if variant != "separate":
+        t1 = load_image(perf / f"{key}_desc-T1_T1map.nii.gz").data
+        pure = brain & (ph.pv["gm"] > 0.999)
+        assert pure.any()
+        np.testing.assert_allclose(t1[pure], ph.tissues["gm"].t1, rtol=1e-3)
+    if variant == "look_locker":
+        g = load_image(perf / f"{key}_desc-facorr_TB1map.nii.gz").data
+        pure = brain & (ph.pv["gm"] + ph.pv["wm"] > 0.999)
+        np.testing.assert_allclose(g[pure], ph.fa_scale[pure], rtol=2e-3)
+
+
+def test_broken_subjects_reported_with_file_and_field(cohort, reference_run):
+    out, report = reference_run
+    failed = {r["key"]: r for r in report.failed}
+    assert sorted(failed) == sorted(cohort.broken)
+    for key, truth in cohort.broken.items():
+        rec = failed[key]
+        assert rec["stage"] == "metadata"
+        assert rec["details"]["file"] == str(cohort.root / truth.broken_file)
+        assert rec["details"]["field"] == truth.broken_field
+        assert truth.error_fragment in rec["message"]
+    logged = {r.key: r for r in FailureLog(report.failure_log).load()}
+    assert sorted(logged) == sorted(cohort.broken)
+    rows = _summary_rows(out)
+    assert {k for k, r in rows.items() if r["status"] == "failed"} == set(cohort.broken)
+    assert report.exit_code == 1
+    assert not _temp_files(out)
+
+
+def test_voxelwise_mode_without_masks(cohort, tmp_path):
+    """No reference masks: voxelwise M0; in pure GM, CBF = cbf_gm * M0a_TE / M0(x).
+
+    Without the edge correction (its median filter changes the cortex by design), so that
+    M0(x) = C(x) / pc exactly.
+    """
+    keys = [k for k, t in cohort.good.items() if t.variant == "separate"][:1]
+    key = keys[0]
+    truth = cohort.runs[key]
+    report = run_cohort(cohort.root, tmp_path, participant_label=truth.subject,
+                        options=CohortOptions(edge_correction=False))
+    assert report.done == [key] and report.exit_code == 0
+    perf = tmp_path / "derivatives" / "aslcal" / f"sub-{truth.subject}" / (
+        f"ses-{truth.session}" if truth.session else "") / "perf"
+    m0 = load_image(perf / f"{key}_desc-M0_M0map.nii.gz").data
+    cbf = load_image(perf / f"{key}_desc-cbf_cbf.nii.gz").data
+    ph = make_phantom(shape=truth.shape, voxel_size=truth.voxel_size, seed=truth.phantom_seed,
+                      field_strength=truth.field_strength, m0a=truth.m0a,
+                      struct_voxel_size=(3.4, 3.4, 3.4), struct_oversample=1)
+    gm = ph.tissues["gm"]
+    # Long-TR M0 (TR 6 s >= 5 s: no short-TR factor): M0(x) = C(x) / 0.9.
+    expected_m0 = ph.m0_tissue["gm"] * (1 - math.exp(-6.0 / gm.t1)) * math.exp(-truth.te_ms / gm.t2) / 0.9
+    pure = (ph.pv["gm"] > 0.999) & (m0 > 0)
+    assert pure.sum() >= 5
+    np.testing.assert_allclose(m0[pure], expected_m0, rtol=1e-4)
+    np.testing.assert_allclose(cbf[pure], ph.cbf_gm * truth.m0a_te / expected_m0, rtol=1e-4)
+
+
+def test_rerun_without_resume_is_refused_and_resume_skips(cohort, reference_run, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(reference_run[0], out)
+    code = main(["cohort", str(cohort.root), str(out), "--ref-masks",
+                 str(cohort.root / "derivatives" / "refmasks"), "--no-progress"])
+    assert code == 2
+    assert "already have outputs" in capsys.readouterr().err
+    report = run_cohort(cohort.root, out, options=_options(cohort), resume=True)
+    assert sorted(report.skipped) == sorted(cohort.good)
+    assert report.done == [] and sorted(r["key"] for r in report.failed) == sorted(cohort.broken)
+    assert _checksums(out) == _checksums(reference_run[0])
+
+
+def _cli(cohort, out, *extra) -> list[str]:
+    return [sys.executable, "-m", "aslcal", "cohort", str(cohort.root), str(out), "--ref-masks",
+            str(cohort.root / "derivatives" / "refmasks"), "--no-progress", "--workers", "1",
+            "--batch-size", "1", *extra]
+
+
+def _markers(out: Path) -> int:
+    return len(list((out / "derivatives").rglob("*_desc-aslcal_complete.json"))) if (out / "derivatives").exists() else 0
+
+
+def _start_and_wait(cmd, out: Path, n_markers: int, log: Path) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=handle, env=env)
+    deadline = time.monotonic() + 120
+    while _markers(out) < n_markers:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"run ended before {n_markers} subjects: {log.read_text()}")
+        time.sleep(0.01)
+    return proc
+
+
+def test_sigkill_then_resume_gives_identical_outputs(cohort, reference_run, tmp_path):
+    out = tmp_path / "killed"
+    proc = _start_and_wait(_cli(cohort, out), out, 3, tmp_path / "killed.log")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    n_killed = _markers(out)
+    print(f"killed with {n_killed} of {len(cohort.good)} subjects complete")
+    assert n_killed < len(cohort.good), "the run finished before the kill; the test proved nothing"
+    done = subprocess.run(_cli(cohort, out, "--resume"), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr  # the broken subjects
+    assert _checksums(out) == _checksums(reference_run[0])
+    assert not _temp_files(out)
+    # Failure records: the broken subjects once each, whatever the first run logged.
+    assert sorted(r.key for r in FailureLog(out / "derivatives/aslcal/logs/failures.jsonl").load()) == sorted(cohort.broken)
+
+
+def test_sigterm_finishes_the_batch_and_exits_130(cohort, tmp_path):
+    good = sorted(t.subject for t in cohort.good.values())
+    out = tmp_path / "term"
+    cmd = _cli(cohort, out, "--participant-label", *good)
+    proc = _start_and_wait(cmd, out, 1, tmp_path / "term.log")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    text = (tmp_path / "term.log").read_text()
+    if proc.returncode == 0:
+        pytest.skip("the run ended before SIGTERM arrived")
+    assert proc.returncode == 130, text
+    assert "--resume" in text
+    # Every subject is complete or absent: nothing partial, no temporary file.
+    from aslcal.io.derivatives import DerivativesWriter
+
+    writer = DerivativesWriter(out)
+    states = {k: writer.status(k) for k in cohort.good}
+    assert set(states.values()) <= {"complete", "absent"} and "absent" in states.values()
+    assert not _temp_files(out)
+    rerun = subprocess.run(_cli(cohort, out, "--participant-label", *good, "--resume"),
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert all(writer.is_complete(k) for k in cohort.good)
+
+
+def test_shards_cover_every_subject_once(cohort, reference_run, tmp_path):
+    out = tmp_path / "sharded"
+    seen = []
+    for spec in ("1/2", "2/2"):
+        report = run_cohort(cohort.root, out, options=_options(cohort), shard_spec=spec, batch_size=3)
+        seen += report.done + [r["key"] for r in report.failed]
+        assert sorted(report.done + [r["key"] for r in report.failed]) == sorted(report.selected)
+    assert sorted(seen) == sorted(cohort.runs)  # every subject exactly once
+    assert len(seen) == len(set(seen))
+    assert _checksums(out) == _checksums(reference_run[0])
+
+
+def test_dask_local_two_workers_identical(cohort, reference_run, tmp_path):
+    pytest.importorskip("dask.distributed")
+    out = tmp_path / "dask"
+    report = run_cohort(cohort.root, out, options=_options(cohort), dask="local", workers=2, batch_size=4)
+    assert "LocalCluster (2 workers)" in report.executor
+    assert sorted(report.done) == sorted(cohort.good)
+    assert sorted(r["key"] for r in report.failed) == sorted(cohort.broken)
+    assert _checksums(out) == _checksums(reference_run[0])
+    logged = FailureLog(report.failure_log).load()
+    assert sorted(r.key for r in logged) == sorted(cohort.broken)
+    assert all(json.dumps(r.to_json()) for r in logged)
