@@ -126,3 +126,43 @@ def test_cupy_matches_numpy(phantoms):
     assert isinstance(got.mask, cp.ndarray)
     assert dice(got.mask.get(), ref.mask) > 0.999
     assert got.threshold == pytest.approx(ref.threshold, rel=1e-3)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_inplane_fill_also_fills_3d_holes(seed):
+    """_fill_holes does one in-plane pass: check it equals in-plane then 3-D fill."""
+    from scipy import ndimage as ndi
+
+    from aslcal.backend import array_namespace
+    from aslcal.masks.brainmask import _fill_holes
+
+    rng = np.random.default_rng(seed)
+    field = ndi.gaussian_filter(rng.normal(size=(21, 17, 13)), 1.2)
+    for q in (0.3, 0.5, 0.7):
+        mask = field > np.quantile(field, q)
+        shell = mask & ~ndi.binary_erosion(mask, iterations=2)  # cavities inside
+        for m in (mask, shell, ~mask):
+            inplane = np.zeros((3, 3, 3), dtype=bool)
+            inplane[:, :, 1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+            expected = ndi.binary_fill_holes(ndi.binary_fill_holes(m, structure=inplane))
+            np.testing.assert_array_equal(_fill_holes(ndi, array_namespace(m), m), expected)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_label_fill_equals_binary_fill_holes(seed):
+    from scipy import ndimage as ndi
+
+    from aslcal.backend import array_namespace
+    from aslcal.masks.brainmask import _fill
+
+    rng = np.random.default_rng(seed)
+    field = ndi.gaussian_filter(rng.normal(size=(19, 23, 9)), 1.0)
+    inplane = np.zeros((3, 3, 3), dtype=bool)
+    inplane[:, :, 1] = [[0, 1, 0], [1, 1, 1], [0, 1, 0]]
+    structures = (inplane, ndi.generate_binary_structure(3, 1), ndi.generate_binary_structure(3, 3))
+    for q in (0.3, 0.5, 0.7):
+        mask = field > np.quantile(field, q)
+        for m in (mask, mask & ~ndi.binary_erosion(mask, iterations=2), ~mask):
+            for st in structures:
+                np.testing.assert_array_equal(_fill(ndi, array_namespace(m), m, st),
+                                              ndi.binary_fill_holes(m, structure=st))

@@ -116,11 +116,42 @@ def _otsu(xp, values: Any, lo: float, hi: float) -> float:
 
 
 def _fill_holes(ndi, xp, mask: Any) -> Any:
-    """Fill holes in each axial slice (no connectivity along axis 2), then in 3-D."""
+    """Fill holes in each axial slice (no connectivity along axis 2), and so in 3-D.
+
+    A 3-D hole (a background component, 6-connected, touching no face of the array)
+    holds the in-plane components of its voxels, and none of them touches a face
+    either, so the in-plane fill fills it too: one pass does both.
+    """
     inplane = np.zeros((3, 3, 3), dtype=bool)
     inplane[:, :, 1] = _CROSS_2D
-    out = ndi.binary_fill_holes(mask, structure=xp.asarray(inplane))
-    return ndi.binary_fill_holes(out)
+    return _fill(ndi, xp, mask, inplane)
+
+
+def _fill(ndi, xp, mask: Any, structure: np.ndarray) -> Any:
+    """``binary_fill_holes(mask, structure)`` by one labelling of the background.
+
+    ``binary_fill_holes`` grows the outside (border value 1) into the background through
+    ``structure``; the background components (connected through ``structure``) that
+    touch a face of the array it can reach — a face across which ``structure`` has an
+    offset — are the outside, the others are holes.  One ``label`` pass replaces the
+    iterated dilation (same set, about twice as fast).
+    """
+    labels, n = ndi.label(~mask, structure=xp.asarray(structure))
+    n = int(n)
+    if n == 0:
+        return mask
+    outside = xp.zeros(n + 1, dtype=bool)
+    centre = tuple(s // 2 for s in structure.shape)
+    for axis in range(labels.ndim):
+        offsets = np.moveaxis(structure, axis, 0)
+        reaches = bool(np.delete(offsets, centre[axis], axis=0).any())
+        if not reaches:
+            continue
+        for index in (0, int(labels.shape[axis]) - 1):
+            face = xp.take(labels, index, axis=axis)
+            outside[face] = True
+    outside[0] = True  # label 0: the mask itself
+    return mask | ~outside[labels]
 
 
 def brain_mask_from_calib(
