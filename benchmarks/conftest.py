@@ -16,11 +16,17 @@ import platform
 import pytest
 
 ROWS: list[dict] = []
+COHORT_ROWS: list[dict] = []
 
 
 @pytest.fixture(scope="session")
 def bench_rows() -> list[dict]:
     return ROWS
+
+
+@pytest.fixture(scope="session")
+def cohort_rows() -> list[dict]:
+    return COHORT_ROWS
 
 
 @pytest.fixture(scope="session")
@@ -72,12 +78,13 @@ def _numba_threads() -> int | None:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not ROWS:
+    if not ROWS and not COHORT_ROWS:
         return
     tr = terminalreporter
     tr.section("aslcal benchmarks")
-    head = f"{'problem':<28}{'n_vox':>10}{'n_obs':>6} {'backend':<14}{'warm s':>10}{'first s':>9}{'fits/s':>13}{'x baseline':>11}"
-    tr.write_line(head)
+    if ROWS:
+        head = f"{'problem':<28}{'n_vox':>10}{'n_obs':>6} {'backend':<14}{'warm s':>10}{'first s':>9}{'fits/s':>13}{'x baseline':>11}"
+        tr.write_line(head)
     for r in ROWS:
         ratio = r.get("ratio_to_baseline")
         tr.write_line(
@@ -85,9 +92,18 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             f"{r.get('first_call_s', float('nan')):>9.3f}{r['fits_per_s']:>13.4g}"
             f"{(f'{ratio:.0f}x' if ratio else '-'):>11}"
         )
+    if COHORT_ROWS:
+        tr.write_line(f"{'cohort':<36}{'backend':<8}{'gzip':<6}{'runner s':>10}{'floor s':>10}"
+                      f"{'x floor':>9}{'subj/s':>9}{'voxels':>10}{'launches':>9}")
+    for r in COHORT_ROWS:
+        tr.write_line(
+            f"{r['problem']:<36}{str(r['backend']):<8}{r['gzip']:<6}{r['runner_median_s']:>10.3f}"
+            f"{r['floor_median_s']:>10.3f}{r['ratio_to_floor']:>9.3f}{r['subjects_per_s']:>9.2f}"
+            f"{r['fitted_voxels']:>10}{r['fit_launches']:>9}"
+        )
     path = os.environ.get("ASLCAL_BENCH_RECORD")
     if path:
         with open(path, "w") as fh:
-            json.dump({"provenance": provenance(), "rows": ROWS}, fh, indent=2)
+            json.dump({"provenance": provenance(), "rows": ROWS, "cohort": COHORT_ROWS}, fh, indent=2)
             fh.write("\n")
         tr.write_line(f"recorded to {path}")

@@ -1,0 +1,173 @@
+"""Cohort benchmark: ``aslcal cohort`` end to end against the I/O floor of the same run.
+
+The floor (performance.md) is the time to only read every input of every subject and
+write the same outputs, with the same libraries (aslcal.io on nibabel, the same gzip
+path) and the same worker count, in the same process and run:
+
+* readers: ``workers`` threads; each reads a subject's sidecars, aslcontext and images
+  (``read_run``, ``load_asl``, ``load_m0``, the reference mask);
+* writers: ``workers`` threads; each writes the subject's outputs with
+  :meth:`DerivativesWriter.write_subject`, the very arrays and records the runner wrote
+  (loaded beforehand, untimed), so compression and checksums cost the same.
+
+The runner and the floor alternate (floor, runner, floor, runner, ...) so that page-cache
+and CPU-frequency drift hit both alike; the medians are compared.  Without
+``--benchmark-enable`` a smoke size runs (CI); with it, 50 subjects of a 64x64x24 ASL
+grid.  ``ASLCAL_BENCH_RECORD=path.json`` records the rows with provenance.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from aslcal.cohort import CohortOptions, run_cohort
+from aslcal.io import load_image
+from aslcal.io.bids import discover, read_run
+from aslcal.io.derivatives import IMAGE_OUTPUTS, DerivativesWriter
+from aslcal.io.nifti import gzip_backend
+from aslcal.testing.bids import make_bids_cohort
+
+WORKERS = 2
+
+
+def _stored_outputs(out_root: Path, keys) -> dict:
+    """The runner's outputs of every complete subject, as write_subject arguments."""
+    writer = DerivativesWriter(out_root)
+    stored = {}
+    for key in keys:
+        if not writer.is_complete(key, check="size"):
+            continue
+        paths = writer.subject_paths(key)
+        images, records = {}, {}
+        for name in IMAGE_OUTPUTS:
+            if paths[name].exists():
+                img = load_image(paths[name], ndim=3)
+                images[name] = (img.data, img.affine)
+                records[name] = json.loads(paths[f"{name}_json"].read_text())
+        records["summary"] = json.loads(paths["summary"].read_text())
+        stored[key] = (images, records, json.loads(paths["provenance"].read_text()))
+    return stored
+
+
+def io_floor(bids_root: Path, out_root: Path, stored: dict, ref_dir: Path, workers: int = WORKERS,
+             participant_label=None) -> float:
+    """Seconds to read every input and write the same outputs (module docstring)."""
+    from aslcal.cohort.subject import ref_mask_path
+
+    t0 = time.perf_counter()
+    runs = discover(bids_root, participant_label=participant_label)
+    writer = DerivativesWriter(out_root)
+
+    def read(run):
+        try:
+            acq = read_run(run)
+        except Exception:  # noqa: BLE001 - a broken subject costs its metadata read only
+            return run.key, None
+        acq.load_asl()
+        if acq.m0.kind == "separate":
+            acq.load_m0()
+        mask = ref_mask_path(ref_dir, run)
+        if mask is not None:
+            load_image(mask)
+        return run.key, acq
+
+    with ThreadPoolExecutor(workers) as readers, ThreadPoolExecutor(workers) as writers:
+        writes = []
+        for key, acq in readers.map(read, runs):
+            if key in stored:
+                images, records, prov = stored[key]
+                writes.append(writers.submit(writer.write_subject, key, images, records, prov))
+        for w in writes:
+            w.result()
+    return time.perf_counter() - t0
+
+
+#: Subsets of the phantom cohort: every subject, or only those whose M0 needs no fit.
+SUBSETS = {"all": None, "no-fit": ("separate", "included", "estimate")}
+
+
+def make_cohort(tmp: Path, n_subjects: int, shape):
+    bids = tmp / "bids"
+    t = time.perf_counter()
+    truth = make_bids_cohort(bids, n_subjects=n_subjects, seed=5, shape=shape, broken=3)
+    return bids, truth, time.perf_counter() - t
+
+
+def run_benchmark(tmp: Path, bids: Path, truth, subset: str, rounds: int) -> dict:
+    ref_dir = bids / "derivatives" / "refmasks"
+    options = CohortOptions(ref_masks=str(ref_dir))
+    variants = SUBSETS[subset]
+    labels = None if variants is None else sorted(
+        t.subject for t in truth.runs.values() if t.variant in variants)
+    n_subjects = len(truth.runs) if labels is None else len(labels)
+    n_good = sum(1 for t in truth.good.values() if labels is None or t.subject in labels)
+    # Warm-up on two subjects of every variant (numba loads its cached kernels, imports
+    # happen): untimed.
+    warm = sorted({t.variant: t.subject for t in truth.good.values()}.values())
+    run_cohort(bids, tmp / "warm", options=options, participant_label=warm, workers=WORKERS)
+    shutil.rmtree(tmp / "warm")
+    runner_s, floor_s, cpu_runner, cpu_floor, report = [], [], [], [], None
+    stored = None
+    for i in range(rounds):
+        for which in ("runner", "floor"):
+            out = tmp / f"{which}-{i}"
+            c, t = time.process_time(), time.perf_counter()
+            if which == "runner":
+                report = run_cohort(bids, out, options=options, workers=WORKERS, participant_label=labels)
+                runner_s.append(time.perf_counter() - t)
+                cpu_runner.append(time.process_time() - c)
+                if stored is None:
+                    stored = _stored_outputs(out, [r.key for r in discover(bids, participant_label=labels)])
+            else:
+                io_floor(bids, out, stored, ref_dir, participant_label=labels)
+                floor_s.append(time.perf_counter() - t)
+                cpu_floor.append(time.process_time() - c)
+            shutil.rmtree(out)
+    n_vox = sum(int(x["n_vox"]) for x in report.launches)
+    run_med, floor_med = statistics.median(runner_s), statistics.median(floor_s)
+    shape = next(iter(truth.runs.values())).shape
+    return {
+        "problem": f"cohort {subset} {n_subjects} subj ~{shape[0]}x{shape[1]}x{shape[2]}",
+        "subset": subset,
+        "n_subjects": n_subjects,
+        "n_good": n_good,
+        "workers": WORKERS,
+        "backend": report.launches[0]["backend"] if report.launches else None,
+        "gzip": gzip_backend(),
+        "fit_launches": len(report.launches),
+        "fitted_voxels": n_vox,
+        "runner_s": runner_s,
+        "floor_s": floor_s,
+        "runner_cpu_s": cpu_runner,
+        "floor_cpu_s": cpu_floor,
+        "runner_median_s": run_med,
+        "floor_median_s": floor_med,
+        "ratio_to_floor": run_med / floor_med,
+        "subjects_per_s": n_subjects / run_med,
+        "done": len(report.done),
+        "failed": len(report.failed),
+    }
+
+
+@pytest.fixture(scope="module")
+def phantom_cohort(tmp_path_factory, full_run):
+    n, shape = (50, (64, 64, 24)) if full_run else (8, (32, 32, 12))
+    tmp = tmp_path_factory.mktemp("cohort-bench")
+    bids, truth, _ = make_cohort(tmp, n, shape)
+    return tmp, bids, truth
+
+
+@pytest.mark.parametrize("subset", list(SUBSETS))
+def test_bench_cohort_vs_io_floor(phantom_cohort, subset, full_run, cohort_rows):
+    tmp, bids, truth = phantom_cohort
+    row = run_benchmark(tmp, bids, truth, subset, rounds=5 if full_run else 1)
+    cohort_rows.append(row)
+    assert row["done"] == row["n_good"] and row["failed"] == row["n_subjects"] - row["n_good"]
+    assert row["ratio_to_floor"] > 0
