@@ -13,12 +13,14 @@ path) and the same worker count, in the same process and run:
 The runner and the floor alternate (floor, runner, floor, runner, ...) so that page-cache
 and CPU-frequency drift hit both alike; the medians are compared.  Without
 ``--benchmark-enable`` a smoke size runs (CI); with it, 50 subjects of a 64x64x24 ASL
-grid.  ``ASLCAL_BENCH_RECORD=path.json`` records the rows with provenance.
+grid.  ``ASLCAL_BENCH_RECORD=path.json`` records the rows with provenance;
+``ASLCAL_BENCH_COHORT_BACKEND=cuda`` fits on the GPU.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
 import time
@@ -102,7 +104,8 @@ def make_cohort(tmp: Path, n_subjects: int, shape):
 
 def run_benchmark(tmp: Path, bids: Path, truth, subset: str, rounds: int) -> dict:
     ref_dir = bids / "derivatives" / "refmasks"
-    options = CohortOptions(ref_masks=str(ref_dir))
+    # ASLCAL_BENCH_COHORT_BACKEND=cuda fits on the GPU (benchmarks/GPU.md).
+    options = CohortOptions(ref_masks=str(ref_dir), backend=os.environ.get("ASLCAL_BENCH_COHORT_BACKEND") or None)
     variants = SUBSETS[subset]
     labels = None if variants is None else sorted(
         t.subject for t in truth.runs.values() if t.variant in variants)
