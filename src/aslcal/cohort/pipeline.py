@@ -9,8 +9,9 @@
 
 * **Readers** (``workers`` threads) run :func:`~aslcal.cohort.subject.load_subject`; gzip
   decompression (zlib or ISA-L), NumPy and SciPy release the GIL, so they overlap.  At
-  most ``batch_size + workers`` subjects are read ahead, and a batch is cut early when
-  the prepared arrays pass ``max_batch_bytes`` (memory-aware).
+  most ``batch_size + workers`` subjects are read ahead, no more once the subjects waiting
+  hold ``max_batch_bytes`` of arrays, and a batch is cut early when its prepared arrays
+  pass ``max_batch_bytes`` (memory-aware).
 * **The main thread** takes subjects in input order (deterministic batches), fits the
   voxels of the whole batch with :func:`~aslcal.cohort.packing.fit_packed` and finishes
   each subject (:func:`~aslcal.cohort.subject.finish_subject`).
@@ -157,9 +158,15 @@ def run_subjects(
     abandoned = False
     try:
 
+        def ahead_bytes() -> int:
+            # Memory held by subjects read but not yet taken by the main thread.
+            return sum(f.result().nbytes for _, f in window
+                       if f.done() and not f.cancelled() and f.exception() is None)
+
         def fill() -> None:
             nonlocal next_run
-            while not stop.is_set() and next_run < len(queue) and len(window) < batch_size + workers:
+            while (not stop.is_set() and next_run < len(queue) and len(window) < batch_size + workers
+                   and (len(window) < workers or ahead_bytes() < max_batch_bytes)):
                 run = queue[next_run]
                 next_run += 1
                 window.append((run, readers.submit(load_subject, run, options, bids_root=root)))

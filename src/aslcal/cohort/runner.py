@@ -165,7 +165,7 @@ def run_cohort(
     by_key = {r.key: r for r in runs}
     keys = [r.key for r in runs]
     selected = shard(keys, shard_spec) if shard_spec else sorted(keys)
-    writer = DerivativesWriter(out_root, source_datasets=[{"URL": "bids::"}])
+    writer = DerivativesWriter(out_root, source_datasets=[{"URL": bids_root.resolve().as_uri()}])
     plan = plan_run(selected, writer, resume=resume)
     logs = writer.root / LOG_FOLDER
     logs.mkdir(exist_ok=True)
