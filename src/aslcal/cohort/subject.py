@@ -170,14 +170,21 @@ class CohortOptions:
             raise InputError(f"m0_scale={self.m0_scale!r}: expected one of {', '.join(_M0_SCALES)}")
         if self.model not in ("exact", "fabber"):
             raise InputError(f"model={self.model!r}: expected 'exact' or 'fabber'")
+        def is_number(value) -> bool:
+            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
         for name in ("t1r", "t2r", "t2b", "pc", "cgain", "voxel_pc", "voxel_t1t"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            optional = name in ("t1r", "t2r", "t2b", "pc")
+            if (value is not None or not optional) and not (is_number(value) and value > 0):
                 raise InputError(f"{name}={value!r}: expected a positive number")
-        if not (isinstance(self.taq, int | float) and math.isfinite(self.taq) and self.taq >= 0):
+        if not (is_number(self.taq) and self.taq >= 0):
             raise InputError(f"taq={self.taq!r}: expected a number of seconds >= 0")
-        if self.ref_masks is not None and not Path(self.ref_masks).is_dir():
-            raise InputError(f"reference masks folder {str(self.ref_masks)!r} does not exist")
+        for name in ("t2star", "priors", "fix_a", "allow_control_m0", "edge_correction"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name}={getattr(self, name)!r}: expected True or False")
+        if self.ref_masks is not None and (not str(self.ref_masks) or not Path(self.ref_masks).is_dir()):
+            raise InputError(f"ref_masks={str(self.ref_masks)!r}: the reference masks folder does not exist")
 
     @property
     def m0_mode(self) -> str:
@@ -456,10 +463,15 @@ def _design_of(acq: AslAcquisition) -> tuple[tuple[float, ...], float | None, fl
     low, high = angles
     n = len(src.flip_angle)
     first_low = src.flip_angle.index(low)
-    if any(float(a) != low for a in src.flip_angle[first_low:]) or (n - first_low) * 2 > n:
+    if any(float(a) != low for a in src.flip_angle[first_low:]):
         raise InputError(
             f"{where}: field 'FlipAngle': the low flip angle ({low}) must be the last phase "
             "(after every high-flip-angle volume)"
+        )
+    if (n - first_low) * 2 > n:
+        raise InputError(
+            f"{where}: field 'FlipAngle': {n - first_low} of {n} volumes have the low flip angle "
+            f"({low}); expected one low-flip-angle phase, no longer than the high-flip-angle part"
         )
     return tuple(float(t) for t in src.tis), high, low
 

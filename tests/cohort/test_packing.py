@@ -1,0 +1,293 @@
+"""Packed fits (aslcal.cohort.packing) and failure isolation in run_subjects.
+
+* Packing: one launch per design, and a voxel's fit does not depend on the voxels it
+  was packed with (each job is refitted alone with :func:`aslcal.fit_satrecov`).
+* run_subjects: a subject whose fit or write fails is recorded with that stage, the
+  others are written and complete, nothing of the failed subject is left behind;
+  a stop set before the start processes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import aslcal
+import aslcal.cohort.pipeline as pipeline
+import aslcal.io.derivatives as derivatives
+from aslcal.backend import to_host
+from aslcal.cohort import CohortOptions, FailureLog, fit_packed, load_subject, run_subjects
+from aslcal.fitting import fabber_priors
+from aslcal.io import DerivativesWriter
+from aslcal.io.atomic import _TEMP_MARKER
+from aslcal.io.bids import discover
+from aslcal.physics.tissues import tissue_table
+from aslcal.testing.bids import GOOD_VARIANTS, make_bids_cohort
+
+# Ten good subjects: every variant twice (two saturation-recovery and two Look-Locker
+# subjects: two designs).  Seed 2: recovery series at 1.5, 3 and 7 T.
+N_SUBJECTS = 10
+SEED = 2
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bids-packing")
+    return make_bids_cohort(root, n_subjects=N_SUBJECTS, seed=SEED, shape=(32, 32, 12), broken=0)
+
+
+@pytest.fixture(scope="module")
+def runs(cohort):
+    found = discover(cohort.root)
+    assert [r.key for r in found] == list(cohort.runs)
+    return found
+
+
+def _options(cohort, **kw) -> CohortOptions:
+    return CohortOptions(ref_masks=str(cohort.root / "derivatives" / "refmasks"), **kw)
+
+
+def _fit_variants(cohort) -> list[str]:
+    return [k for k, t in cohort.runs.items() if t.variant in ("satrecov", "look_locker")]
+
+
+def test_cohort_has_two_designs(cohort):
+    variants = [t.variant for t in cohort.runs.values()]
+    assert sorted(set(variants)) == sorted(GOOD_VARIANTS)
+    assert variants.count("satrecov") == 2 and variants.count("look_locker") == 2
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def _priors_groups(cohort) -> int:
+    """Launches expected with priors: one brain launch per design, one reference launch
+    per (design, CSF T1 of the subject's field strength)."""
+    keys = _fit_variants(cohort)
+    brain = {cohort.runs[k].variant for k in keys}
+    ref = {(cohort.runs[k].variant, tissue_table(cohort.runs[k].field_strength)["csf"].t1) for k in keys}
+    return len(brain) + len(ref)
+
+
+@pytest.mark.parametrize("priors", [False, True], ids=["no-priors", "priors"])
+def test_one_launch_per_design_and_packing_does_not_change_a_voxel(cohort, runs, fast_backend, priors):
+    opts = _options(cohort, dtype="float64", backend=fast_backend, priors=priors)
+    preps = [load_subject(run, opts, bids_root=cohort.root) for run in runs]
+    jobs = [job for prep in preps for job in prep.jobs]
+    with_jobs = {prep.key for prep in preps if prep.jobs}
+    assert with_jobs == set(_fit_variants(cohort))
+    assert len(jobs) == (8 if priors else 4)
+
+    results, launches = fit_packed(jobs, opts)
+
+    expected_launches = _priors_groups(cohort) if priors else 2
+    assert len(launches) == expected_launches
+    assert sum(launch["n_vox"] for launch in launches) == sum(job.n_vox for job in jobs)
+    assert sum(launch["n_jobs"] for launch in launches) == len(jobs)
+    if not priors:
+        # Two subjects per design, 5 saturation-recovery times / 20 Look-Locker volumes.
+        assert sorted(launch["n_jobs"] for launch in launches) == [2, 2]
+        n_obs = {cohort.runs[p.key].variant: p.jobs[0].series.shape[1] for p in preps if p.jobs}
+        assert sorted(launch["n_obs"] for launch in launches) == sorted(set(n_obs.values()))
+    assert len(results) == len(jobs)
+
+    for job, res in zip(jobs, results, strict=True):
+        assert res["n_fitted"] == job.n_vox
+        assert res["dtype"] == "float64"
+        alone = aslcal.fit_satrecov(
+            job.series, list(job.tis), fa=job.fa, lfa=job.lfa, dt=job.dt, model=opts.model,
+            fix_a=opts.fix_a, priors=fabber_priors(job.prior_t1) if job.prior_t1 is not None else None,
+            backend=fast_backend, dtype="float64",
+        )
+        assert alone.m0t.shape == (job.n_vox,)
+        for name in ("m0t", "t1t", "g"):
+            got = np.asarray(to_host(res[name]), dtype=np.float64)
+            assert got.shape == (job.n_vox,)
+            np.testing.assert_allclose(got, to_host(getattr(alone, name)), rtol=1e-10, atol=0,
+                                       err_msg=f"{job.role} {name}")
+        np.testing.assert_array_equal(to_host(res["status"]), to_host(alone.status))
+        # The fit converged to something sensible (not a row of zeros that matches trivially).
+        assert np.median(to_host(res["t1t"])) > 0.3
+
+
+def test_packing_keeps_each_job_in_place(cohort, runs):
+    """Reversing the job order reverses the results: results follow their jobs."""
+    opts = _options(cohort, dtype="float64", backend="numba")
+    jobs = [job for run in runs for job in load_subject(run, opts, bids_root=cohort.root).jobs]
+    forward, _ = fit_packed(jobs, opts)
+    backward, launches = fit_packed(jobs[::-1], opts)
+    assert len(launches) == 2
+    for a, b in zip(forward, backward[::-1], strict=True):
+        np.testing.assert_allclose(a["m0t"], b["m0t"], rtol=1e-10)
+        np.testing.assert_allclose(a["t1t"], b["t1t"], rtol=1e-10)
+
+
+# --------------------------------------------------------------------------- run_subjects
+
+
+def _summary(writer: DerivativesWriter, key: str) -> dict:
+    return json.loads(writer.subject_paths(key)["summary"].read_text())
+
+
+def _files_of(out: Path, cohort, key: str) -> list[Path]:
+    truth = cohort.runs[key]
+    folder = out / "derivatives" / "aslcal" / f"sub-{truth.subject}"
+    return [p for p in folder.rglob("*") if p.is_file()] if folder.exists() else []
+
+
+def _victim(cohort, variant: str) -> str:
+    return next(k for k, t in cohort.runs.items() if t.variant == variant)
+
+
+def test_fit_failure_of_one_subject_falls_back_to_per_subject_fits(cohort, runs, tmp_path, monkeypatch):
+    opts = _options(cohort)
+    victim = _victim(cohort, "satrecov")
+    victim_run = next(r for r in runs if r.key == victim)
+    (victim_job,) = load_subject(victim_run, opts, bids_root=cohort.root).jobs
+    others = {r.key: load_subject(r, opts, bids_root=cohort.root) for r in runs if r.key != victim}
+    assert all(j.n_vox != victim_job.n_vox for p in others.values() for j in p.jobs)
+
+    real = pipeline.fit_packed
+    calls: list[list[int]] = []
+
+    def flaky(jobs, options):
+        calls.append([j.n_vox for j in jobs])
+        if any(j.n_vox == victim_job.n_vox for j in jobs):
+            raise ValueError("injected fit failure")
+        return real(jobs, options)
+
+    monkeypatch.setattr(pipeline, "fit_packed", flaky)
+    out = tmp_path / "out"
+    writer = DerivativesWriter(out)
+    log = FailureLog(tmp_path / "failures.jsonl")
+    outcome = run_subjects(runs, writer, opts, failure_log=log, workers=2, batch_size=len(runs),
+                           bids_root=cohort.root)
+
+    # One packed call with every job, then one call per subject with jobs.
+    n_fit_subjects = 1 + sum(1 for p in others.values() if p.jobs)
+    assert len(calls[0]) == n_fit_subjects
+    assert len(calls) == 1 + n_fit_subjects
+    assert len(outcome.launches) == n_fit_subjects - 1  # the victim's fit never launched
+
+    assert [r["key"] for r in outcome.failed] == [victim]
+    rec = outcome.failed[0]
+    assert rec["stage"] == "fit"
+    assert rec["details"]["error"] == "ValueError" and "injected fit failure" in rec["message"]
+    assert [(r.key, r.stage) for r in log.load()] == [(victim, "fit")]
+    assert sorted(outcome.done) == sorted(others)
+    assert not outcome.interrupted
+    for key in others:
+        assert writer.is_complete(key), key
+        # The per-subject fits give the right answer, not just files.
+        assert _summary(writer, key)["M0a"] == pytest.approx(cohort.runs[key].m0a_te, rel=1e-5), key
+    assert writer.status(victim) == "absent"
+    assert _files_of(out, cohort, victim) == []
+
+
+def test_write_failure_of_one_subject_leaves_nothing_and_others_complete(cohort, runs, tmp_path, monkeypatch):
+    opts = _options(cohort)
+    victim = _victim(cohort, "look_locker")
+    real_save = derivatives.save_image
+    victim_saved: list[str] = []
+    lock = threading.Lock()
+
+    def failing_save(path, *args, **kwargs):
+        name = Path(path).name
+        if f"{victim}_desc-" in name:
+            with lock:
+                victim_saved.append(name)
+            if f"{victim}_desc-cbf_cbf" in name:
+                raise OSError("injected: no space left on device")
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(derivatives, "save_image", failing_save)
+    out = tmp_path / "out"
+    writer = DerivativesWriter(out)
+    outcome = run_subjects(runs, writer, opts, failure_log=FailureLog(tmp_path / "failures.jsonl"),
+                           workers=2, batch_size=4, bids_root=cohort.root)
+
+    # The victim's M0, T1 and flip-angle maps were staged before the failing CBF map.
+    assert len(victim_saved) >= 4, victim_saved
+    assert [r["key"] for r in outcome.failed] == [victim]
+    rec = outcome.failed[0]
+    assert rec["stage"] == "write"
+    assert rec["details"]["error"] == "OSError" and "no space left" in rec["message"]
+    others = [k for k in cohort.runs if k != victim]
+    assert sorted(outcome.done) == sorted(others)
+    for key in others:
+        assert writer.is_complete(key), key
+    assert writer.status(victim) == "absent"
+    assert _files_of(out, cohort, victim) == []
+    assert not [p for p in out.rglob("*") if _TEMP_MARKER in p.name]
+
+
+def test_write_failure_via_writer_subclass(cohort, runs, tmp_path):
+    """A writer whose write_subject raises for one key (before writing anything)."""
+    victim = _victim(cohort, "estimate")
+
+    class Failing(DerivativesWriter):
+        def write_subject(self, entities, images, records=None, provenance=None):
+            if entities == victim:
+                raise RuntimeError("injected writer failure")
+            return super().write_subject(entities, images, records, provenance)
+
+    out = tmp_path / "out"
+    writer = Failing(out)
+    outcome = run_subjects(runs, writer, _options(cohort), failure_log=FailureLog(tmp_path / "f.jsonl"),
+                           workers=1, batch_size=3, bids_root=cohort.root)
+    assert [(r["key"], r["stage"]) for r in outcome.failed] == [(victim, "write")]
+    assert sorted(outcome.done) == sorted(k for k in cohort.runs if k != victim)
+    assert all(writer.is_complete(k) for k in outcome.done)
+    assert _files_of(out, cohort, victim) == []
+
+
+def test_stop_set_before_start_processes_nothing(cohort, runs, tmp_path, monkeypatch):
+    loaded: list[str] = []
+    real_load = pipeline.load_subject
+
+    def counting_load(run, *args, **kwargs):
+        loaded.append(run.key)
+        return real_load(run, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_subject", counting_load)
+    stop = threading.Event()
+    stop.set()
+    out = tmp_path / "out"
+    writer = DerivativesWriter(out)
+    log = FailureLog(tmp_path / "failures.jsonl")
+    seen: list[tuple[str, bool]] = []
+    outcome = run_subjects(runs, writer, _options(cohort), failure_log=log, stop=stop,
+                           on_subject=lambda k, ok: seen.append((k, ok)), bids_root=cohort.root)
+    assert outcome.interrupted is True
+    assert outcome.done == [] and outcome.failed == [] and outcome.launches == []
+    assert loaded == [] and seen == []
+    assert all(writer.status(k) == "absent" for k in cohort.runs)
+    assert not log.path.exists() or log.load() == []
+    assert not [p for p in (out / "derivatives" / "aslcal").rglob("*") if p.is_file() and "sub-" in p.as_posix()]
+
+
+def test_stop_set_during_the_run_finishes_what_was_started(cohort, runs, tmp_path):
+    """Stop after the first subject is written: interrupted, and every subject is
+    either complete or untouched (never partial)."""
+    stop = threading.Event()
+    out = tmp_path / "out"
+    writer = DerivativesWriter(out)
+
+    def on_subject(key, ok):
+        stop.set()
+
+    outcome = run_subjects(runs, writer, _options(cohort), failure_log=FailureLog(tmp_path / "f.jsonl"),
+                           workers=1, batch_size=1, stop=stop, on_subject=on_subject,
+                           bids_root=cohort.root)
+    assert outcome.interrupted is True
+    assert outcome.failed == []
+    assert 1 <= len(outcome.done) < len(runs)
+    states = {k: writer.status(k) for k in cohort.runs}
+    assert {k for k, s in states.items() if s == "complete"} == set(outcome.done)
+    assert set(states.values()) == {"complete", "absent"}
+    # Subjects are taken in input order: the done ones are a prefix of the runs.
+    assert outcome.done == [r.key for r in runs][: len(outcome.done)]
