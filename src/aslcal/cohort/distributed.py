@@ -63,9 +63,10 @@ def _local_cluster(workers: int):
         except ImportError:
             pass
         else:
-            return LocalCUDACluster(dashboard_address=None), "dask_cuda.LocalCUDACluster"
+            return LocalCUDACluster(dashboard_address=":0"), "dask_cuda.LocalCUDACluster"
+    # A random dashboard port: two runs on one machine (shards) must not collide.
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                           dashboard_address=None)
+                           dashboard_address=":0")
     return cluster, f"dask LocalCluster ({workers} workers)"
 
 
@@ -106,6 +107,15 @@ def run_dask(
 
     t0 = time.perf_counter()
     stop = stop or threading.Event()
+    # The cluster's own start/stop chatter (and a benign comm-closed traceback when
+    # local workers shut down) is not the user's business; real errors surface as
+    # exceptions of the futures.
+    import logging
+
+    quiet = {name: logging.getLogger(name) for name in ("distributed", "distributed.batched", "tornado")}
+    levels = {name: lg.level for name, lg in quiet.items()}
+    for name, lg in quiet.items():
+        lg.setLevel(logging.CRITICAL if name != "distributed" else logging.ERROR)
     cluster = None
     if scheduler == "local":
         cluster, described = _local_cluster(workers)
@@ -145,5 +155,7 @@ def run_dask(
         client.close()
         if cluster is not None:
             cluster.close()
+        for name, lg in quiet.items():
+            lg.setLevel(levels[name])
     out.seconds = time.perf_counter() - t0
     return out, described
