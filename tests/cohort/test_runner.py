@@ -269,3 +269,33 @@ def test_dask_local_two_workers_identical(cohort, reference_run, tmp_path):
     logged = FailureLog(report.failure_log).load()
     assert sorted(r.key for r in logged) == sorted(cohort.broken)
     assert all(json.dumps(r.to_json()) for r in logged)
+
+
+def test_automatic_reference_masks_from_anat(tmp_path):
+    """--anat: segmentation of each subject's brain-extracted T1w, lateral ventricles,
+    resampled through the ASL->T1w FLIRT matrix; M0a against the phantom's truth."""
+    from aslcal.testing.bids import ANAT_DIR
+
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=5, seed=4, shape=(64, 64, 24), broken=0,
+                             anat=True, ref_masks=False,
+                             phantom_options={"struct_voxel_size": (1.7, 1.7, 1.7), "struct_oversample": 1})
+    report = run_cohort(truth.root, tmp_path / "out", options=CohortOptions(anat=str(truth.root / ANAT_DIR)))
+    assert report.exit_code == 0 and sorted(report.done) == sorted(truth.runs)
+    rows = _summary_rows(tmp_path / "out")
+    for key, t in truth.runs.items():
+        assert rows[key]["m0_mode"] == "refregion"
+        # Automatic masks are not the phantom's own: 1 % (observed: < 1e-6 on this cohort).
+        assert float(rows[key]["M0a"]) == pytest.approx(t.m0a_te, rel=1e-2), (key, t.variant)
+        if t.variant != "estimate":
+            prov = json.loads(next((tmp_path / "out").rglob(f"{key}_desc-aslcal_provenance.json")).read_text())
+            assert prov["reference_mask"]["source"] == "automatic"
+            assert prov["reference_mask"]["transform"] == "FLIRT ASL->T1w"
+
+
+def test_cli_refuses_two_mask_sources_and_bad_shard(cohort, tmp_path, capsys):
+    masks = str(cohort.root / "derivatives" / "refmasks")
+    code = main(["cohort", str(cohort.root), str(tmp_path / "o"), "--ref-masks", masks, "--anat", masks])
+    assert code == 2 and "not both" in capsys.readouterr().err
+    code = main(["cohort", str(cohort.root), str(tmp_path / "o"), "--shard", "3/2"])
+    assert code == 2 and "--shard" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "derivatives" / "aslcal" / "summary.tsv").exists()

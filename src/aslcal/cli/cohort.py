@@ -38,6 +38,13 @@ def add_parser(sub, common) -> None:
     g.add_argument("--ref-masks", metavar="DIR",
                    help="reference masks in ASL space: DIR/sub-X/[ses-Y/]perf/<run>_desc-ref_mask.nii[.gz] "
                         "(reference-region M0a); without it the M0 is voxelwise")
+    g.add_argument("--anat", metavar="DIR",
+                   help="automatic reference masks from brain-extracted T1w images: "
+                        "DIR/sub-X/[ses-Y/]anat/sub-X[_ses-Y]_desc-brain_T1w.nii[.gz] (+ optional "
+                        "..._from-asl_to-T1w_mode-image_xfm.mat FLIRT matrix)")
+    g.add_argument("--csfmaskingoff", action="store_true", help="automatic mask: keep all CSF, not only the ventricles")
+    g.add_argument("--pve-threshold", type=float, default=0.9,
+                   help="automatic mask: threshold on the reference tissue's partial volume (default 0.9)")
     g.add_argument("--tissref", choices=("csf", "wm", "gm", "none"), default="csf", help="reference tissue (default csf)")
     g.add_argument("--t1r", type=float, help="T1 of the reference tissue, s")
     g.add_argument("--t2r", type=float, help="T2 (or T2*) of the reference tissue, ms")
@@ -101,7 +108,8 @@ def _options(args):
     from ..physics.tissues import load_tissue_file
 
     return CohortOptions(
-        ref_masks=args.ref_masks, tissref=args.tissref, t1r=args.t1r, t2r=args.t2r, t2b=args.t2b,
+        ref_masks=args.ref_masks, anat=args.anat, all_csf=args.csfmaskingoff,
+        pve_threshold=args.pve_threshold, tissref=args.tissref, t1r=args.t1r, t2r=args.t2r, t2b=args.t2b,
         pc=args.pc, t2star=args.t2star, cgain=args.cgain, taq=args.taq, m0_scale=args.m0_scale,
         priors=args.priors, fix_a=args.fixa, allow_control_m0=args.allow_control_m0,
         voxel_pc=args.voxel_pc, voxel_t1t=args.voxel_t1t, edge_correction=args.edgecorr,

@@ -113,7 +113,14 @@ class CohortOptions:
     Attributes
     ----------
     ref_masks : str or None
-        Folder of reference masks (module docstring); None: voxelwise M0.
+        Folder of reference masks (module docstring).
+    anat : str or None
+        Folder of brain-extracted T1w images for the automatic reference mask (module
+        docstring).  With neither ``ref_masks`` nor ``anat`` the M0 is voxelwise.
+    all_csf : bool
+        Automatic mask: keep all CSF, not only the lateral ventricles.
+    pve_threshold : float
+        Automatic mask: threshold on the reference tissue's partial volume (0.9).
     tissref : {"csf", "wm", "gm", "none"}
         Reference tissue (T1, T2, pc defaults from the run's field-strength table).
     t1r, t2r, t2b, pc : float or None
@@ -143,6 +150,9 @@ class CohortOptions:
     """
 
     ref_masks: str | None = None
+    anat: str | None = None
+    all_csf: bool = False
+    pve_threshold: float = 0.9
     tissref: str = "csf"
     t1r: float | None = None
     t2r: float | None = None
@@ -180,22 +190,31 @@ class CohortOptions:
                 raise InputError(f"{name}={value!r}: expected a positive number")
         if not (is_number(self.taq) and self.taq >= 0):
             raise InputError(f"taq={self.taq!r}: expected a number of seconds >= 0")
-        for name in ("t2star", "priors", "fix_a", "allow_control_m0", "edge_correction"):
+        for name in ("t2star", "priors", "fix_a", "allow_control_m0", "edge_correction", "all_csf"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name}={getattr(self, name)!r}: expected True or False")
+        if self.ref_masks is not None and self.anat is not None:
+            raise InputError("ref_masks and anat: give one source of reference masks, not both")
+        if self.anat is not None and (not str(self.anat) or not Path(self.anat).is_dir()):
+            raise InputError(f"anat={str(self.anat)!r}: the anatomical folder does not exist")
+        if self.anat is not None and self.tissref == "none":
+            raise InputError("tissref='none' cannot be segmented: the automatic mask needs csf, wm or gm")
+        if not (is_number(self.pve_threshold) and 0 < self.pve_threshold <= 1):
+            raise InputError(f"pve_threshold={self.pve_threshold!r}: expected a number in (0, 1]")
         if self.ref_masks is not None and (not str(self.ref_masks) or not Path(self.ref_masks).is_dir()):
             raise InputError(f"ref_masks={str(self.ref_masks)!r}: the reference masks folder does not exist")
 
     @property
     def m0_mode(self) -> str:
-        """``refregion`` with reference masks, else ``voxel``."""
-        return "refregion" if self.ref_masks is not None else "voxel"
+        """``refregion`` with reference masks (given or automatic), else ``voxel``."""
+        return "refregion" if self.ref_masks is not None or self.anat is not None else "voxel"
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["m0_mode"] = self.m0_mode
-        if self.ref_masks is not None:
-            out["ref_masks"] = os.fspath(self.ref_masks)
+        for name in ("ref_masks", "anat"):
+            if getattr(self, name) is not None:
+                out[name] = os.fspath(getattr(self, name))
         return out
 
 
@@ -210,6 +229,29 @@ def ref_mask_path(folder: str | os.PathLike, run: AslRun) -> Path | None:
         if path.is_file():
             return path
     return None
+
+
+def anat_paths(folder: str | os.PathLike, run: AslRun) -> tuple[Path | None, Path | None]:
+    """The run's brain-extracted T1w and its ASL->T1w FLIRT matrix in ``folder``.
+
+    Looked up in ``sub-X/ses-Y/anat/`` then ``sub-X/anat/`` (one structural for all
+    sessions): ``sub-X[_ses-Y]_desc-brain_T1w.nii[.gz]`` and
+    ``sub-X[_ses-Y]_from-asl_to-T1w_mode-image_xfm.mat``.  ``(None, None)`` when there
+    is no image; the matrix is None when absent (the images are then taken as aligned
+    in world coordinates, as BIDS images of one session are).
+    """
+    places = []
+    if run.session:
+        places.append((Path(folder) / f"sub-{run.subject}" / f"ses-{run.session}" / "anat",
+                       f"sub-{run.subject}_ses-{run.session}"))
+    places.append((Path(folder) / f"sub-{run.subject}" / "anat", f"sub-{run.subject}"))
+    for base, prefix in places:
+        for ext in (".nii.gz", ".nii"):
+            image = base / f"{prefix}_desc-brain_T1w{ext}"
+            if image.is_file():
+                mat = base / f"{prefix}_from-asl_to-T1w_mode-image_xfm.mat"
+                return image, (mat if mat.is_file() else None)
+    return None, None
 
 
 # --------------------------------------------------------------------------- prepared
@@ -271,6 +313,7 @@ class PreparedSubject:
     m0_tr: float | None
     jobs: list[FitJob]
     inputs: dict[str, int]
+    ref_info: dict | None = None
 
     @property
     def nbytes(self) -> int:
@@ -327,18 +370,9 @@ def load_subject(run: AslRun, options: CohortOptions, *, bids_root: Path | None 
     try:
         asl = acq.load_asl(dtype="float32")
         m0_img = acq.load_m0(dtype="float32") if acq.m0.kind in ("separate",) else None
-        ref = ref_file = None
-        if options.ref_masks is not None and acq.m0.kind != "estimate":
-            path = ref_mask_path(options.ref_masks, run)
-            if path is None:
-                raise InputError(
-                    f"no reference mask for {key} in {str(options.ref_masks)!r} (expected "
-                    f"sub-{run.subject}/{'ses-' + run.session + '/' if run.session else ''}perf/"
-                    f"{key}_desc-ref_mask.nii.gz)"
-                )
-            mask_img = load_image(path, dtype="float32", ndim=3, name=f"reference mask of {key}")
-            ref, ref_file = mask_img.data, path
-            _check_grid(mask_img.data.shape, mask_img.affine, asl, path)
+        ref = ref_file = anat = None
+        if (options.ref_masks is not None or options.anat is not None) and acq.m0.kind != "estimate":
+            ref, ref_file, anat = _load_reference(run, asl, options)
         if m0_img is not None:
             _check_grid(m0_img.data.shape[:3], m0_img.affine, asl, m0_img.path)
     except (AslcalError, OSError, ValueError, MemoryError) as exc:
@@ -348,9 +382,31 @@ def load_subject(run: AslRun, options: CohortOptions, *, bids_root: Path | None 
               (run.asl, run.sidecar, run.aslcontext, acq.m0.path if acq.m0.kind == "separate" else None,
                acq.m0.sidecar if acq.m0.kind == "separate" else None, ref_file) if p is not None}
     try:
-        return _prepare(key, acq, asl, m0_img, ref, ref_file, inputs, options, bids_root)
+        return _prepare(key, acq, asl, m0_img, ref, ref_file, inputs, options, bids_root, anat)
     except (AslcalError, OSError, ValueError, MemoryError, FloatingPointError) as exc:
         raise _fail(key, "prepare", exc) from exc
+
+
+def _load_reference(run: AslRun, asl, options: CohortOptions):
+    """``(mask, file, anat)``: a given reference mask (checked on the ASL grid), or for
+    the automatic mask ``anat = (T1w image, FLIRT matrix or None)``."""
+    given = options.ref_masks is not None
+    sub = f"sub-{run.subject}/" + (f"ses-{run.session}/" if run.session else "")
+    if given:
+        folder, path, mat = options.ref_masks, ref_mask_path(options.ref_masks, run), None
+        what, expected = "reference mask", f"{sub}perf/{run.key}_desc-ref_mask.nii.gz"
+    else:
+        folder, (path, mat) = options.anat, anat_paths(options.anat, run)
+        what, expected = "brain-extracted T1w", f"{sub}anat/<sub>[_<ses>]_desc-brain_T1w.nii.gz"
+    if path is None:
+        raise InputError(f"no {what} for {run.key} in {str(folder)!r} (expected {expected})")
+    img = load_image(path, dtype="float32", ndim=3, name=f"{what} of {run.key}")
+    if given:
+        _check_grid(img.data.shape, img.affine, asl, path)
+        return img.data, path, None
+    from ..io.transforms import read_flirt_matrix
+
+    return None, path, (img, None if mat is None else read_flirt_matrix(mat))
 
 
 def _check_grid(shape: tuple, affine: np.ndarray, asl, path: Path) -> None:
@@ -372,7 +428,7 @@ def _volumes(data: np.ndarray, idx: tuple[int, ...]) -> np.ndarray:
 
 
 def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, options: CohortOptions,
-             bids_root) -> PreparedSubject:
+             bids_root, anat=None) -> PreparedSubject:
     from ..masks import brain_mask_from_calib
 
     data = asl.data if asl.data.ndim == 4 else asl.data[..., None]
@@ -427,6 +483,20 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, optio
     brain = np.asarray(bm.mask, dtype=bool)
     brain_info = {"source": bm_source, **bm.as_dict()}
 
+    ref_info = None
+    if anat is not None:
+        from ..geometry import flirt_to_world
+        from ..masks import reference_mask_from_structural
+
+        t1w, mat = anat
+        world = np.eye(4) if mat is None else flirt_to_world(mat, asl.affine, shape, t1w.affine, t1w.shape[:3])
+        auto = reference_mask_from_structural(
+            t1w.data, t1w.affine, shape, asl.affine, world, tissref=options.tissref,
+            all_csf=options.all_csf, threshold=options.pve_threshold, name=f"T1w {t1w.path.name}",
+        )
+        ref = auto.mask
+        ref_info = {"source": "automatic", "transform": "FLIRT ASL->T1w" if mat is not None else
+                    "world coordinates (no transform file)", **auto.as_dict()}
     ref_bool = None if ref is None else np.asarray(ref) > 0.5
     if ref_bool is not None and not ref_bool.any():
         raise InputError(f"reference mask {str(ref_file)!r} is empty")
@@ -438,7 +508,7 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, optio
         key=key, acq=acq, affine=np.asarray(asl.affine, dtype=np.float64), shape=shape, perf=perf,
         perf_source=perf_source, brain=brain, brain_info=brain_info, ref=ref_bool,
         ref_file=_rel(ref_file, bids_root) if ref_file is not None else None, m0_kind=m0_kind,
-        m0_image=m0_image, m0_tr=m0_tr, jobs=jobs, inputs=inputs,
+        m0_image=m0_image, m0_tr=m0_tr, jobs=jobs, inputs=inputs, ref_info=ref_info,
     )
 
 
@@ -686,7 +756,10 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     records["cbf"] = {"M0a": m0a, "LabelingEfficiency": acq.alpha, "M0Mode": options.m0_mode}
     if prep.ref is not None:
         images["ref_mask"] = (prep.ref, aff)
-        records["ref_mask"] = {"Sources": [prep.ref_file]}
+        records["ref_mask"] = {"Sources": [prep.ref_file],
+                               "Description": "Reference-region mask used for M0a" + (
+                                   " (automatic: segmentation of the T1w, lateral ventricles, resampled)"
+                                   if prep.ref_info else "")}
     images["brain_mask"] = (prep.brain, aff)
 
     summary: dict[str, Any] = {
@@ -714,6 +787,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
                    "m0_trs": list(acq.m0.trs)},
         "options": options.as_dict(),
         "brain_mask": prep.brain_info,
+        "reference_mask": prep.ref_info or ({"source": "given", "file": prep.ref_file} if prep.ref_file else None),
         "calibration": calib_prov,
         "fits": fit_prov,
     })

@@ -15,6 +15,8 @@ segment_tissues, check_brain_extracted
     CSF/GM/WM partial volumes of a brain-extracted T1w image (EM + MRF, bias tolerant).
 lateral_ventricles, ventricles_from_atlas
     The lateral-ventricle CSF without an atlas (depth, components), or from a user atlas.
+reference_mask_from_structural
+    The automatic reference mask: segment a brain-extracted T1w, keep the ventricles, resample.
 reference_mask_from_pv
     Resample a structural-space reference PV map into calibration space and threshold it.
 brain_mask_from_calib
@@ -24,7 +26,7 @@ brain_mask_from_calib
 from __future__ import annotations
 
 from .brainmask import BrainMask, brain_mask_from_calib
-from .refmask import DEFAULT_PVE_THRESHOLD, ReferenceMask, reference_mask_from_pv
+from .refmask import DEFAULT_PVE_THRESHOLD, ReferenceMask, reference_mask_from_pv, reference_mask_from_structural
 from .resample import default_supersample, resample_to_grid, resample_with_flirt
 from .segment import Segmentation, check_brain_extracted, segment_tissues
 from .ventricles import VentricleMask, lateral_ventricles, ventricles_from_atlas
@@ -39,6 +41,7 @@ __all__ = [
     "check_brain_extracted",
     "lateral_ventricles",
     "reference_mask_from_pv",
+    "reference_mask_from_structural",
     "segment_tissues",
     "ventricles_from_atlas",
     "default_supersample",

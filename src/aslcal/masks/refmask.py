@@ -85,3 +85,64 @@ def reference_mask_from_pv(
         )
     return ReferenceMask(mask=mask, pv=pv, threshold=float(threshold), n_voxels=n,
                          steps=list(steps or []), details=dict(details or {}))
+
+
+def reference_mask_from_structural(
+    t1w_brain: Any,
+    struct_affine: Any,
+    calib_shape: tuple[int, ...],
+    calib_affine: Any,
+    world_calib_to_struct: Any,
+    *,
+    tissref: str = "csf",
+    all_csf: bool = False,
+    threshold: float = DEFAULT_PVE_THRESHOLD,
+    name: str = "structural image",
+) -> ReferenceMask:
+    """The automatic reference mask from a brain-extracted T1-weighted image (calibration.md §8).
+
+    Segments the image into CSF/GM/WM partial volumes
+    (:func:`aslcal.masks.segment_tissues`, after
+    :func:`~aslcal.masks.check_brain_extracted`), keeps the lateral ventricles of the CSF
+    (:func:`~aslcal.masks.lateral_ventricles`; all CSF with ``all_csf``), averages the map
+    over each calibration voxel through ``world_calib_to_struct`` and thresholds it
+    (:func:`reference_mask_from_pv`).  This is ``aslcal calib -s STRUC -t TRANS`` without
+    a user tissue map or atlas, and what ``aslcal cohort --anat`` runs per subject.
+
+    Parameters
+    ----------
+    t1w_brain : array of shape (X, Y, Z)
+        Brain-extracted T1-weighted image (0 outside the brain), NumPy or CuPy.
+    struct_affine : (4, 4) array
+        Its voxel-to-world matrix (mm); the voxel size is taken from it.
+    calib_shape, calib_affine, world_calib_to_struct, threshold
+        As :func:`reference_mask_from_pv`.
+    tissref : {"csf", "wm", "gm"}
+        Reference tissue.
+    all_csf : bool
+        Keep all CSF instead of the lateral ventricles (asl_calib ``--csfmaskingoff``).
+    name : str
+        How the image is named in error messages.
+    """
+    import numpy as np
+
+    from .segment import check_brain_extracted, segment_tissues
+    from .ventricles import lateral_ventricles
+
+    if tissref not in ("csf", "wm", "gm"):
+        raise InputError(f"tissref={tissref!r}: the automatic mask needs csf, wm or gm")
+    aff = np.asarray(struct_affine, dtype=np.float64)
+    voxel_size = tuple(float(v) for v in np.sqrt((aff[:3, :3] ** 2).sum(axis=0)))
+    check_brain_extracted(t1w_brain, voxel_size=voxel_size, name=name)
+    seg = segment_tissues(t1w_brain, voxel_size=voxel_size)
+    pv = seg.pv[tissref]
+    steps = [f"segmentation of the {name} (CSF/GM/WM partial volumes)"]
+    details: dict[str, Any] = {"tissref": tissref, "segmentation": seg.as_dict()}
+    if tissref == "csf" and not all_csf:
+        vm = lateral_ventricles(pv, t1w_brain > 0, voxel_size=voxel_size, affine=aff)
+        pv = vm.pv
+        steps.append(f"lateral ventricles kept ({vm.n_components_kept} components, eroded once)")
+        details["ventricles"] = vm.as_dict()
+    steps.append("averaged over each calibration voxel")
+    return reference_mask_from_pv(pv, aff, calib_shape, calib_affine, world_calib_to_struct,
+                                  threshold=threshold, steps=steps, details=details)

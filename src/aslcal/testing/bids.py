@@ -78,6 +78,7 @@ from .phantoms import (
 __all__ = [
     "GOOD_VARIANTS",
     "BROKEN_VARIANTS",
+    "ANAT_DIR",
     "REF_MASK_DIR",
     "CohortTruth",
     "RunTruth",
@@ -101,6 +102,8 @@ _LL = {"ti1": 0.1, "dt": 0.3, "n_ti": 10, "fa": 35.0, "lfa": 11.7}  # s, s, -, d
 
 #: Folder of the reference-mask derivative dataset, relative to the dataset root.
 REF_MASK_DIR = "derivatives/refmasks"
+#: Where ``anat=True`` writes the brain-extracted T1w images (relative to the root).
+ANAT_DIR = "derivatives/anat"
 # Partial-volume threshold of the written reference masks (pure lateral ventricle).
 _REF_PV = 0.99
 
@@ -239,6 +242,7 @@ def make_bids_cohort(
     phantom_options: dict[str, Any] | None = None,
     flat_coil: bool = True,
     ref_masks: bool = True,
+    anat: bool = False,
 ) -> CohortTruth:
     """Write a phantom BIDS ASL cohort and return its truth.
 
@@ -258,6 +262,12 @@ def make_bids_cohort(
     broken : int, optional
         Number of deliberately broken subjects (placed at random from ``seed``),
         cycling through :data:`BROKEN_VARIANTS`.  Default 3.
+    anat : bool, optional
+        Also write each run's brain-extracted T1w and its ASL -> T1w FLIRT matrix to
+        ``root/derivatives/anat/sub-XX/[ses-Y/]anat/`` (``<sub>[_ses]_desc-brain_T1w.nii.gz``,
+        ``<sub>[_ses]_from-asl_to-T1w_mode-image_xfm.mat``) for the automatic reference
+        mask.  Default False.  Give ``phantom_options`` a 1.7 mm structural
+        (``struct_voxel_size``) for masks worth the name.
     phantom_options : dict, optional
         Extra keyword arguments for :func:`aslcal.testing.make_phantom`; the default
         uses a 3.4 mm structural grid without oversampling (fast, ~0.1 s a subject).
@@ -324,14 +334,14 @@ def make_bids_cohort(
     for i, (label, variant) in enumerate(zip(subjects, plan, strict=True)):
         sub_rng = np.random.default_rng((int(seed), 7, i))
         truth = _write_subject(out, label, i, variant, base, sub_rng, opts, int(seed),
-                               flat_coil=bool(flat_coil), ref_masks=bool(ref_masks))
+                               flat_coil=bool(flat_coil), ref_masks=bool(ref_masks), anat=bool(anat))
         runs[truth.key] = truth
     return CohortTruth(root=out, seed=int(seed), runs=runs)
 
 
 def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
                    rng: np.random.Generator, opts: dict, seed: int, *,
-                   flat_coil: bool, ref_masks: bool) -> RunTruth:
+                   flat_coil: bool, ref_masks: bool, anat: bool = False) -> RunTruth:
     session = "1" if i % 4 == 3 else None
     entities = [f"sub-{label}"] + ([f"ses-{session}"] if session else []) + (
         ["run-1"] if i % 6 == 5 else []
@@ -463,6 +473,18 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
         mask_path = mask_dir / f"{key}_desc-ref_mask.nii.gz"
         save_image(mask_path, ref.astype(np.uint8), ph.affine, dtype=np.uint8)
         ref_rel = mask_path.relative_to(out).as_posix()
+
+    if anat:
+        # The structural session of this run: the brain-extracted T1w and the ASL -> T1w
+        # FLIRT matrix (the head moved between the sessions), named as aslcal cohort --anat
+        # looks them up.
+        st = ph.structural
+        anat_dir = out / ANAT_DIR / f"sub-{label}" / (f"ses-{session}" if session else "") / "anat"
+        anat_dir.mkdir(parents=True, exist_ok=True)
+        prefix = f"sub-{label}" + (f"_ses-{session}" if session else "")
+        save_image(anat_dir / f"{prefix}_desc-brain_T1w.nii.gz", st.t1w_brain, st.affine)
+        write_text(anat_dir / f"{prefix}_from-asl_to-T1w_mode-image_xfm.mat",
+                   "".join("  ".join(f"{v:.10f}" for v in row) + "\n" for row in st.asl2struct))
 
     return RunTruth(
         key=key, subject=label, session=session, variant=variant, m0a=m0a,
