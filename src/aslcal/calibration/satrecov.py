@@ -45,7 +45,7 @@ from .refregion import (
     resolve_tissue,
 )
 
-__all__ = ["M0_SCALES", "SatrecovCalibration", "m0_refregion_satrecov", "m0a_from_satrecov_maps"]
+__all__ = ["M0_SCALES", "SatrecovCalibration", "m0_refregion_satrecov", "m0a_from_satrecov_maps", "relaxed_m0t"]
 
 #: ``relaxed``: M0t / sin(g·FA), the equilibrium magnetisation; ``readout``: M0t as fitted.
 M0_SCALES = ("relaxed", "readout")
@@ -263,6 +263,19 @@ def m0_refregion_satrecov(
     )
 
 
+def relaxed_m0t(xp, m0t: Any, g: Any, fa: float | None) -> tuple[Any, Any]:
+    """``(M0t / sin(g·FA), sin(g·FA))``: a Look-Locker M0t on the equilibrium scale.
+
+    The ``relaxed`` scale of the module docstring, per voxel with its own flip-angle
+    correction g; NaN where sin(g·FA) is not > 0 (e.g. outside the fitted voxels, g = 0).
+    Plain saturation recovery (``fa`` None) needs no correction: ``(m0t, None)``.
+    """
+    if fa is None:
+        return m0t, None
+    sin_map = xp.sin(g * math.radians(fa))
+    return safe_divide(xp, m0t, sin_map), sin_map
+
+
 def m0a_from_satrecov_maps(
     m0t: Any,
     g: Any,
@@ -331,11 +344,11 @@ def m0a_from_satrecov_maps(
             field_strength=fs, tissue_table=tissue_table, mask=mask, xp=xp, need_t1r=False,
         )
     readout = None
-    if fa is not None:
-        sin_map = xp.sin(g * math.radians(fa))
-        values = safe_divide(xp, m0t, sin_map) if m0_scale == "relaxed" else m0t
+    if m0_scale == "relaxed":
+        values, sin_map = relaxed_m0t(xp, m0t, g, fa)
     else:
-        sin_map, values = None, m0t
+        sin_map = None if fa is None else xp.sin(g * math.radians(fa))
+        values = m0t
     s_ref, n_used, n_excl, valid = masked_mean(xp, values, mask)
     if n_used == 0:
         raise no_usable_voxel_error("series", n_mask, "the fitted M0t")

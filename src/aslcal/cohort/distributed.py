@@ -16,7 +16,9 @@ same file system paths.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -103,15 +105,11 @@ def run_dask(
         raise BackendUnavailableError(
             "--dask needs dask.distributed: pip install \"aslcal[dask]\""
         ) from None
-    import time
-
     t0 = time.perf_counter()
     stop = stop or threading.Event()
     # The cluster's own start/stop chatter (and a benign comm-closed traceback when
     # local workers shut down) is not the user's business; real errors surface as
     # exceptions of the futures.
-    import logging
-
     quiet = {name: logging.getLogger(name) for name in ("distributed", "distributed.batched", "tornado")}
     levels = {name: lg.level for name, lg in quiet.items()}
     for name, lg in quiet.items():

@@ -15,17 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import to_device, to_host
+from ..backend import to_device
 from .subject import CohortOptions, FitJob
 
 __all__ = ["fit_packed"]
-
-
-def _status_counts(status: Any) -> dict[str, int]:
-    from ..fitting.satrecov import STATUS_NAMES
-
-    counts = np.bincount(np.asarray(to_host(status), dtype=np.int64).ravel(), minlength=len(STATUS_NAMES))
-    return {STATUS_NAMES[i]: int(c) for i, c in enumerate(counts) if c and i < len(STATUS_NAMES)}
 
 
 def fit_packed(jobs: Sequence[FitJob], options: CohortOptions) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -47,6 +40,7 @@ def fit_packed(jobs: Sequence[FitJob], options: CohortOptions) -> tuple[list[dic
         One per launch: ``n_jobs``, ``n_vox``, ``n_obs``, ``backend``, ``seconds``.
     """
     from ..fitting import fabber_priors, fit_satrecov
+    from ..fitting.satrecov import status_counts
 
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
@@ -71,7 +65,7 @@ def fit_packed(jobs: Sequence[FitJob], options: CohortOptions) -> tuple[list[dic
             stop = start + jobs[i].n_vox
             part = {name: getattr(fit, name)[start:stop] for name in ("m0t", "t1t", "g", "status")}
             part.update(backend=fit.backend, dtype=fit.dtype, n_fitted=stop - start,
-                        status_counts=_status_counts(part["status"]), design=design)
+                        status_counts=status_counts(part["status"]), design=design)
             results[i] = part
             start = stop
     return [r for r in results if r is not None], launches

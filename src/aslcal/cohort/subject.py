@@ -369,7 +369,7 @@ def load_subject(run: AslRun, options: CohortOptions, *, bids_root: Path | None 
 
     try:
         asl = acq.load_asl(dtype="float32")
-        m0_img = acq.load_m0(dtype="float32") if acq.m0.kind in ("separate",) else None
+        m0_img = acq.load_m0(dtype="float32") if acq.m0.kind == "separate" else None
         ref = ref_file = anat = None
         if (options.ref_masks is not None or options.anat is not None) and acq.m0.kind != "estimate":
             ref, ref_file, anat = _load_reference(run, asl, options)
@@ -555,14 +555,13 @@ def _fit_jobs(acq, series: np.ndarray, brain: np.ndarray, ref: np.ndarray | None
         )
     jobs = []
     if options.priors:
-        from ..calibration.refregion import resolve_tissue
         from ..calibration.satrecov import BRAIN_T1_PRIOR
 
         fit_mask = brain
         jobs.append(FitJob("brain", tis, fa, lfa, None, BRAIN_T1_PRIOR, fit_mask,
                            np.ascontiguousarray(series[fit_mask], dtype=np.float32)))
         if ref is not None:
-            tissue = _resolve_tissue(acq, options, ref, resolve_tissue, need_t1r=True)
+            tissue = _resolve_tissue(acq, options, ref, need_t1r=True)
             jobs.append(FitJob("ref", tis, fa, lfa, None, float(tissue["t1r"]), ref,
                                np.ascontiguousarray(series[ref], dtype=np.float32)))
     else:
@@ -580,29 +579,18 @@ def _tissue_table(acq: AslAcquisition, options: CohortOptions):
     return tissue_table(acq.field_strength, overrides=options.tissue_overrides)
 
 
-def _resolve_tissue(acq, options: CohortOptions, mask, resolve_tissue, *, need_t1r: bool) -> dict:
+def _resolve_tissue(acq, options: CohortOptions, mask, *, xp=np, need_t1r: bool) -> dict:
+    """Reference-tissue T1, T2, T2b and pc for this run: user values, else its field's table."""
+    from ..calibration.refregion import resolve_tissue
+
     return resolve_tissue(
         tissref=options.tissref, te=acq.m0.te_ms, t1r=options.t1r, t2r=options.t2r, t2b=options.t2b,
         pc=options.pc, t2star=options.t2star, field_strength=acq.field_strength,
-        tissue_table=_tissue_table(acq, options), mask=mask, xp=np, need_t1r=need_t1r,
+        tissue_table=_tissue_table(acq, options), mask=mask, xp=xp, need_t1r=need_t1r,
     )
 
 
 # --------------------------------------------------------------------------- finish
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return value.as_posix()
-    return value
 
 
 def _fit_summary(fit: Mapping[str, Any] | None) -> dict | None:
@@ -645,8 +633,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     from .. import __version__
     from ..backend import is_cupy_array, to_device, to_host
     from ..calibration import apply_calibration, m0_refregion, m0_voxelwise
-    from ..calibration.refregion import resolve_tissue
-    from ..calibration.satrecov import m0a_from_satrecov_maps
+    from ..calibration.satrecov import m0a_from_satrecov_maps, relaxed_m0t
 
     acq = prep.acq
     any_fit = next(iter(fits.values()), None)
@@ -697,11 +684,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
             m0a = float(res.m0a)
             calib_prov["refregion"] = res.as_dict()
         else:
-            tissue = resolve_tissue(
-                tissref=options.tissref, te=te, t1r=options.t1r, t2r=options.t2r, t2b=options.t2b,
-                pc=options.pc, t2star=options.t2star, field_strength=acq.field_strength,
-                tissue_table=table, mask=ref, xp=xp, need_t1r=options.priors,
-            )
+            tissue = _resolve_tissue(acq, options, ref, xp=xp, need_t1r=options.priors)
             src_m0 = maps.get("ref_m0t", maps["m0t"])
             src_g = maps.get("ref_g", maps["g"])
             res, readout = m0a_from_satrecov_maps(
@@ -717,9 +700,8 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
             calib_img, tr = dev(prep.m0_image), prep.m0_tr
         else:
             calib_img, tr = maps["m0t"], None
-            if design.fa is not None and m0_scale == "relaxed":
-                sin_map = xp.sin(maps["g"] * math.radians(design.fa))
-                calib_img = xp.where(sin_map > 0, calib_img / xp.where(sin_map > 0, sin_map, 1), 0)
+            if m0_scale == "relaxed":
+                calib_img = relaxed_m0t(xp, calib_img, maps["g"], design.fa)[0]
             calib_prov.update(m0_scale=m0_scale)
         vox = m0_voxelwise(calib_img, brain, tr=tr, t1t=options.voxel_t1t, pc=options.voxel_pc,
                            cgain=options.cgain, edge_correction=options.edge_correction)
@@ -762,24 +744,25 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
                                    if prep.ref_info else "")}
     images["brain_mask"] = (prep.brain, aff)
 
+    n_brain = int(prep.brain.sum())
     summary: dict[str, Any] = {
         "M0a": m0a,
         "m0_mode": options.m0_mode,
         "m0_kind": prep.m0_kind,
         "field_strength": acq.field_strength,
-        "n_brain_voxels": int(prep.brain.sum()),
+        "n_brain_voxels": n_brain,
         "n_ref_voxels": None if prep.ref is None else int(prep.ref.sum()),
-        "cbf_mean_brain": float(xp.mean(cbf[brain])) if int(prep.brain.sum()) else None,
+        "cbf_mean_brain": float(xp.mean(cbf[brain])) if n_brain else None,
     }
     if "t1t" in maps:
         t1 = maps["t1t"]
         summary["T1_median_brain"] = float(xp.median(t1[brain]))
         if ref is not None:
             summary[f"T1_mean_ref_{options.tissref}"] = float(xp.mean(t1[ref]))
-    summary = _jsonable(summary)
     records["summary"] = summary
 
-    provenance = _jsonable({
+    # write_json makes NumPy values, paths and non-finite floats JSON-safe.
+    provenance = {
         "aslcal": __version__,
         "subject": prep.key,
         "inputs": {"files": prep.inputs, "m0_type": acq.m0_type, "labeling_type": acq.labeling_type,
@@ -790,6 +773,6 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
         "reference_mask": prep.ref_info or ({"source": "given", "file": prep.ref_file} if prep.ref_file else None),
         "calibration": calib_prov,
         "fits": fit_prov,
-    })
+    }
     return SubjectOutputs(key=prep.key, images=images, records=records, provenance=provenance,
                           summary=summary)

@@ -23,7 +23,7 @@ from ..kernels import lm
 from ..kernels.lm import STATUS_NAMES, STATUS_OUT_OF_MASK, STATUS_UNDERDETERMINED
 from .design import FitDesign, make_design
 
-__all__ = ["SatrecovFit", "fit_satrecov", "STATUS_NAMES"]
+__all__ = ["SatrecovFit", "fit_satrecov", "STATUS_NAMES", "status_counts"]
 
 log = logging.getLogger("aslcal")
 
@@ -85,16 +85,21 @@ class SatrecovFit:
 
     def status_counts(self) -> dict[str, int]:
         """Number of voxels per status (a small host copy of a histogram)."""
-        xp = array_namespace(self.status)
-        counts = xp.bincount(xp.reshape(self.status, (-1,)), minlength=len(STATUS_NAMES))
-        counts = counts.get() if is_cupy_array(counts) else np.asarray(counts)
-        return {STATUS_NAMES[k]: int(c) for k, c in enumerate(counts) if c and k in STATUS_NAMES}
+        return status_counts(self.status)
 
     @property
     def fits_per_second(self) -> float:
         """Voxel fits per second of kernel time."""
         t = self.timings.get("fit", 0.0)
         return self.n_fitted / t if t > 0 else math.nan
+
+
+def status_counts(status: Any) -> dict[str, int]:
+    """Number of voxels per status name in a status array (NumPy or CuPy; a small host copy)."""
+    xp = array_namespace(status)
+    counts = xp.bincount(xp.reshape(status, (-1,)), minlength=len(STATUS_NAMES))
+    counts = counts.get() if is_cupy_array(counts) else np.asarray(counts)
+    return {STATUS_NAMES[k]: int(c) for k, c in enumerate(counts) if c and k in STATUS_NAMES}
 
 
 def _pack_params(design: FitDesign, dtype: np.dtype, tol: float, max_iter: int, n_grid: int):
