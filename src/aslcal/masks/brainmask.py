@@ -36,6 +36,7 @@ import numpy as np
 
 from ..backend import array_namespace, as_numeric_array, ndimage_for
 from ..errors import InputError
+from .morphology import binary_dilation, binary_erosion
 from .ventricles import _count, _ellipsoid, _number, _voxel_size
 
 __all__ = ["BrainMask", "brain_mask_from_calib"]
@@ -101,8 +102,13 @@ class BrainMask:
 
 def _otsu(xp, values: Any, lo: float, hi: float) -> float:
     """Otsu's threshold of ``values`` (1-D, device) over [lo, hi] with :data:`_BINS` bins."""
-    counts, edges = xp.histogram(xp.clip(values, lo, hi), bins=_BINS, range=(lo, hi))
-    counts = xp.astype(counts, xp.float64)
+    # Uniform bins by direct indexing (a fifth of np.histogram's time): bin
+    # floor((v - lo) * bins / (hi - lo)), the top edge in the last bin.
+    index = xp.astype((xp.clip(values, lo, hi) - lo) * (_BINS / (hi - lo)), xp.int64)
+    index = xp.minimum(index, _BINS - 1)
+    counts = xp.astype(xp.bincount(xp.reshape(index, (-1,)), minlength=_BINS), xp.float64)
+    # Edges in the image's float type, as np.histogram makes them.
+    edges = xp.astype(xp.linspace(lo, hi, _BINS + 1, dtype=values.dtype), xp.float64)
     centres = (edges[:-1] + edges[1:]) / 2.0
     w0 = xp.cumsum(counts)
     total = w0[-1]
@@ -113,6 +119,26 @@ def _otsu(xp, values: Any, lo: float, hi: float) -> float:
     between = w0 * w1 * (mu0 - mu1) ** 2
     k = int(xp.argmax(between[:-1]))
     return float(edges[k + 1])
+
+
+def _crop_box(xp, cand: Any, margin: list[int]) -> tuple[slice, ...]:
+    """The bounding box of ``cand`` widened by ``margin`` voxels per axis (within the grid).
+
+    With ``margin`` = 2·r + 1 for a closing ball of half-size r (voxels) every step of the
+    mask gives inside the box what it gives on the whole grid: the erosion and the
+    dilation within the candidates see only background outside the box; the closing's
+    dilation stays within r of the mask, and its erosion (outside = foreground) reads
+    at most r further; hole filling finds the outside through the background ring the
+    margin leaves in every slice.
+    """
+    box = []
+    for axis, m in enumerate(margin):
+        other = tuple(a for a in range(cand.ndim) if a != axis)
+        hit = xp.nonzero(xp.any(cand, axis=other))[0]
+        n = int(cand.shape[axis])
+        lo, hi = (int(hit[0]), int(hit[-1])) if int(hit.shape[0]) else (0, n - 1)
+        box.append(slice(max(lo - m, 0), min(hi + m + 1, n)))
+    return tuple(box)
 
 
 def _fill_holes(ndi, xp, mask: Any) -> Any:
@@ -236,8 +262,13 @@ def brain_mask_from_calib(
 
     settings = {"fraction": fraction, "erode": erode_r, "close": close_r,
                 "voxel_size_mm": None if voxel_size is None else list(vox), "radius_unit": unit}
-    ball = xp.asarray(_ellipsoid(erode_r, vox))
-    core = ndi.binary_erosion(cand, structure=ball, border_value=0)
+    ball = _ellipsoid(erode_r, vox)
+    close_ball = _ellipsoid(close_r, vox) if close_r > 0 else np.ones((1, 1, 1), dtype=bool)
+    # Work inside the candidates' bounding box, widened so that every step gives what
+    # it gives on the whole grid (see _crop_box); the rest of the grid is background.
+    box = _crop_box(xp, cand, [2 * (n // 2) + 1 for n in close_ball.shape])
+    cand_box = cand[box]
+    core = binary_erosion(cand_box, ball, border_value=False)
     labels, n_comp = ndi.label(core)
     n_comp = int(n_comp)
     if n_comp == 0:
@@ -249,13 +280,14 @@ def brain_mask_from_calib(
     sizes = xp.bincount(xp.reshape(labels, (-1,)), minlength=n_comp + 1)
     sizes[0] = 0
     brain = labels == int(xp.argmax(sizes))
-    mask = ndi.binary_dilation(brain, structure=ball) & cand
+    mask = binary_dilation(brain, ball) & cand_box
     mask = _fill_holes(ndi, xp, mask)
-    close_ball = _ellipsoid(close_r, vox) if close_r > 0 else np.ones((1, 1, 1), dtype=bool)
     if close_ball.size > 1:
-        cb = xp.asarray(close_ball)
-        mask = ndi.binary_erosion(ndi.binary_dilation(mask, structure=cb), structure=cb, border_value=1)
+        mask = binary_erosion(binary_dilation(mask, close_ball), close_ball, border_value=True)
         mask = _fill_holes(ndi, xp, mask)
+    full = xp.zeros(cand.shape, dtype=xp.bool)
+    full[box] = mask
+    mask = full
     n_vox = _count(xp, mask)
     return BrainMask(
         mask=mask, threshold=threshold, otsu=otsu, tissue_level=tissue, n_components=n_comp,
