@@ -167,11 +167,20 @@ def test_fit_failure_of_one_subject_falls_back_to_per_subject_fits(cohort, runs,
     outcome = run_subjects(runs, writer, opts, failure_log=log, workers=2, batch_size=len(runs),
                            bids_root=cohort.root)
 
-    # One packed call with every job, then one call per subject with jobs.
-    n_fit_subjects = 1 + sum(1 for p in others.values() if p.jobs)
-    assert len(calls[0]) == n_fit_subjects
-    assert len(calls) == 1 + n_fit_subjects
-    assert len(outcome.launches) == n_fit_subjects - 1  # the victim's fit never launched
+    # Batches form as subjects become ready (adaptive batching), so which jobs share the
+    # victim's packed call varies; the fallback does not: the batch's one packed call
+    # fails, then every subject of that batch is fitted alone (one job each here).
+    with_victim = [i for i, c in enumerate(calls) if victim_job.n_vox in c]
+    first = with_victim[0]
+    batch = calls[first]
+    fallback = calls[first + 1:first + 1 + len(batch)]
+    assert all(len(c) == 1 for c in fallback)
+    assert sorted(c[0] for c in fallback) == sorted(batch)
+    assert len(with_victim) == 2 and with_victim[1] in range(first + 1, first + 1 + len(batch))
+    # Every job of every other subject was fitted once; the victim's fit never launched.
+    fitted = sorted(n for i, c in enumerate(calls) if i not in with_victim for n in c)
+    assert fitted == sorted(j.n_vox for p in others.values() for j in p.jobs)
+    assert sum(launch["n_vox"] for launch in outcome.launches) == sum(fitted)
 
     assert [r["key"] for r in outcome.failed] == [victim]
     rec = outcome.failed[0]
@@ -291,3 +300,68 @@ def test_stop_set_during_the_run_finishes_what_was_started(cohort, runs, tmp_pat
     assert set(states.values()) == {"complete", "absent"}
     # Subjects are taken in input order: the done ones are a prefix of the runs.
     assert outcome.done == [r.key for r in runs][: len(outcome.done)]
+
+
+def test_ready_subjects_are_fitted_and_written_without_waiting_for_a_slow_read(cohort, runs, tmp_path, monkeypatch):
+    """Adaptive batching: a slow read does not hold back the subjects already read.
+
+    The last subject's read blocks until every other subject is written (or 60 s pass).
+    A pipeline that waited for a full batch (batch_size = every subject) before fitting
+    would only get there by the timeout.
+    """
+    opts = _options(cohort)
+    slow = runs[-1].key
+    others_written = threading.Event()
+    written: list[str] = []
+    real_load = pipeline.load_subject
+
+    def load(run, options, **kw):
+        if run.key == slow:
+            assert others_written.wait(60), "the other subjects waited for the slow read"
+        return real_load(run, options, **kw)
+
+    def on_subject(key, ok):
+        written.append(key)
+        if len(written) == len(runs) - 1:
+            others_written.set()
+
+    monkeypatch.setattr(pipeline, "load_subject", load)
+    outcome = run_subjects(runs, DerivativesWriter(tmp_path / "out"), opts, failure_log=FailureLog(tmp_path / "f.jsonl"),
+                           workers=2, batch_size=len(runs), bids_root=cohort.root, on_subject=on_subject)
+    assert not outcome.failed and sorted(outcome.done) == sorted(r.key for r in runs)
+    assert written[-1] == slow
+
+
+def test_subjects_read_by_the_time_the_fit_starts_share_one_launch_per_design(cohort, runs, tmp_path, monkeypatch):
+    """Packing: when every subject has been read, the batch holds them all (one call)."""
+    opts = _options(cohort)
+    first = runs[0].key
+    n_loaded = 0
+    lock = threading.Lock()
+    all_others_read = threading.Event()
+    real_load, real_fit = pipeline.load_subject, pipeline.fit_packed
+    calls: list[int] = []
+
+    def load(run, options, **kw):
+        nonlocal n_loaded
+        if run.key == first:  # hold the head of the queue until the rest is read
+            assert all_others_read.wait(60)
+        prepared = real_load(run, options, **kw)
+        with lock:
+            n_loaded += 1
+            if n_loaded == len(runs) - 1:
+                all_others_read.set()
+        return prepared
+
+    def fit(jobs, options):
+        calls.append(len(jobs))
+        return real_fit(jobs, options)
+
+    monkeypatch.setattr(pipeline, "load_subject", load)
+    monkeypatch.setattr(pipeline, "fit_packed", fit)
+    outcome = run_subjects(runs, DerivativesWriter(tmp_path / "out"), opts, failure_log=FailureLog(tmp_path / "f.jsonl"),
+                           workers=2, batch_size=len(runs), bids_root=cohort.root)
+    assert sorted(outcome.done) == sorted(r.key for r in runs)
+    n_jobs = sum(len(load_subject(r, opts, bids_root=cohort.root).jobs) for r in runs)
+    assert calls == [n_jobs]
+    assert len(outcome.launches) == 2  # the two designs of this cohort

@@ -184,7 +184,14 @@ def run_subjects(
         batch: list[PreparedSubject] = []
         batch_bytes = 0
         while window:
-            run, future = window.popleft()
+            run, future = window[0]
+            if batch and not future.done():
+                # Nothing more is ready: fit what is held rather than wait idle.  When the
+                # fit is the slower stage, subjects pile up meanwhile and the next batch
+                # is larger by itself (adaptive batching).
+                flush(batch)
+                batch, batch_bytes = [], 0
+            window.popleft()
             try:
                 prepared = future.result()
             except SubjectError as err:
@@ -193,11 +200,15 @@ def run_subjects(
             except Exception as exc:  # noqa: BLE001
                 record(_fail(run.key, "load", exc))
                 prepared = None
-            if prepared is not None:
-                batch.append(prepared)
-                batch_bytes += prepared.nbytes
             fill()
-            if len(batch) >= batch_size or batch_bytes >= max_batch_bytes or not window:
+            if prepared is None:
+                continue
+            if not prepared.jobs:
+                flush([prepared])  # nothing to fit: calibrate and hand to a writer now
+                continue
+            batch.append(prepared)
+            batch_bytes += prepared.nbytes
+            if len(batch) >= batch_size or batch_bytes >= max_batch_bytes:
                 flush(batch)
                 batch, batch_bytes = [], 0
         flush(batch)
