@@ -53,7 +53,7 @@ __all__ = [
     "make_grid_tables", "t1_grid",
     "N_PARAMS", "N_FPAR", "N_IPAR", "STATUS_NAMES",
     "STATUS_CONVERGED", "STATUS_MAX_ITER", "STATUS_SINGULAR", "STATUS_NONFINITE",
-    "STATUS_OUT_OF_MASK", "STATUS_UNDERDETERMINED", "make_fit_voxel",
+    "STATUS_OUT_OF_MASK", "STATUS_UNDERDETERMINED", "make_fit_voxel", "even_spacing",
 ]
 
 N_PARAMS = 4
@@ -80,12 +80,43 @@ F_UB = 12  # 4 upper bounds
 F_INIT = 16  # 4 values: start / fixed value of each parameter (m0t unused)
 F_MU = 20  # 4 prior means
 F_PREC = 24  # 4 prior precisions 1/v (0 = no prior, and 0 for fixed parameters)
-N_FPAR = 28
+F_STEP = 28  # 2 values (high, low segment): readout spacing of its trains (s), see I_EVEN
+N_FPAR = 30
+#: An evenly spaced phase recomputes its decay with an exponential every this many
+#: readouts (between them F is advanced by one multiplication): the rounding of the
+#: product stays below ~16 ulp.
+EVEN_REANCHOR = 16
 # ipar offsets
 I_MODE, I_MAX_ITER, I_N_GRID, I_USE_PRIORS = range(4)
 I_FREE = 4  # 4 flags: 1 = fitted, 0 = fixed
 I_N_HIGH = 8  # observations [0, n_high) use the high flip angle, [n_high, n_obs) the low one
-N_IPAR = 9
+I_EVEN = 9  # 2 values (high, low segment): trains of this many readouts spaced by F_STEP (0: not)
+N_IPAR = 11
+
+
+def even_spacing(ti: np.ndarray) -> tuple[float, int] | None:
+    """``(Δ, L)`` if ``ti`` (one flip-angle segment, s) is a run of readout trains of L
+    volumes each, ti[t·L + k] = ti[t·L] + k·Δ to 1e-12 s·max(1, |ti|); else None.
+
+    Look-Locker phases are such trains (several high-flip-angle phases repeat the train);
+    repeated TIs or irregular saturation-recovery times are not.
+    """
+    ti = np.asarray(ti, dtype=np.float64)
+    if ti.size < 2:
+        return None
+    tol = 1e-12 * max(1.0, float(np.max(np.abs(ti))))
+    d = np.diff(ti)
+    step = float(d[0])
+    if abs(step) <= tol:
+        return None
+    off = np.flatnonzero(np.abs(d - step) > tol)
+    length = int(off[0]) + 1 if off.size else int(ti.size)
+    if length < 2 or ti.size % length:
+        return None
+    trains = ti.reshape(-1, length)
+    if np.max(np.abs(trains - (trains[:, :1] + step * np.arange(length)))) > tol:
+        return None
+    return step, length
 
 
 def t1_grid(fpar, ipar) -> np.ndarray:
@@ -137,7 +168,7 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
     """Return the single-voxel fitter for ``dtype`` built with decorator ``jit``."""
     model = make_satrecov_model(dtype, jit)
     phase_coefficients = model.phase_coefficients
-    obs_signal_grad = model.obs_signal_grad
+    obs_signal_grad_decay = model.obs_signal_grad_decay
     f = np.dtype(dtype).type
     ZERO = f(0.0)
     ONE = f(1.0)
@@ -185,8 +216,24 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
             c = cl if phase == 1 else ch
             j0 = 0 if phase == 0 else n_high
             j1 = n_high if phase == 0 else y.shape[0]
+            train = ipar[I_EVEN + phase]
+            even = train != 0
+            ratio = math.exp(-fpar[F_STEP + phase] * c[1]) if even else ZERO
+            fdec = ZERO
+            kt = 0  # position in the current readout train
+            ka = 0  # readouts since the last exponential
             for j in range(j0, j1):
-                s, d0, d1, d2, d3 = obs_signal_grad(p0, c, ti[j] + ts)
+                tau = ti[j] + ts - c[0]
+                if even and kt != 0 and ka != EVEN_REANCHOR:
+                    fdec = fdec * ratio  # evenly spaced readouts: F advances by a factor
+                    ka += 1
+                else:
+                    fdec = math.exp(-tau * c[1])
+                    ka = 1
+                kt += 1
+                if kt == train:
+                    kt = 0
+                s, d0, d1, d2, d3 = obs_signal_grad_decay(p0, c, tau, fdec)
                 r = y[j, v] - s
                 rss += r * r
                 if not f0:
@@ -233,11 +280,12 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
         return rss, cost, h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, g0, g1, g2, g3
 
     @jit
-    def solve4(h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, r0, r1, r2, r3, lam, a0, a1, a2, a3):
-        """Solve (H + lam·diag(H)) x = r over the active parameters by Cholesky.
+    def chol4(h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, lam, a0, a1, a2, a3):
+        """Cholesky factor L of (H + lam·diag(H)) over the active parameters.
 
-        Inactive parameters (a_k == 0) get x_k = 0.  Returns (ok, x0, x1, x2, x3) with
-        ok = 0 if the matrix is not numerically positive definite.
+        Inactive parameters (a_k == 0) get a unit row and column.  Returns (ok, l00, l10,
+        l11, l20, l21, l22, l30, l31, l32, l33) with ok = 0 if the matrix is not
+        numerically positive definite.
         """
         sc = ONE + lam
         m00 = h00 * sc if a0 else ONE
@@ -250,29 +298,44 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
         m30 = h30 if (a3 and a0) else ZERO
         m31 = h31 if (a3 and a1) else ZERO
         m32 = h32 if (a3 and a2) else ZERO
-        if not r0 == r0:  # NaN guard (keeps NaN out of the factor)
-            return ZERO, ZERO, ZERO, ZERO, ZERO
+        fail = (ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO)
         if not m00 > PIVOT * (h00 if a0 else ONE):
-            return ZERO, ZERO, ZERO, ZERO, ZERO
+            return fail
         l00 = math.sqrt(m00)
         l10 = m10 / l00
         l20 = m20 / l00
         l30 = m30 / l00
         d = m11 - l10 * l10
         if not d > PIVOT * (h11 if a1 else ONE):
-            return ZERO, ZERO, ZERO, ZERO, ZERO
+            return fail
         l11 = math.sqrt(d)
         l21 = (m21 - l20 * l10) / l11
         l31 = (m31 - l30 * l10) / l11
         d = m22 - l20 * l20 - l21 * l21
         if not d > PIVOT * (h22 if a2 else ONE):
-            return ZERO, ZERO, ZERO, ZERO, ZERO
+            return fail
         l22 = math.sqrt(d)
         l32 = (m32 - l30 * l20 - l31 * l21) / l22
         d = m33 - l30 * l30 - l31 * l31 - l32 * l32
         if not d > PIVOT * (h33 if a3 else ONE):
-            return ZERO, ZERO, ZERO, ZERO, ZERO
+            return fail
         l33 = math.sqrt(d)
+        return ONE, l00, l10, l11, l20, l21, l22, l30, l31, l32, l33
+
+    @jit
+    def solve4(h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, r0, r1, r2, r3, lam, a0, a1, a2, a3):
+        """Solve (H + lam·diag(H)) x = r over the active parameters by Cholesky.
+
+        Inactive parameters (a_k == 0) get x_k = 0.  Returns (ok, x0, x1, x2, x3) with
+        ok = 0 if the matrix is not numerically positive definite.
+        """
+        if not r0 == r0:  # NaN guard (keeps NaN out of the factor)
+            return ZERO, ZERO, ZERO, ZERO, ZERO
+        ok, l00, l10, l11, l20, l21, l22, l30, l31, l32, l33 = chol4(
+            h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, lam, a0, a1, a2, a3
+        )
+        if ok == ZERO:
+            return ZERO, ZERO, ZERO, ZERO, ZERO
         z0 = (r0 if a0 else ZERO) / l00
         z1 = ((r1 if a1 else ZERO) - l10 * z0) / l11
         z2 = ((r2 if a2 else ZERO) - l20 * z0 - l21 * z1) / l22
@@ -282,6 +345,36 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
         x1 = (z1 - l21 * x2 - l31 * x3) / l11
         x0 = (z0 - l10 * x1 - l20 * x2 - l30 * x3) / l00
         return ONE, x0, x1, x2, x3
+
+    @jit
+    def inverse_diagonal(h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, a0, a1, a2, a3):
+        """diag(H⁻¹) over the active parameters from one Cholesky factor (H⁻¹ = L⁻ᵀL⁻¹).
+
+        Returns (ok, v0, v1, v2, v3); inactive parameters give 1 (unused).
+        """
+        ok, l00, l10, l11, l20, l21, l22, l30, l31, l32, l33 = chol4(
+            h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, ZERO, a0, a1, a2, a3
+        )
+        if ok == ZERO:
+            return ZERO, ZERO, ZERO, ZERO, ZERO
+        # M = L⁻¹ (lower triangular); (H⁻¹)_kk = Σ_i≥k M_ik²
+        m00 = ONE / l00
+        m11 = ONE / l11
+        m22 = ONE / l22
+        m33 = ONE / l33
+        m10 = -l10 * m00 * m11
+        m21 = -l21 * m11 * m22
+        m20 = -(l20 * m00 + l21 * m10) * m22
+        m32 = -l32 * m22 * m33
+        m31 = -(l31 * m11 + l32 * m21) * m33
+        m30 = -(l30 * m00 + l31 * m10 + l32 * m20) * m33
+        return (
+            ONE,
+            m00 * m00 + m10 * m10 + m20 * m20 + m30 * m30,
+            m11 * m11 + m21 * m21 + m31 * m31,
+            m22 * m22 + m32 * m32,
+            m33 * m33,
+        )
 
     @jit
     def is_active(free, p, g, lb, ub, hkk):
@@ -477,31 +570,15 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
         singular = status == STATUS_SINGULAR or dof <= 0
         if not singular:
             var_s2 = s2 if s2 > ZERO else rss / f(dof)
-            se0 = se1 = se2 = se3 = ZERO
-            for k in range(4):
-                e0 = ONE if k == 0 else ZERO
-                e1 = ONE if k == 1 else ZERO
-                e2 = ONE if k == 2 else ZERO
-                e3 = ONE if k == 3 else ZERO
-                if ipar[I_FREE + k] == 0:
-                    continue
-                ok, x0, x1, x2, x3 = solve4(
-                    h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, e0, e1, e2, e3, ZERO,
-                    fr0 != 0, fr1 != 0, fr2 != 0, fr3 != 0,
-                )
-                if ok == ZERO:
-                    singular = True
-                    break
-                xk = x0 * e0 + x1 * e1 + x2 * e2 + x3 * e3
-                sek = math.sqrt(var_s2 * xk) if xk >= ZERO else NAN
-                if k == 0:
-                    se0 = sek
-                elif k == 1:
-                    se1 = sek
-                elif k == 2:
-                    se2 = sek
-                else:
-                    se3 = sek
+            ok, v0, v1, v2, v3 = inverse_diagonal(
+                h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, fr0 != 0, fr1 != 0, fr2 != 0, fr3 != 0,
+            )
+            if ok == ZERO:
+                singular = True
+            se0 = (math.sqrt(var_s2 * v0) if v0 >= ZERO else NAN) if fr0 else ZERO
+            se1 = (math.sqrt(var_s2 * v1) if v1 >= ZERO else NAN) if fr1 else ZERO
+            se2 = (math.sqrt(var_s2 * v2) if v2 >= ZERO else NAN) if fr2 else ZERO
+            se3 = (math.sqrt(var_s2 * v3) if v3 >= ZERO else NAN) if fr3 else ZERO
         if singular:
             out_se[0, v] = NAN if fr0 else ZERO
             out_se[1, v] = NAN if fr1 else ZERO

@@ -130,6 +130,11 @@ def _pack_params(design: FitDesign, dtype: np.dtype, tol: float, max_iter: int, 
     # the kernels read the high-flip-angle volumes first, the low-flip-angle phase last
     assert not np.any(design.low[:n_high]) and np.all(design.low[n_high:]), "LFA phase must be last"
     ipar[lm.I_N_HIGH] = n_high
+    ti = np.asarray(design.ti, dtype=np.float64)
+    for phase, seg in enumerate((ti[:n_high], ti[n_high:])):
+        even = lm.even_spacing(seg)  # Look-Locker trains: one exponential per train
+        if even is not None:
+            fpar[lm.F_STEP + phase], ipar[lm.I_EVEN + phase] = even
     with np.errstate(over="ignore"):
         return fpar.astype(dtype), ipar
 

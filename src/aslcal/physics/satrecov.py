@@ -92,7 +92,9 @@ def make_satrecov_model(dtype=np.float64, jit=_identity) -> SimpleNamespace:
         ``phase_coefficients(mode, t1, a, g, ti1, dt, fa, lfa, low)`` → 13-tuple
         ``(ti0, rate, q, dq, P0, P1, Q0, Q1, Q2, R1, U0, U1, U2)``;
         ``obs_signal_grad(m0, c, ti)`` → ``(S, dS/dm0, dS/dt1, dS/da, dS/dg)`` for the
-        coefficient tuple ``c``; ``obs_basis(c, ti)`` → ``(u, w)``, the two columns of the
+        coefficient tuple ``c``; ``obs_signal_grad_decay(m0, c, tau, fdec)``, the same
+        given τ and F (readouts evenly spaced by Δ: F advances by the factor
+        exp(−Δ·rate), so a train needs no exponential per readout); ``obs_basis(c, ti)`` → ``(u, w)``, the two columns of the
         model's linear part (S = M0·u + M0·A·w) for coefficients computed with A = 0; and
         ``signal_grad(mode, m0, t1, a, g, ti, ti1, dt, fa,
         lfa, low)``, the two composed for a single observation.
@@ -150,9 +152,8 @@ def make_satrecov_model(dtype=np.float64, jit=_identity) -> SimpleNamespace:
         )
 
     @jit
-    def obs_signal_grad(m0, c, ti):
-        tau = ti - c[0]
-        fdec = math.exp(-tau * c[1])
+    def obs_signal_grad_decay(m0, c, tau, fdec):
+        """:func:`obs_signal_grad` given τ = TI − TI0 and its decay F = exp(−τ·rate)."""
         q = c[2]
         k = c[4] + c[5] * fdec
         mq = m0 * q
@@ -163,6 +164,11 @@ def make_satrecov_model(dtype=np.float64, jit=_identity) -> SimpleNamespace:
             mq * c[9] * fdec,
             m0 * (c[3] * k + q * (c[10] + fdec * (c[11] + c[12] * tau))),
         )
+
+    @jit
+    def obs_signal_grad(m0, c, ti):
+        tau = ti - c[0]
+        return obs_signal_grad_decay(m0, c, tau, math.exp(-tau * c[1]))
 
     @jit
     def obs_basis(c, ti):
@@ -177,6 +183,7 @@ def make_satrecov_model(dtype=np.float64, jit=_identity) -> SimpleNamespace:
     return SimpleNamespace(
         phase_coefficients=phase_coefficients,
         obs_signal_grad=obs_signal_grad,
+        obs_signal_grad_decay=obs_signal_grad_decay,
         obs_basis=obs_basis,
         signal_grad=signal_grad,
         dtype=np.dtype(dtype),
