@@ -200,20 +200,21 @@ def test_fit_failure_of_one_subject_falls_back_to_per_subject_fits(cohort, runs,
 def test_write_failure_of_one_subject_leaves_nothing_and_others_complete(cohort, runs, tmp_path, monkeypatch):
     opts = _options(cohort)
     victim = _victim(cohort, "look_locker")
-    real_save = derivatives.save_image
+    real_write = derivatives.OutputSet.write_bytes
     victim_saved: list[str] = []
     lock = threading.Lock()
 
-    def failing_save(path, *args, **kwargs):
-        name = Path(path).name
-        if f"{victim}_desc-" in name:
+    def failing_write(self, dest, payload):
+        name = Path(dest).name
+        if f"{victim}_desc-" in name and name.endswith(".nii.gz"):
             with lock:
                 victim_saved.append(name)
-            if f"{victim}_desc-cbf_cbf" in name:
+            if f"{victim}_desc-cbf_cbf" in name:  # half the file, then the disk is full
+                self.path(dest).write_bytes(payload[: len(payload) // 2])
                 raise OSError("injected: no space left on device")
-        return real_save(path, *args, **kwargs)
+        return real_write(self, dest, payload)
 
-    monkeypatch.setattr(derivatives, "save_image", failing_save)
+    monkeypatch.setattr(derivatives.OutputSet, "write_bytes", failing_write)
     out = tmp_path / "out"
     writer = DerivativesWriter(out)
     outcome = run_subjects(runs, writer, opts, failure_log=FailureLog(tmp_path / "failures.jsonl"),

@@ -382,3 +382,20 @@ def test_output_set_unwritten_or_duplicate_output_is_an_error(tmp_path):
     with pytest.raises(InputError, match="never written"):
         out.commit()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_output_set_write_bytes_commits_together_or_not_at_all(tmp_path: Path, monkeypatch) -> None:
+    fsynced: list[str] = []
+    real_fsync = atomic._fsync_path
+    monkeypatch.setattr(atomic, "_fsync_path", lambda p, **kw: (fsynced.append(Path(p).name), real_fsync(p, **kw)))
+    with atomic.OutputSet() as out:
+        out.write_bytes(tmp_path / "a.bin", b"alpha")
+        out.write_bytes(tmp_path / "b.json", b"{}\n")
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == []
+    assert (tmp_path / "a.bin").read_bytes() == b"alpha" and (tmp_path / "b.json").read_bytes() == b"{}\n"
+    # each file flushed once, then the folder once: no per-file folder flushes
+    assert len(fsynced) == 3 and fsynced[-1] == tmp_path.name
+    with pytest.raises(RuntimeError), atomic.OutputSet() as out:
+        out.write_bytes(tmp_path / "c.bin", b"gamma")
+        raise RuntimeError("fails before the commit")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.json"]

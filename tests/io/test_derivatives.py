@@ -186,15 +186,16 @@ def test_write_subject_contents_and_marker(writer):
 
 def test_failing_writer_leaves_nothing(writer, monkeypatch):
     calls = []
-    real = deriv.save_image
+    real = deriv.OutputSet.write_bytes
 
-    def flaky(*args, **kwargs):
-        calls.append(args[0])
-        if len(calls) == 3:
+    def flaky(self, dest, payload):
+        calls.append(dest)
+        if len(calls) == 3:  # the disk fills up half-way through the third file
+            self.path(dest).write_bytes(payload[: len(payload) // 2])
             raise OSError("disk full (injected)")
-        return real(*args, **kwargs)
+        return real(self, dest, payload)
 
-    monkeypatch.setattr(deriv, "save_image", flaky)
+    monkeypatch.setattr(deriv.OutputSet, "write_bytes", flaky)
     with pytest.raises(OSError, match="injected"):
         _write(writer)
     assert len(calls) == 3

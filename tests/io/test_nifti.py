@@ -782,3 +782,15 @@ def test_import_is_light() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", ["x.nii", "x.nii.gz"])
+def test_encode_image_gives_the_bytes_save_image_writes(tmp_path: Path, name: str) -> None:
+    from aslcal.io.nifti import encode_image, save_image
+
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6) / 7.0
+    affine = np.diag([2.0, 2.5, 3.0, 1.0])
+    saved = save_image(tmp_path / name, data, affine, description="test")
+    assert encode_image(name, data, affine, description="test") == saved.read_bytes()
+    with pytest.raises(InputError, match="unsupported extension"):
+        encode_image("x.img", data, affine)

@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["OutputSet", "atomic_output", "write_text", "write_json", "write_scalar"]
+__all__ = ["OutputSet", "atomic_output", "json_text", "write_text", "write_json", "write_scalar"]
 
 StrPath = str | os.PathLike[str]
 
@@ -258,6 +258,16 @@ class OutputSet:
         self._staged.append((tmp, dest_path))
         return tmp
 
+    def write_bytes(self, dest: StrPath, payload: bytes) -> Path:
+        """Register ``dest`` and write ``payload`` as its whole content (committed with the set).
+
+        The file is flushed to disk once, by :meth:`commit`; returns the temporary path.
+        """
+        tmp = self.path(dest)
+        with open(tmp, "wb") as handle:
+            handle.write(payload)
+        return tmp
+
     @property
     def destinations(self) -> list[Path]:
         return [d for _, d in self._staged]
@@ -415,8 +425,12 @@ def write_json(path: StrPath, obj: Any, *, overwrite: bool = True) -> Path:
     floats are written with full precision (shortest repr that round-trips) and the
     file ends with a newline.
     """
-    text = json.dumps(_to_jsonable(obj, "obj"), indent=2, sort_keys=False, allow_nan=False)
-    return write_text(path, text + "\n", overwrite=overwrite)
+    return write_text(path, json_text(obj), overwrite=overwrite)
+
+
+def json_text(obj: Any) -> str:
+    """The text :func:`write_json` writes for ``obj`` (same conversions and errors)."""
+    return json.dumps(_to_jsonable(obj, "obj"), indent=2, sort_keys=False, allow_nan=False) + "\n"
 
 
 def write_scalar(path: StrPath, value: Any, *, overwrite: bool = True) -> Path:

@@ -47,8 +47,8 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import InputError
-from .atomic import _TEMP_MARKER, OutputSet, StrPath, write_json, write_text
-from .nifti import save_image
+from .atomic import _TEMP_MARKER, OutputSet, StrPath, json_text, write_json, write_text
+from .nifti import encode_image
 
 __all__ = [
     "BIDS_VERSION",
@@ -511,31 +511,28 @@ class DerivativesWriter:
         _unlink(paths[_MARKER_NAME])
 
         written: dict[str, Path] = {}
-        staged: dict[Path, Path] = {}
+        files: dict[str, dict[str, Any]] = {}
         with OutputSet(overwrite=self.overwrite) as out:
 
-            def stage(name: str, dest: Path) -> Path:
-                tmp = out.path(dest)
-                staged[dest] = tmp
+            def stage(name: str, dest: Path, payload: bytes) -> None:
+                # Hashed from memory: the bytes written are the bytes hashed.
+                out.write_bytes(dest, payload)
                 written[name] = dest
-                return tmp
+                files[dest.name] = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
 
             for name in IMAGE_OUTPUTS:  # fixed order: deterministic
                 if name not in images:
                     continue
                 data, affine, header = _image_parts(name, images[name])
-                save_image(stage(name, paths[name]), data, affine, header=header, overwrite=True)
+                stage(name, paths[name], encode_image(paths[name].name, data, affine, header=header))
                 _, _, units, description = IMAGE_OUTPUTS[name]
                 sidecar = {"Units": units, "Description": description, **dict(records.get(name, {}))}
-                write_json(stage(f"{name}_json", paths[f"{name}_json"]), sidecar, overwrite=True)
+                stage(f"{name}_json", paths[f"{name}_json"], json_text(sidecar).encode("utf-8"))
             if "summary" in records:
-                write_json(stage("summary", paths["summary"]), records["summary"], overwrite=True)
+                stage("summary", paths["summary"], json_text(records["summary"]).encode("utf-8"))
             if provenance is not None:
-                write_json(stage("provenance", paths["provenance"]), provenance, overwrite=True)
-            files = {
-                dest.name: {"bytes": tmp.stat().st_size, "sha256": _sha256(tmp)}
-                for dest, tmp in sorted(staged.items())
-            }
+                stage("provenance", paths["provenance"], json_text(provenance).encode("utf-8"))
+            files = dict(sorted(files.items()))
         # All files are in place.  Remove stale files of an earlier run of this subject
         # (overwrite=True), then mark the subject complete.
         keep = set(written.values())

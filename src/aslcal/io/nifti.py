@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - isal is a dependency; keep working wit
     _igzip = None
     _isal_zlib = None
 
-__all__ = ["GZIP_ENV", "Image", "gzip_backend", "load_image", "save_image"]
+__all__ = ["GZIP_ENV", "Image", "encode_image", "gzip_backend", "load_image", "save_image"]
 
 #: Environment variable choosing the gzip implementation: "zlib", "isal" or "auto".
 GZIP_ENV = "ASLCAL_GZIP"
@@ -576,6 +576,29 @@ def save_image(
     uncompressed plus the compressed file size.
     """
     dest = Path(path)
+    payload = encode_image(dest.name, data, affine, header=header, description=description, dtype=dtype)
+    with atomic_output(dest, overwrite=overwrite) as tmp:
+        _write_file(tmp, payload)
+    return dest
+
+
+def encode_image(
+    name: str,
+    data: Any,
+    affine: Any = None,
+    *,
+    header: nibabel.Nifti1Header | None = None,
+    description: str | None = None,
+    dtype: Any = None,
+) -> bytes:
+    """The bytes of the file :func:`save_image` writes (nothing is written).
+
+    ``name`` is the file name (``*.nii`` or ``*.nii.gz``: gzip-compressed); the other
+    arguments and the errors are those of :func:`save_image`.  For writers that stage
+    many files at once (:meth:`aslcal.io.atomic.OutputSet.write_bytes`) and hash what
+    they wrote without reading it back.
+    """
+    dest = Path(name)
     lower = dest.name.lower()
     if not (lower.endswith(".nii") or lower.endswith(".nii.gz")) or lower in (".nii", ".nii.gz"):
         raise InputError(
@@ -634,6 +657,4 @@ def save_image(
     payload = img.to_bytes()
     if lower.endswith(".nii.gz"):
         payload = _gzip(payload, gzip_backend())
-    with atomic_output(dest, overwrite=overwrite) as tmp:
-        _write_file(tmp, payload)
-    return dest
+    return payload
