@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from ..backend import array_namespace, as_numeric_array, ndimage_for
+from ..backend import array_namespace, as_numeric_array, is_cupy_array, ndimage_for
 from ..errors import InputError
 from .morphology import binary_dilation, binary_erosion
 from .ventricles import _count, _ellipsoid, _number, _voxel_size
@@ -119,6 +119,64 @@ def _otsu(xp, values: Any, lo: float, hi: float) -> float:
     between = w0 * w1 * (mu0 - mu1) ** 2
     k = int(xp.argmax(between[:-1]))
     return float(edges[k + 1])
+
+
+class _HostSteps:
+    """The binary steps on NumPy arrays: compiled kernels that release the GIL
+    (aslcal.kernels.masks_cpu), so that a cohort's I/O threads keep running."""
+
+    def __init__(self) -> None:
+        from ..kernels.masks_cpu import get_mask_kernels
+
+        self.k = get_mask_kernels()
+
+    @staticmethod
+    def erode(mask, structure, border: bool):
+        return binary_erosion(mask, structure, border_value=border)
+
+    @staticmethod
+    def dilate(mask, structure):
+        return binary_dilation(mask, structure)
+
+    def largest_component(self, mask):
+        out = np.empty(mask.shape, dtype=bool)
+        n = self.k.largest_component(np.ascontiguousarray(mask, dtype=bool), out)
+        return out, int(n)
+
+    def fill_holes(self, mask):
+        # One contiguous slice per index of the last axis: (z, x, y).
+        slices = np.ascontiguousarray(np.moveaxis(np.asarray(mask, dtype=bool), 2, 0))
+        out = np.empty_like(slices)
+        self.k.fill_holes_inplane(slices, out)
+        return np.moveaxis(out, 0, 2)
+
+
+class _DeviceSteps:
+    """The same steps on CuPy arrays: shifted slices and cupyx.scipy.ndimage."""
+
+    def __init__(self, ndi, xp) -> None:
+        self.ndi, self.xp = ndi, xp
+
+    @staticmethod
+    def erode(mask, structure, border: bool):
+        return binary_erosion(mask, structure, border_value=border)
+
+    @staticmethod
+    def dilate(mask, structure):
+        return binary_dilation(mask, structure)
+
+    def largest_component(self, mask):
+        xp = self.xp
+        labels, n = self.ndi.label(mask)
+        n = int(n)
+        if n == 0:
+            return xp.zeros(mask.shape, dtype=xp.bool), 0
+        sizes = xp.bincount(xp.reshape(labels, (-1,)), minlength=n + 1)
+        sizes[0] = 0
+        return labels == int(xp.argmax(sizes)), n
+
+    def fill_holes(self, mask):
+        return _fill_holes(self.ndi, self.xp, mask)
 
 
 def _crop_box(xp, cand: Any, margin: list[int]) -> tuple[slice, ...]:
@@ -267,24 +325,18 @@ def brain_mask_from_calib(
     # Work inside the candidates' bounding box, widened so that every step gives what
     # it gives on the whole grid (see _crop_box); the rest of the grid is background.
     box = _crop_box(xp, cand, [2 * (n // 2) + 1 for n in close_ball.shape])
+    steps = _HostSteps() if not is_cupy_array(cand) else _DeviceSteps(ndi, xp)
     cand_box = cand[box]
-    core = binary_erosion(cand_box, ball, border_value=False)
-    labels, n_comp = ndi.label(core)
-    n_comp = int(n_comp)
+    brain, n_comp = steps.largest_component(steps.erode(cand_box, ball, False))
     if n_comp == 0:
         raise InputError(
             f"calib: no brain left after eroding the thresholded image ({_count(xp, cand)} voxels above "
             f"{threshold:g}) with a ball of radius {erode_r:g} {settings['radius_unit']}: the image has "
             "no brain-sized bright region; check the calibration image or supply a brain mask (--bmask)"
         )
-    sizes = xp.bincount(xp.reshape(labels, (-1,)), minlength=n_comp + 1)
-    sizes[0] = 0
-    brain = labels == int(xp.argmax(sizes))
-    mask = binary_dilation(brain, ball) & cand_box
-    mask = _fill_holes(ndi, xp, mask)
+    mask = steps.fill_holes(steps.dilate(brain, ball) & cand_box)
     if close_ball.size > 1:
-        mask = binary_erosion(binary_dilation(mask, close_ball), close_ball, border_value=True)
-        mask = _fill_holes(ndi, xp, mask)
+        mask = steps.fill_holes(steps.erode(steps.dilate(mask, close_ball), close_ball, True))
     full = xp.zeros(cand.shape, dtype=xp.bool)
     full[box] = mask
     mask = full

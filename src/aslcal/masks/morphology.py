@@ -37,20 +37,26 @@ def _check_structure(structure: np.ndarray, ndim: int) -> np.ndarray:
     return s
 
 
+def _layout(shape: tuple[int, ...], s: np.ndarray) -> tuple[tuple[int, ...], tuple[slice, ...], list[int], int, int]:
+    """Padded shape, the original grid within it, the flat offsets, and the flat range
+    [start, stop) from the first to the last original voxel."""
+    half = [n // 2 for n in s.shape]
+    padded = tuple(int(n) + 2 * h for n, h in zip(shape, half, strict=True))
+    inner = tuple(slice(h, h + int(n)) for h, n in zip(half, shape, strict=True))
+    strides = np.cumprod((1,) + padded[:0:-1])[::-1]  # C-order element strides
+    offsets = [int(o) for o in (np.argwhere(s) - np.asarray(half)) @ strides]
+    start = int(np.dot(half, strides))
+    stop = int(np.dot([h + int(n) - 1 for h, n in zip(half, shape, strict=True)], strides)) + 1
+    return padded, inner, offsets, start, stop
+
+
 def _shifted(mask: Any, structure: np.ndarray, border: bool, erode: bool) -> Any:
     xp = array_namespace(mask)
     s = _check_structure(structure, mask.ndim)
-    half = [n // 2 for n in s.shape]
-    shape = tuple(int(n) + 2 * h for n, h in zip(mask.shape, half, strict=True))
-    inner = tuple(slice(h, h + int(n)) for h, n in zip(half, mask.shape, strict=True))
+    shape, inner, offsets, start, stop = _layout(tuple(mask.shape), s)
     padded = xp.full(shape, border, dtype=xp.bool)  # (xp.pad is 10x slower at this size)
     padded[inner] = mask
-    strides = np.cumprod((1,) + shape[:0:-1])[::-1]  # C-order element strides
-    offsets = [int(o) for o in (np.argwhere(s) - np.asarray(half)) @ strides]
     flat = xp.reshape(padded, (-1,))
-    # Flat positions of the original grid run from the first to the last interior voxel.
-    start = int(np.dot(half, strides))
-    stop = int(np.dot([h + int(n) - 1 for h, n in zip(half, mask.shape, strict=True)], strides)) + 1
     out = xp.empty(shape, dtype=xp.bool)
     acc = xp.reshape(out, (-1,))[start:stop]
     acc[...] = flat[start + offsets[0]:stop + offsets[0]]

@@ -1,0 +1,147 @@
+"""numba CPU kernels of the brain mask's binary steps (NumPy path of aslcal.masks).
+
+The brain mask runs once per subject in the cohort runner's reader threads, next to
+threads that read, compress and write files.  Its labelling steps (the largest
+component of the eroded candidates, and twice the in-plane hole filling) took a third
+of its time with ``scipy.ndimage.label``; here each is one compiled pass that
+releases the GIL (``nogil``), so it also overlaps with the I/O threads:
+
+* ``largest_component``: the largest 6-connected component (ties: the one whose
+  first voxel comes first in C order, as ``scipy.ndimage.label`` numbers them), by a
+  flood fill;
+* ``fill_holes_inplane``: fill the background components of each slice along the
+  last axis (4-connected in the first two axes) that do not reach the slice's edge --
+  ``binary_fill_holes`` with the in-plane cross as structure.
+
+The tests compare each with scipy.ndimage on random arrays.  Compiled lazily (first
+use) and cached on disk, like the fit kernels.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from .lm_cpu import cached_njit
+
+__all__ = ["get_mask_kernels"]
+
+
+@lru_cache(maxsize=None)
+def get_mask_kernels():
+    """The compiled kernels, as a namespace with ``largest_component`` and
+    ``fill_holes_inplane``."""
+    from types import SimpleNamespace
+
+    jit = cached_njit("masks", nogil=True)
+
+    @jit
+    def largest_component(mask, out):
+        """Largest 6-connected component of ``mask`` into ``out``; returns the number of components."""
+        nx, ny, nz = mask.shape
+        n_all = nx * ny * nz
+        label = np.zeros(n_all, dtype=np.int32)
+        stack = np.empty(n_all, dtype=np.int64)
+        flat = mask.ravel()
+        syz = ny * nz
+        n_comp = 0
+        best = 0
+        best_size = 0
+        for start in range(n_all):
+            if not flat[start] or label[start] != 0:
+                continue
+            n_comp += 1
+            label[start] = n_comp
+            size = 0
+            top = 0
+            stack[top] = start
+            top += 1
+            while top > 0:
+                top -= 1
+                p = stack[top]
+                size += 1
+                i = p // syz
+                j = (p // nz) % ny
+                k = p % nz
+                for d in range(6):
+                    if d == 0:
+                        if i == 0:
+                            continue
+                        q = p - syz
+                    elif d == 1:
+                        if i == nx - 1:
+                            continue
+                        q = p + syz
+                    elif d == 2:
+                        if j == 0:
+                            continue
+                        q = p - nz
+                    elif d == 3:
+                        if j == ny - 1:
+                            continue
+                        q = p + nz
+                    elif d == 4:
+                        if k == 0:
+                            continue
+                        q = p - 1
+                    else:
+                        if k == nz - 1:
+                            continue
+                        q = p + 1
+                    if flat[q] and label[q] == 0:
+                        label[q] = n_comp
+                        stack[top] = q
+                        top += 1
+            if size > best_size:
+                best_size = size
+                best = n_comp
+        out_flat = out.ravel()
+        for p in range(n_all):
+            out_flat[p] = best != 0 and label[p] == best
+        return n_comp
+
+    @jit
+    def fill_holes_inplane(slices, out):
+        """``slices`` (z, x, y: one contiguous slice per z) with the background not
+        connected (4-connected, in plane) to the slice's edge set, into ``out`` (same layout)."""
+        nz, nx, ny = slices.shape
+        outside = np.zeros((nx, ny), dtype=np.bool_)
+        stack = np.empty(nx * ny, dtype=np.int64)
+        for k in range(nz):
+            mask = slices[k]
+            outside[:, :] = False
+            top = 0
+            for i in range(nx):
+                for j in range(ny):
+                    edge = i == 0 or j == 0 or i == nx - 1 or j == ny - 1
+                    if edge and not mask[i, j] and not outside[i, j]:
+                        outside[i, j] = True
+                        stack[top] = i * ny + j
+                        top += 1
+            while top > 0:
+                top -= 1
+                p = stack[top]
+                i = p // ny
+                j = p - i * ny
+                if i > 0 and not mask[i - 1, j] and not outside[i - 1, j]:
+                    outside[i - 1, j] = True
+                    stack[top] = p - ny
+                    top += 1
+                if i < nx - 1 and not mask[i + 1, j] and not outside[i + 1, j]:
+                    outside[i + 1, j] = True
+                    stack[top] = p + ny
+                    top += 1
+                if j > 0 and not mask[i, j - 1] and not outside[i, j - 1]:
+                    outside[i, j - 1] = True
+                    stack[top] = p - 1
+                    top += 1
+                if j < ny - 1 and not mask[i, j + 1] and not outside[i, j + 1]:
+                    outside[i, j + 1] = True
+                    stack[top] = p + 1
+                    top += 1
+            for i in range(nx):
+                for j in range(ny):
+                    out[k, i, j] = mask[i, j] or not outside[i, j]
+
+    return SimpleNamespace(largest_component=largest_component, fill_holes_inplane=fill_holes_inplane)
