@@ -158,6 +158,8 @@ class Image:
     ----------
     data : numpy.ndarray of shape (x, y, z) or (x, y, z, t)
         Voxel values after applying the file's scaling (``scl_slope``/``scl_inter``).
+        From :func:`load_image`, in the file's memory order (Fortran: each volume
+        contiguous).
     affine : numpy.ndarray of shape (4, 4), float64
         Voxel index -> world (scanner) coordinates, millimetres: the sform if its code
         is set, else the qform, as nibabel chooses.
@@ -415,7 +417,9 @@ def load_image(
         raise InputError(
             f"{where}: cannot read the voxel data ({type(exc).__name__}: {exc}); {expected}"
         ) from exc
-    data = np.ascontiguousarray(data.reshape(shape))
+    # Kept in the file's memory order (NIfTI: Fortran, x fastest, each volume contiguous):
+    # a C-order copy cost as much as the decompression.
+    data = data.reshape(shape)
 
     return Image(
         data=data,
