@@ -49,7 +49,12 @@ def get_numba_fitter(dtype_name: str):
     """
     import numba
 
-    fit_voxel = make_fit_voxel(np.dtype(dtype_name).type, jit=cached_njit(dtype_name, nogil=True))
+    # fastmath={"contract"} only: a*b + c may become one fused multiply-add (one rounding
+    # instead of two), as the CUDA compiler does by default; no other fast-math liberty
+    # (NaN and Inf checks stay exact).  15-17 % faster fits, parameters within 1e-14.
+    fit_voxel = make_fit_voxel(
+        np.dtype(dtype_name).type, jit=cached_njit(f"{dtype_name}:fma", nogil=True, fastmath={"contract"})
+    )
 
     @cached_njit(dtype_name, parallel=True, nogil=True)
     def fit_batch(y, ti, sidx, shifts, gu, gw, fpar, ipar, out_p, out_se, out_rss, out_iter, out_status, n_chunks):
