@@ -35,7 +35,7 @@ from aslcal.cohort import CohortOptions, run_cohort
 from aslcal.io import load_image
 from aslcal.io.bids import discover, read_run
 from aslcal.io.derivatives import IMAGE_OUTPUTS, DerivativesWriter
-from aslcal.io.nifti import gzip_backend
+from aslcal.io.nifti import gzip_backends
 from aslcal.testing.bids import make_bids_cohort
 
 WORKERS = int(os.environ.get("ASLCAL_BENCH_COHORT_WORKERS", "2"))
@@ -145,7 +145,7 @@ def run_benchmark(tmp: Path, bids: Path, truth, subset: str, rounds: int) -> dic
         "n_good": n_good,
         "workers": WORKERS,
         "backend": report.launches[0]["backend"] if report.launches else None,
-        "gzip": gzip_backend(),
+        "gzip": gzip_backends(),
         "fit_launches": len(report.launches),
         "fitted_voxels": n_vox,
         "runner_s": runner_s,

@@ -20,7 +20,7 @@ import pytest
 import aslcal
 import aslcal.io.nifti as nifti_module
 from aslcal.errors import BackendUnavailableError, InputError
-from aslcal.io import Image, gzip_backend, load_image, save_image
+from aslcal.io import Image, gzip_backend, gzip_backends, load_image, save_image
 
 
 @contextlib.contextmanager
@@ -482,14 +482,19 @@ class _Forbidden:
 def test_gzip_backend_values(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("isal")
     monkeypatch.delenv("ASLCAL_GZIP", raising=False)
-    assert gzip_backend() == "isal"  # isal importable: the default
-    for value, expected in [("zlib", "zlib"), (" ZLIB ", "zlib"), ("isal", "isal"),
-                            ("auto", "isal"), ("", "isal")]:
+    # isal importable: the default reads with ISA-L and writes with zlib (deterministic bytes)
+    assert (gzip_backend(), gzip_backend("read"), gzip_backend("write")) == ("isal", "isal", "zlib")
+    assert gzip_backends() == "isal read, zlib write"
+    for value, read, write in [("zlib", "zlib", "zlib"), (" ZLIB ", "zlib", "zlib"), ("isal", "isal", "isal"),
+                               ("auto", "isal", "zlib"), ("", "isal", "zlib")]:
         monkeypatch.setenv("ASLCAL_GZIP", value)
-        assert gzip_backend() == expected, value
+        assert (gzip_backend("read"), gzip_backend("write")) == (read, write), value
     monkeypatch.setenv("ASLCAL_GZIP", "zstd")
     with pytest.raises(InputError, match="ASLCAL_GZIP='zstd'"):
         gzip_backend()
+    monkeypatch.delenv("ASLCAL_GZIP")
+    with pytest.raises(InputError, match="purpose='both'"):
+        gzip_backend("both")
 
 
 def test_gzip_backend_without_isal(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -510,14 +515,22 @@ def test_gzip_backend_without_isal(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert _names(tmp_path) == ["a.nii.gz"]
 
 
-def test_isal_used_by_default_and_zlib_forced(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_isal_reads_by_default_zlib_writes_and_either_forced(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     igzip = pytest.importorskip("isal.igzip")
     recorder = _Recorder(igzip)
     monkeypatch.setattr(nifti_module, "_igzip", recorder)
     monkeypatch.delenv("ASLCAL_GZIP", raising=False)
     data = _random((3, 4, 5))
-    np.testing.assert_array_equal(load_image(save_image(tmp_path / "a.nii.gz", data, AFFINE)).data, data)
+    out = save_image(tmp_path / "a.nii.gz", data, AFFINE)
+    # written by zlib: the standard library's own bytes for this content
+    assert out.read_bytes() == gzip.compress(gzip.decompress(out.read_bytes()), compresslevel=1, mtime=0)
+    np.testing.assert_array_equal(load_image(out).data, data)
+    assert recorder.calls == ["decompress"]
+    recorder.calls.clear()
+    monkeypatch.setenv("ASLCAL_GZIP", "isal")
+    np.testing.assert_array_equal(load_image(save_image(tmp_path / "i.nii.gz", data, AFFINE)).data, data)
     assert recorder.calls == ["compress", "decompress"]
+    monkeypatch.delenv("ASLCAL_GZIP")
     recorder.calls.clear()
     load_image(save_image(tmp_path / "b.nii", data, AFFINE))  # uncompressed: no gzip at all
     assert recorder.calls == []

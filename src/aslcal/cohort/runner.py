@@ -66,7 +66,7 @@ class CohortReport:
     executor : str
         ``local`` or the Dask scheduler address.
     gzip : str
-        ``isal`` or ``zlib``: the gzip path used.
+        The gzip paths used, e.g. ``isal read, zlib write``.
     summary_tsv, failure_log : pathlib.Path
     launches : list of dict
         Fit launches (subjects packed per launch).
@@ -81,7 +81,7 @@ class CohortReport:
     interrupted: bool = False
     seconds: float = 0.0
     executor: str = "local"
-    gzip: str = "zlib"
+    gzip: str = "zlib read, zlib write"
     summary_tsv: Path | None = None
     failure_log: Path | None = None
     launches: list[dict[str, Any]] = field(default_factory=list)
@@ -150,7 +150,7 @@ def run_cohort(
     InputError
         No dataset, no runs, a bad shard, existing outputs without ``resume``.
     """
-    from ..io.nifti import gzip_backend
+    from ..io.nifti import gzip_backends
 
     t0 = time.perf_counter()
     options = options or CohortOptions()
@@ -176,7 +176,7 @@ def run_cohort(
 
     report = CohortReport(
         n_discovered=len(runs), selected=selected, skipped=plan.skipped, redo=plan.redo,
-        gzip=gzip_backend(), failure_log=failure_log.path,
+        gzip=gzip_backends(), failure_log=failure_log.path,
         executor="local" if dask is None else dask,
     )
     if on_start is not None:

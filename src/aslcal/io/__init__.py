@@ -13,9 +13,10 @@ write_text, write_json, write_scalar
     Atomic writers for text, JSON (NumPy-aware, NaN -> null) and one-number files.
 Image, load_image, save_image
     NIfTI images: a checked, fully read in-memory image, and an atomic writer.
-gzip_backend
-    Which gzip implementation ``.nii.gz`` uses: "isal" (ISA-L, default when installed)
-    or "zlib" (standard library; forced by the environment variable ASLCAL_GZIP=zlib).
+gzip_backend, gzip_backends
+    Which gzip implementation ``.nii.gz`` uses to read and to write: by default ISA-L
+    to read (when installed) and zlib to write (deterministic bytes); the environment
+    variable ASLCAL_GZIP=zlib or =isal forces one for both.
 BidsFieldError
     The :class:`~aslcal.errors.InputError` of :mod:`aslcal.io.bids` for one wrong BIDS
     file, with the file and field as attributes (``.file``, ``.field``).
@@ -30,7 +31,7 @@ from . import bids
 from .atomic import OutputSet, atomic_output, write_json, write_scalar, write_text
 from .bids import BidsFieldError
 from .derivatives import DerivativesWriter, entities_from_key, subject_key, write_summary_tsv
-from .nifti import Image, gzip_backend, load_image, save_image
+from .nifti import Image, gzip_backend, gzip_backends, load_image, save_image
 from .tissuemaps import find_tissue_maps, load_tissue_map
 from .transforms import (
     flirt_scaling,
@@ -52,6 +53,7 @@ __all__ = [
     "flirt_to_world",
     "find_tissue_maps",
     "gzip_backend",
+    "gzip_backends",
     "load_image",
     "load_tissue_map",
     "read_flirt_matrix",
