@@ -11,7 +11,8 @@ releases the GIL (``nogil``), so it also overlaps with the I/O threads:
   flood fill;
 * ``fill_holes_inplane``: fill the background components of each slice along the
   last axis (4-connected in the first two axes) that do not reach the slice's edge --
-  ``binary_fill_holes`` with the in-plane cross as structure.
+  ``binary_fill_holes`` with the in-plane cross as structure;
+* ``histogram``: the uniform-bin histogram of Otsu's threshold in one pass.
 
 The tests compare each with scipy.ndimage on random arrays.  Compiled lazily (first
 use) and cached on disk, like the fit kernels.
@@ -30,8 +31,8 @@ __all__ = ["get_mask_kernels"]
 
 @lru_cache(maxsize=None)
 def get_mask_kernels():
-    """The compiled kernels, as a namespace with ``largest_component`` and
-    ``fill_holes_inplane``."""
+    """The compiled kernels, as a namespace with ``largest_component``,
+    ``fill_holes_inplane`` and ``histogram``."""
     from types import SimpleNamespace
 
     jit = cached_njit("masks", nogil=True)
@@ -144,4 +145,18 @@ def get_mask_kernels():
                 for j in range(ny):
                     out[k, i, j] = mask[i, j] or not outside[i, j]
 
-    return SimpleNamespace(largest_component=largest_component, fill_holes_inplane=fill_holes_inplane)
+    @jit
+    def histogram(values, lo, hi, scale, counts):
+        """counts[b] += #{v: b = min(int((clip(v, lo, hi) - lo) * scale), len(counts) - 1)}.
+
+        In the type of ``values`` (pass ``lo``, ``hi``, ``scale`` in it): the bins NumPy's
+        ``astype(int)`` of the same float expression gives.
+        """
+        top = counts.shape[0] - 1
+        for n in range(values.shape[0]):
+            v = min(max(values[n], lo), hi)
+            b = int((v - lo) * scale)
+            counts[min(b, top)] += 1
+
+    return SimpleNamespace(largest_component=largest_component, fill_holes_inplane=fill_holes_inplane,
+                           histogram=histogram)
