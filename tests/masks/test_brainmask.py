@@ -210,3 +210,21 @@ def test_cropped_shift_morphology_equals_the_full_grid_method(phantoms, seed):
     for img in (calib, calib[6:-6, 4:-9, 3:]):
         res = brain_mask_from_calib(img, voxel_size=ph.voxel_size)
         np.testing.assert_array_equal(res.mask, _full_grid_scipy_mask(img, ph.voxel_size))
+
+
+def test_device_code_path_gives_the_host_result(phantoms, monkeypatch):
+    """The CuPy path (shifted slices, ndimage labelling, array-API histogram) run on NumPy.
+
+    ``is_cupy_array`` is made to answer True so that brain_mask_from_calib takes the
+    branch a CuPy image takes, with NumPy and scipy.ndimage standing in for CuPy and
+    cupyx.scipy.ndimage: it must give the host kernels' mask and threshold.
+    """
+    import aslcal.masks.brainmask as bm
+
+    ph = phantoms[1]
+    calib, _ = longtr_calibration(ph, snr=50)
+    host = brain_mask_from_calib(calib, voxel_size=ph.voxel_size)
+    monkeypatch.setattr(bm, "is_cupy_array", lambda a: True)
+    device = brain_mask_from_calib(calib, voxel_size=ph.voxel_size)
+    np.testing.assert_array_equal(device.mask, host.mask)
+    assert device.threshold == host.threshold and device.n_components == host.n_components
