@@ -68,7 +68,7 @@ def add_parser(sub, common) -> None:
     x.add_argument("--dtype", choices=("float32", "float64"), help="fitting precision (default: the backend's)")
     x.add_argument("--workers", type=int, default=2,
                    help="reader and writer threads (default 2); with --dask local: worker processes")
-    x.add_argument("--batch-size", type=int, default=32, help="subjects per fit launch / Dask task (default 32)")
+    x.add_argument("--batch-size", type=int, default=32, help="most subjects per fit launch (fewer when the next is not read yet), and subjects per Dask task (default 32)")
     x.add_argument("--resume", action="store_true", help="skip complete subjects, redo partial and failed ones")
     x.add_argument("--shard", metavar="I/N", help="only job-array task I of N (deterministic split by subject)")
     d = x.add_mutually_exclusive_group()

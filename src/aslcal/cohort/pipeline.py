@@ -12,9 +12,14 @@
   most ``batch_size + workers`` subjects are read ahead, no more once the subjects waiting
   hold ``max_batch_bytes`` of arrays, and a batch is cut early when its prepared arrays
   pass ``max_batch_bytes`` (memory-aware).
-* **The main thread** takes subjects in input order (deterministic batches), fits the
-  voxels of the whole batch with :func:`~aslcal.cohort.packing.fit_packed` and finishes
-  each subject (:func:`~aslcal.cohort.subject.finish_subject`).
+* **The main thread** takes subjects in input order and fits, with
+  :func:`~aslcal.cohort.packing.fit_packed`, the voxels of the subjects read so far
+  (at most ``batch_size``) as soon as the next subject is not ready yet: it never waits
+  for a full batch, and batches grow by themselves when the fit is the slower stage
+  (adaptive batching; which subjects share a launch varies from run to run, their
+  results do not, since every voxel is fitted on its own).  Subjects with nothing to fit
+  are finished at once.  It finishes each subject
+  (:func:`~aslcal.cohort.subject.finish_subject`).
 * **Writers** (``workers`` threads) run :meth:`DerivativesWriter.write_subject`; at most
   ``2 * workers`` finished subjects wait for a writer.
 
@@ -106,7 +111,7 @@ def run_subjects(
     workers : int
         Reader threads and writer threads (each).
     batch_size : int
-        Subjects per fit launch.
+        Most subjects per fit launch (fewer when the next subject is not read yet).
     max_batch_bytes : int
         A batch is cut early when its prepared arrays exceed this.
     bids_root : path, optional

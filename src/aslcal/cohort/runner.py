@@ -133,7 +133,8 @@ def run_cohort(
         ``"local"`` (a LocalCluster, or LocalCUDACluster when GPUs are present) or a
         scheduler address; None runs in this process.
     batch_size : int
-        Subjects per fit launch (and per Dask task).
+        Most subjects per fit launch (adaptive: fewer when the next is not read yet), and
+        subjects per Dask task.
     on_start : callable(n_todo), optional
         Called once with the number of subjects to process (progress bars).
     on_subject : callable(key, ok), optional
