@@ -8,7 +8,9 @@ path) and the same worker count, in the same process and run:
   (``read_run``, ``load_asl``, ``load_m0``, the reference mask);
 * writers: ``workers`` threads; each writes the subject's outputs with
   :meth:`DerivativesWriter.write_subject`, the very arrays and records the runner wrote
-  (loaded beforehand, untimed), so compression and checksums cost the same.
+  (loaded beforehand, untimed), so compression and checksums cost the same; then the
+  run's ``summary.tsv`` (``dataset_description.json`` is written by the writer's
+  constructor, as in the runner).
 
 The runner and the floor alternate (floor, runner, floor, runner, ...) so that page-cache
 and CPU-frequency drift hit both alike; the medians are compared.  Without
@@ -35,7 +37,7 @@ import pytest
 from aslcal.cohort import CohortOptions, run_cohort
 from aslcal.io import load_image
 from aslcal.io.bids import discover, read_run
-from aslcal.io.derivatives import IMAGE_OUTPUTS, DerivativesWriter
+from aslcal.io.derivatives import IMAGE_OUTPUTS, DerivativesWriter, entities_from_key, write_summary_tsv
 from aslcal.io.nifti import gzip_backends
 from aslcal.testing.bids import make_bids_cohort
 
@@ -91,6 +93,11 @@ def io_floor(bids_root: Path, out_root: Path, stored: dict, ref_dir: Path, worke
                 writes.append(writers.submit(writer.write_subject, key, images, records, prov))
         for w in writes:
             w.result()
+    # The run-level table the runner writes too (from memory here; the runner re-reads
+    # each subject's summary so that shards add up).
+    rows = [{"participant_id": entities_from_key(k)["sub"], "status": "ok", **{
+        n: v for n, v in stored[k][1]["summary"].items() if not isinstance(v, dict | list)}} for k in sorted(stored)]
+    write_summary_tsv(rows, writer.root / "summary.tsv")
     return time.perf_counter() - t0
 
 
