@@ -280,7 +280,9 @@ def fit_satrecov(
 
     # -- pack: (n_obs, n_vox), one column per voxel ------------------------------------
     t0 = time.perf_counter()
-    y = xp.ascontiguousarray(data[mask_b].T.astype(dt_, copy=False))
+    # One transposing copy (with the dtype cast); without a mask no gather at all.
+    picked = xp.reshape(data, (n_vox, n_vol)) if mask is None else data[mask_b]
+    y = xp.ascontiguousarray(xp.astype(picked, dt_).T) if picked.dtype != dt_ else xp.ascontiguousarray(picked.T)
     sidx, shifts = _slice_shifts(design, idx, len(spatial), xp, dt_)
     fpar, ipar = _pack_params(design, dt_, float(tol), int(max_iter), int(n_grid))
     timings["pack"] = time.perf_counter() - t0
@@ -308,6 +310,8 @@ def fit_satrecov(
     t0 = time.perf_counter()
 
     def unpack(col, fill, dtype_=dt_):
+        if mask is None:  # every voxel fitted: no scatter
+            return xp.reshape(xp.astype(col, dtype_, copy=True), spatial)
         out = xp.full(spatial, fill, dtype=dtype_)
         out[mask_b] = col
         return out
