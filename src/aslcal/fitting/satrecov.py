@@ -155,6 +155,24 @@ def _slice_shifts(design: FitDesign, idx: tuple, spatial_ndim: int, xp, dtype) -
     return z.astype(xp.int32), (np.arange(n_shift) * design.slicedt).astype(dtype)
 
 
+def _voxel_shifts(ti_shift, spatial, mask, mask_b, design: FitDesign, xp, dtype) -> tuple[Any, np.ndarray]:
+    """``ti_shift`` as (per-voxel index, distinct shifts on the host): see :func:`fit_satrecov`."""
+    from ..backend import to_host
+
+    if design.slicedt != 0.0:
+        raise InputError("ti_shift and slicedt: give the slice timing one way, not both")
+    host = np.asarray(to_host(ti_shift), dtype=np.float64)
+    if tuple(host.shape) != spatial:
+        raise InputError(f"ti_shift shape {tuple(host.shape)} does not match the data's spatial shape {spatial}")
+    values = host.reshape(-1) if mask is None else host[np.asarray(to_host(mask_b), dtype=bool)]
+    if not np.all(np.isfinite(values)):
+        raise InputError("ti_shift: every fitted voxel needs a finite delay (seconds)")
+    shifts, index = np.unique(values, return_inverse=True)
+    if shifts.size == 0:
+        shifts = np.zeros(1)
+    return xp.asarray(index.astype(np.int32)), shifts.astype(dtype)
+
+
 def fit_satrecov(
     data: Any,
     tis: Sequence[float] | np.ndarray,
@@ -167,6 +185,7 @@ def fit_satrecov(
     dt: float | None = None,
     slicedt: float = 0.0,
     sliceband: int = 1,
+    ti_shift: Any = None,
     fix_a: bool = False,
     priors: bool | str | Mapping[str, Sequence[float]] | None = None,
     bounds: Mapping[str, Sequence[float]] | None = None,
@@ -204,6 +223,11 @@ def fit_satrecov(
         slicedt·(z mod sliceband) when ``sliceband > 1``.
     sliceband : int
         Slices per band for multiband readouts.
+    ti_shift : array of shape ``spatial``, seconds, optional
+        Per-voxel delay added to every TI of that voxel: any slice timing (e.g. BIDS
+        ``SliceTiming`` mapped onto the voxels), or the slice shifts of packed voxels from
+        several images.  Not together with ``slicedt``.  Voxels sharing a value share the
+        start-grid tables, so a few hundred distinct values cost nothing.
     fix_a : bool
         Fix the saturation efficiency A = 1.
     priors : True, "fabber" or mapping, optional
@@ -283,7 +307,10 @@ def fit_satrecov(
     # One transposing copy (with the dtype cast); without a mask no gather at all.
     picked = xp.reshape(data, (n_vox, n_vol)) if mask is None else data[mask_b]
     y = xp.ascontiguousarray(xp.astype(picked, dt_).T) if picked.dtype != dt_ else xp.ascontiguousarray(picked.T)
-    sidx, shifts = _slice_shifts(design, idx, len(spatial), xp, dt_)
+    if ti_shift is None:
+        sidx, shifts = _slice_shifts(design, idx, len(spatial), xp, dt_)
+    else:
+        sidx, shifts = _voxel_shifts(ti_shift, spatial, mask, mask_b, design, xp, dt_)
     fpar, ipar = _pack_params(design, dt_, float(tol), int(max_iter), int(n_grid))
     timings["pack"] = time.perf_counter() - t0
 
