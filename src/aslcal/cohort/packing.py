@@ -50,10 +50,15 @@ def fit_packed(jobs: Sequence[FitJob], options: CohortOptions) -> tuple[list[dic
     for (tis, fa, lfa, dt, prior_t1), members in groups.items():
         blocks = [jobs[i].series for i in members]
         data = np.concatenate(blocks, axis=0) if len(blocks) > 1 else blocks[0]
+        # 2-D multi-slice readouts: every voxel's slice delay (3-D readouts: 0).
+        shift = None
+        if any(jobs[i].ti_shift is not None for i in members):
+            shift = np.concatenate([jobs[i].ti_shift if jobs[i].ti_shift is not None
+                                    else np.zeros(jobs[i].n_vox) for i in members])
         if options.backend == "cuda":
             data = to_device(data, "gpu")
         fit = fit_satrecov(
-            data, list(tis), fa=fa, lfa=lfa, dt=dt, fix_a=options.fix_a, model=options.model,
+            data, list(tis), fa=fa, lfa=lfa, dt=dt, ti_shift=shift, fix_a=options.fix_a, model=options.model,
             priors=fabber_priors(prior_t1) if prior_t1 is not None else None,
             backend=options.backend, dtype=options.dtype,
         )

@@ -274,6 +274,9 @@ class FitJob:
         The voxels fitted.
     series : ndarray of shape (n_vox, n_vol), float32
         Their signals (C order of ``mask``).
+    ti_shift : ndarray of shape (n_vox,), seconds, or None
+        Per-voxel delay added to every recovery time: the slice's acquisition time of a
+        2-D multi-slice readout (``SliceTiming``); None for a 3-D readout.
     """
 
     role: str
@@ -284,6 +287,7 @@ class FitJob:
     prior_t1: float | None
     mask: np.ndarray = field(repr=False)
     series: np.ndarray = field(repr=False)
+    ti_shift: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def group(self) -> tuple:
@@ -553,22 +557,39 @@ def _fit_jobs(acq, series: np.ndarray, brain: np.ndarray, ref: np.ndarray | None
         raise InputError(
             f"{acq.m0.sidecar}: {len(tis)} recovery times for {series.shape[-1]} M0 volumes"
         )
+    shift_map = _slice_delays(acq.m0, brain.shape)
+
+    def job(role: str, prior_t1: float | None, mask: np.ndarray) -> FitJob:
+        return FitJob(role, tis, fa, lfa, None, prior_t1, mask,
+                      np.ascontiguousarray(series[mask], dtype=np.float32),
+                      None if shift_map is None else np.ascontiguousarray(shift_map[mask]))
+
     jobs = []
     if options.priors:
         from ..calibration.satrecov import BRAIN_T1_PRIOR
 
-        fit_mask = brain
-        jobs.append(FitJob("brain", tis, fa, lfa, None, BRAIN_T1_PRIOR, fit_mask,
-                           np.ascontiguousarray(series[fit_mask], dtype=np.float32)))
+        jobs.append(job("brain", BRAIN_T1_PRIOR, brain))
         if ref is not None:
             tissue = _resolve_tissue(acq, options, ref, need_t1r=True)
-            jobs.append(FitJob("ref", tis, fa, lfa, None, float(tissue["t1r"]), ref,
-                               np.ascontiguousarray(series[ref], dtype=np.float32)))
+            jobs.append(job("ref", float(tissue["t1r"]), ref))
     else:
-        fit_mask = brain | ref if ref is not None else brain
-        jobs.append(FitJob("brain", tis, fa, lfa, None, None, fit_mask,
-                           np.ascontiguousarray(series[fit_mask], dtype=np.float32)))
+        jobs.append(job("brain", None, brain | ref if ref is not None else brain))
     return jobs
+
+
+def _slice_delays(src, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Per-voxel readout delay (s) of a 2-D multi-slice M0 series, or None (3-D readout)."""
+    if src.slice_timing is None:
+        return None
+    times = np.asarray(src.slice_timing, dtype=np.float64)
+    if times.shape[0] != shape[src.slice_axis]:
+        raise InputError(
+            f"{src.sidecar}: field 'SliceTiming' has {times.shape[0]} entries for "
+            f"{shape[src.slice_axis]} slices of the M0 image"
+        )
+    view = [1, 1, 1]
+    view[src.slice_axis] = -1
+    return np.broadcast_to(times.reshape(view), shape)
 
 
 def _tissue_table(acq: AslAcquisition, options: CohortOptions):
@@ -669,6 +690,8 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     m0a: float | None = None
     m0_map = None
     calib_prov: dict[str, Any] = {"m0_kind": prep.m0_kind, "m0_mode": options.m0_mode}
+    if prep.jobs and acq.m0.slice_timing is not None:
+        calib_prov["slice_timing_s"] = {"axis": "ijk"[acq.m0.slice_axis], "times": list(acq.m0.slice_timing)}
     te = acq.m0.te_ms
     table = _tissue_table(acq, options)
     if prep.m0_kind == "estimate":

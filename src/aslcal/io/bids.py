@@ -40,6 +40,12 @@ A ``*_m0scan.json`` needs ``RepetitionTimePreparation`` (one number or one per M
 volume) and ``EchoTime``; it may hold ``LookLocker``, ``FlipAngle`` and
 ``InversionTime`` (a Look-Locker saturation-recovery M0 series).
 
+``SliceTiming`` (s, >= 0, one per slice along ``SliceEncodingDirection``, default k;
+with a negative direction the first entry is the highest slice index) in the sidecar
+of the M0 volumes (the m0scan's, or the ASL one for "Included") marks a 2-D multi-slice
+readout: each slice is read that much after the volume's recovery time, and the M0
+series fit adds it (``M0Source.slice_timing``).
+
 Not supported: the BIDS inheritance principle (sidecars above the ``perf`` folder are
 not merged), multi-echo ASL, and ``M0Type`` "Separate" with the M0 scan linked only by
 ``IntendedFor`` under another name (the m0scan must share the ASL file's entities).
@@ -315,6 +321,12 @@ class M0Source:
         ``M0Estimate`` (the M0 of blood, BIDS) for "estimate".
     sidecar : pathlib.Path
         The JSON the values came from.
+    slice_timing : tuple of float, seconds, or None
+        ``SliceTiming`` of a 2-D multi-slice readout: the acquisition time of each slice
+        along ``slice_axis``, indexed by slice (ascending array index, whatever the sign of
+        ``SliceEncodingDirection``), added to the volume's recovery time in the fit.
+    slice_axis : int
+        Array axis of the slices (``SliceEncodingDirection`` i, j, k; default k = 2).
     """
 
     kind: str
@@ -327,6 +339,8 @@ class M0Source:
     flip_angle: tuple[float, ...] | None
     estimate: float | None
     sidecar: Path
+    slice_timing: tuple[float, ...] | None = None
+    slice_axis: int = 2
 
     @property
     def distinct_trs(self) -> tuple[float, ...]:
@@ -706,12 +720,13 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
                 file=run.aslcontext, field="volume_type",
             )
         times = ti if ti is not None else pld
+        slices, axis = _slice_timing(meta, js, shape)
         m0 = M0Source(
             kind="included", path=run.asl, volumes=idx, trs=tuple(tr[i] for i in idx),
             tis=None if times is None else tuple(times[i] for i in idx), te_ms=te_ms,
             look_locker=look_locker,
             flip_angle=None if flip is None else tuple(flip[i] for i in idx),
-            estimate=None, sidecar=js,
+            estimate=None, sidecar=js, slice_timing=slices, slice_axis=axis,
         )
     elif m0_type == "Estimate":
         est = _scalar(meta, js, "M0Estimate", required=True, low=0.0, low_open=True,
@@ -766,7 +781,7 @@ def _separate_m0(run: AslRun) -> M0Source:
         )
     js = run.m0scan_sidecar
     meta = _read_json(js, "m0scan")
-    _, n = _n_volumes(run.m0scan, "m0scan")
+    shape, n = _n_volumes(run.m0scan, "m0scan")
     trs = _per_volume(meta, js, "RepetitionTimePreparation", n, required=True, low=0.0,
                       low_open=True, unit="s")
     assert trs is not None
@@ -776,6 +791,39 @@ def _separate_m0(run: AslRun) -> M0Source:
                        high=180.0, unit="degrees", why=" (required with LookLocker true)")
     tis = _per_volume(meta, js, "InversionTime", n, required=look_locker, unit="s",
                       why=" (required with LookLocker true: the readout times)")
+    slices, axis = _slice_timing(meta, js, shape)
     return M0Source(kind="separate", path=run.m0scan, volumes=tuple(range(n)), trs=trs,
                     tis=tis, te_ms=te_ms, look_locker=look_locker, flip_angle=flip,
-                    estimate=None, sidecar=js)
+                    estimate=None, sidecar=js, slice_timing=slices, slice_axis=axis)
+
+
+_SLICE_DIRECTIONS = ("i", "j", "k", "i-", "j-", "k-")
+
+
+def _slice_timing(meta: dict, js: Path, shape: tuple[int, ...]) -> tuple[tuple[float, ...] | None, int]:
+    """``SliceTiming`` by slice index along the slice axis, and that axis (module docstring)."""
+    direction = meta.get("SliceEncodingDirection", "k")
+    if direction not in _SLICE_DIRECTIONS:
+        raise BidsFieldError(
+            f"{js}: field 'SliceEncodingDirection' = {direction!r}: expected one of "
+            f"{', '.join(_SLICE_DIRECTIONS)}", file=js, field="SliceEncodingDirection",
+        )
+    axis = "ijk".index(direction[0])
+    raw = meta.get("SliceTiming")
+    if raw is None:
+        return None, axis
+    ok = isinstance(raw, list) and all(
+        isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and t >= 0 for t in raw)
+    if not ok:
+        raise BidsFieldError(
+            f"{js}: field 'SliceTiming' = {raw!r}: expected a list of slice times in seconds (>= 0)",
+            file=js, field="SliceTiming",
+        )
+    if len(raw) != shape[axis]:
+        raise BidsFieldError(
+            f"{js}: field 'SliceTiming' has {len(raw)} entries for {shape[axis]} slices along "
+            f"axis {direction[0]} (SliceEncodingDirection {direction!r})", file=js, field="SliceTiming",
+        )
+    # A negative direction lists the slices from the highest index down (BIDS).
+    times = [float(t) for t in (raw[::-1] if direction.endswith("-") else raw)]
+    return tuple(times), axis

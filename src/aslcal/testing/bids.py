@@ -243,6 +243,7 @@ def make_bids_cohort(
     flat_coil: bool = True,
     ref_masks: bool = True,
     anat: bool = False,
+    slicedt: float = 0.0,
 ) -> CohortTruth:
     """Write a phantom BIDS ASL cohort and return its truth.
 
@@ -268,6 +269,11 @@ def make_bids_cohort(
         ``<sub>[_ses]_from-asl_to-T1w_mode-image_xfm.mat``) for the automatic reference
         mask.  Default False.  Give ``phantom_options`` a 1.7 mm structural
         (``struct_voxel_size``) for masks worth the name.
+    slicedt : float, seconds, optional
+        Acquire the saturation-recovery and Look-Locker M0 series with a 2-D multi-slice
+        readout: slice z is read ``slicedt * z`` after the volume's recovery time, and
+        the m0scan sidecar carries ``SliceTiming`` (ascending along k).  Default 0 (3-D
+        readouts, no ``SliceTiming``).
     phantom_options : dict, optional
         Extra keyword arguments for :func:`aslcal.testing.make_phantom`; the default
         uses a 3.4 mm structural grid without oversampling (fast, ~0.1 s a subject).
@@ -301,6 +307,8 @@ def make_bids_cohort(
         raise InputError(f"broken={broken!r}: expected an integer in 0..n_subjects")
     if len(tuple(shape)) != 3 or any(int(s) < 8 for s in shape):
         raise InputError(f"shape={shape!r}: expected 3 integers >= 8")
+    if isinstance(slicedt, bool) or not isinstance(slicedt, int | float) or not 0 <= slicedt < 1:
+        raise InputError(f"slicedt={slicedt!r}: expected a number of seconds in [0, 1)")
     for name, value in (("flat_coil", flat_coil), ("ref_masks", ref_masks)):
         if not isinstance(value, bool | np.bool_):
             raise InputError(f"{name}={value!r}: expected True or False")
@@ -334,14 +342,15 @@ def make_bids_cohort(
     for i, (label, variant) in enumerate(zip(subjects, plan, strict=True)):
         sub_rng = np.random.default_rng((int(seed), 7, i))
         truth = _write_subject(out, label, i, variant, base, sub_rng, opts, int(seed),
-                               flat_coil=bool(flat_coil), ref_masks=bool(ref_masks), anat=bool(anat))
+                               flat_coil=bool(flat_coil), ref_masks=bool(ref_masks), anat=bool(anat),
+                               slicedt=float(slicedt))
         runs[truth.key] = truth
     return CohortTruth(root=out, seed=int(seed), runs=runs)
 
 
 def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
                    rng: np.random.Generator, opts: dict, seed: int, *,
-                   flat_coil: bool, ref_masks: bool, anat: bool = False) -> RunTruth:
+                   flat_coil: bool, ref_masks: bool, anat: bool = False, slicedt: float = 0.0) -> RunTruth:
     session = "1" if i % 4 == 3 else None
     entities = [f"sub-{label}"] + ([f"ses-{session}"] if session else []) + (
         ["run-1"] if i % 6 == 5 else []
@@ -420,11 +429,11 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
         m0_type = "Estimate"
         meta["M0Estimate"] = round(m0a * t2b_factor, 6)
     elif variant == "satrecov":
-        data, _ = satrecov_series(ph, _SATRECOV_TRS)
+        data, _ = satrecov_series(ph, _SATRECOV_TRS, slicedt=slicedt)
         m0scan = (data, {"RepetitionTimePreparation": list(_SATRECOV_TRS), "EchoTime": te_s})
         m0_trs = _SATRECOV_TRS
     elif variant == "look_locker":
-        data, ll = look_locker_series(ph, **_LL)
+        data, ll = look_locker_series(ph, **_LL, slicedt=slicedt)
         n_vol = data.shape[-1]
         tr_ll = round(_LL["ti1"] + _LL["dt"] * _LL["n_ti"] + 1.0, 6)
         m0scan = (data, {
@@ -462,6 +471,8 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
     if m0scan is not None:
         data, m0meta = m0scan
         m0meta = {**m0meta, "IntendedFor": f"bids::{perf.relative_to(out).as_posix()}/{key}_asl.nii.gz"}
+        if slicedt > 0 and variant in ("satrecov", "look_locker"):
+            m0meta["SliceTiming"] = [round(slicedt * z, 9) for z in range(int(data.shape[2]))]
         save_image(perf / f"{key}_m0scan.nii.gz", data, ph.affine)
         write_json(perf / f"{key}_m0scan.json", m0meta)
 
