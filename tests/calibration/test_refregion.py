@@ -317,3 +317,22 @@ def test_values_in_the_wrong_unit_warn(scene, kwargs, match):
 
     with pytest.warns(CalibrationWarning, match=match):
         m0_refregion(*scene, **kwargs)
+
+
+def test_te_blood_separates_the_two_echo_times():
+    """M0a = S·exp(-TE_blood/T2b) / (pc·(1-exp(-TR/T1r))·exp(-TE/T2r)), values by hand."""
+    import math
+
+    calib = np.full((4, 4, 3), 800.0)
+    mask = np.zeros((4, 4, 3), bool)
+    mask[1:3, 1:3, 1] = True
+    kw = dict(tissref="csf", tr=5.0, t1r=4.3, t2r=750.0, t2b=150.0, pc=1.15)
+    res = m0_refregion(calib, mask, te=30.0, te_blood=12.0, **kw)
+    expected = 800.0 * math.exp(-12.0 / 150.0) / (1.15 * (1 - math.exp(-5.0 / 4.3)) * math.exp(-30.0 / 750.0))
+    assert res.m0a == pytest.approx(expected, rel=1e-12)
+    assert res.te == 30.0 and res.te_blood == 12.0
+    same = m0_refregion(calib, mask, te=30.0, **kw)
+    assert same.te_blood == 30.0 and same.m0a == pytest.approx(expected * math.exp(-18.0 / 150.0), rel=1e-12)
+    # TE 0 for the calibration image but a blood echo: the blood T2 is still needed (table default)
+    res0 = m0_refregion(calib, mask, te=0.0, te_blood=12.0, tissref="csf", tr=5.0)
+    assert res0.t2b_factor < 1.0 and res0.t2_factor == 1.0

@@ -63,10 +63,14 @@ class RefRegionM0:
     t2_factor : float
         exp(−TE/T2r) (1 when TE = 0).
     t2b_factor : float
-        exp(−TE/T2b) (1 when TE = 0).
+        exp(−TE_blood/T2b) (1 when TE_blood = 0).
     tissref : str
         ``csf``, ``wm``, ``gm`` or ``none``.
     te : float, ms
+        Echo time of the calibration image (its tissue T2 correction).
+    te_blood : float, ms
+        Echo time of the ASL data (the blood T2 decay of the labelled signal); equal to
+        ``te`` unless the two were acquired with different echoes.
     tr, taq : float or None, s
         None in satrecov mode.
     t1r : float or None, s
@@ -117,14 +121,16 @@ class RefRegionM0:
     sources: dict[str, str] = field(default_factory=dict)
     table: str = ""
     image_voxels: dict[str, int] = field(default_factory=dict)
+    te_blood: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-friendly provenance record: every value, factor and source, with units."""
         out = asdict(self)
         out["units"] = dict(UNITS)
         out["formula"] = (
-            "M0a = S_ref * cgain * exp(-TE/T2b) / (pc * tr_factor * exp(-TE/T2r)), "
-            "tr_factor = 1 - exp(-(TR-TAQ)/T1r) (longtr) or 1 (satrecov)"
+            "M0a = S_ref * cgain * exp(-TE_blood/T2b) / (pc * tr_factor * exp(-TE/T2r)), "
+            "tr_factor = 1 - exp(-(TR-TAQ)/T1r) (longtr) or 1 (satrecov); TE of the calibration "
+            "image, TE_blood of the ASL data (the same TE unless they differ)"
         )
         return out
 
@@ -187,8 +193,11 @@ def resolve_tissue(
     mask: Any,
     xp,
     need_t1r: bool,
+    te_blood: float | None = None,
 ) -> dict[str, Any]:
     """Resolve t1r, t2r, t2b and pc from user values, images and the tissue table.
+
+    t2b is needed when the blood echo time ``te_blood`` (default ``te``) is > 0.
 
     Returns a dict with the four values (None where unused), ``sources``, ``table``
     and ``image_voxels``.  Missing values for ``tissref='none'``
@@ -252,7 +261,7 @@ def resolve_tissue(
     if t2b is not None:
         v = number("t2b", t2b, "ms")
         out["t2b"], sources["t2b"] = v, "user"
-    elif te > 0:
+    elif (te if te_blood is None else te_blood) > 0:
         if not missing:
             out["t2b"], sources["t2b"] = float(getattr(table()["blood"], col)), tag
     else:
@@ -301,14 +310,20 @@ def finish_m0a(
     field_strength: Any,
     sensitivity: bool,
     tissue: Mapping[str, Any],
+    te_blood: float | None = None,
 ) -> RefRegionM0:
-    """Steps 2–5 of §4 from the mean reference signal and the resolved parameters."""
+    """Steps 2–5 of §4 from the mean reference signal and the resolved parameters.
+
+    ``te_blood`` (ms; default ``te``): the ASL data's echo time, for the blood T2 decay of
+    step 5 when it differs from the calibration image's.
+    """
+    te_blood = te if te_blood is None else te_blood
     t2_factor = math.exp(-te / tissue["t2r"]) if te > 0 else 1.0
-    t2b_factor = math.exp(-te / tissue["t2b"]) if te > 0 else 1.0
-    for name, factor in (("t2r", t2_factor), ("t2b", t2b_factor)):
+    t2b_factor = math.exp(-te_blood / tissue["t2b"]) if te_blood > 0 else 1.0
+    for name, echo, factor in (("t2r", te, t2_factor), ("t2b", te_blood, t2b_factor)):
         if factor == 0.0:
             raise InputError(
-                f"te={te:g} ms is so long against {name}={tissue[name]:g} ms that no signal is left "
+                f"te={echo:g} ms is so long against {name}={tissue[name]:g} ms that no signal is left "
                 f"(exp(-TE/{name}) underflows); check the units (TE and T2 in milliseconds)"
             )
     m0_ref = s_ref / tr_factor / t2_factor
@@ -325,6 +340,7 @@ def finish_m0a(
         t2b_factor=t2b_factor,
         tissref=tissref,
         te=te,
+        te_blood=te_blood,
         tr=tr,
         taq=taq,
         t1r=tissue["t1r"],
@@ -374,6 +390,7 @@ def m0_refregion(
     *,
     tissref: str = "csf",
     te: float = 0.0,
+    te_blood: float | None = None,
     tr: float = 3.2,
     taq: float = 0.0,
     t1r: Any = None,
@@ -403,6 +420,9 @@ def m0_refregion(
         defaults, t1r and pc must be given, and t2r when te > 0).
     te : float, milliseconds
         Echo time of the calibration (and ASL) acquisition.
+    te_blood : float, milliseconds, optional
+        Echo time of the ASL data when it differs from the calibration image's: the blood
+        T2 decay of step 5 uses it, the tissue T2 correction keeps ``te``.
     tr : float, seconds
         Repetition time of the calibration image (default 3.2).
     taq : float, seconds
@@ -451,6 +471,7 @@ def m0_refregion(
     xp = array_namespace(*arrays)
     tissref = _check_tissref(tissref)
     te = number("te", te, "ms", allow_min=True)
+    te_blood = None if te_blood is None else number("te_blood", te_blood, "ms", allow_min=True)
     tr = number("tr", tr, "s")
     taq = number("taq", taq, "s", allow_min=True)
     if tr <= taq:
@@ -473,7 +494,7 @@ def m0_refregion(
         raise empty_mask_error("refmask")
     tissue = resolve_tissue(
         tissref=tissref, te=te, t1r=t1r, t2r=t2r, t2b=t2b, pc=pc, t2star=t2star,
-        field_strength=fs, tissue_table=tissue_table, mask=mask, xp=xp, need_t1r=True,
+        field_strength=fs, tissue_table=tissue_table, mask=mask, xp=xp, need_t1r=True, te_blood=te_blood,
     )
     tr_factor = -math.expm1(-(tr - taq) / tissue["t1r"])
     if not tr_factor > 0:
@@ -487,4 +508,5 @@ def m0_refregion(
         mode="longtr", s_ref=s_ref, n_voxels=n_used, n_excluded=n_excl, n_mask=n_mask,
         tr_factor=tr_factor, tr=tr, taq=taq, te=te, cgain=cgain, tissref=tissref,
         t2star=t2star, field_strength=fs, sensitivity=sensitivity is not None, tissue=tissue,
+        te_blood=te_blood,
     )

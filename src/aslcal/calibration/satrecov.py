@@ -292,6 +292,7 @@ def m0a_from_satrecov_maps(
     tissue_table: Mapping[str, Any] | None = None,
     sensitivity: bool = False,
     n_mask: int | None = None,
+    te_blood: float | None = None,
 ) -> tuple[RefRegionM0, float | None]:
     """M0a from fitted saturation-recovery maps over a reference mask (steps 2-3 above).
 
@@ -321,6 +322,9 @@ def m0a_from_satrecov_maps(
         Whether the fitted series had been divided by a coil-sensitivity map (provenance).
     n_mask : int, optional
         Voxels in the mask (counted here when None).
+    te_blood : float, milliseconds, optional
+        Echo time of the ASL data when it differs from ``te`` (the series'): used for
+        the blood T2 decay only.
 
     Returns
     -------
@@ -342,6 +346,7 @@ def m0a_from_satrecov_maps(
         tissue = resolve_tissue(
             tissref=tissref, te=te, t1r=None, t2r=None, t2b=None, pc=None, t2star=t2star,
             field_strength=fs, tissue_table=tissue_table, mask=mask, xp=xp, need_t1r=False,
+            te_blood=te_blood,
         )
     readout = None
     if m0_scale == "relaxed":
@@ -357,6 +362,6 @@ def m0a_from_satrecov_maps(
     refregion = finish_m0a(
         mode="satrecov", s_ref=s_ref, n_voxels=n_used, n_excluded=n_excl, n_mask=n_mask,
         tr_factor=1.0, tr=None, taq=None, te=te, cgain=cgain, tissref=tissref, t2star=t2star,
-        field_strength=fs, sensitivity=sensitivity, tissue=tissue,
+        field_strength=fs, sensitivity=sensitivity, tissue=tissue, te_blood=te_blood,
     )
     return refregion, readout

@@ -24,6 +24,8 @@ Calibration choices for BIDS inputs (documented in the README):
   ``InversionTime`` for Look-Locker; two distinct ``FlipAngle`` values = a dual-flip-angle
   series, the lower one the last phase).  "Absent" needs ``allow_control_m0`` and no
   background suppression: the mean control image is the M0.
+* **Echo times**: the tissue T2 correction uses the M0's ``EchoTime``, the blood T2
+  decay of M0a the ASL data's (they may differ with a separate M0 scan).
 * **Reference region**: with ``ref_masks`` (a folder laid out like aslcal's own outputs,
   ``sub-X/[ses-Y/]perf/<key>_desc-ref_mask.nii[.gz]``, in ASL space), M0a comes from the
   reference region (calibration.md §4 / §7.4).  Without it, the M0 is voxelwise
@@ -608,6 +610,7 @@ def _resolve_tissue(acq, options: CohortOptions, mask, *, xp=np, need_t1r: bool)
         tissref=options.tissref, te=acq.m0.te_ms, t1r=options.t1r, t2r=options.t2r, t2b=options.t2b,
         pc=options.pc, t2star=options.t2star, field_strength=acq.field_strength,
         tissue_table=_tissue_table(acq, options), mask=mask, xp=xp, need_t1r=need_t1r,
+        te_blood=acq.te_ms,
     )
 
 
@@ -700,7 +703,8 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     elif options.m0_mode == "refregion":
         if prep.m0_kind in ("longtr", "control"):
             res = m0_refregion(
-                dev(prep.m0_image), ref, tissref=options.tissref, te=te, tr=prep.m0_tr, taq=options.taq,
+                dev(prep.m0_image), ref, tissref=options.tissref, te=te, te_blood=acq.te_ms,
+                tr=prep.m0_tr, taq=options.taq,
                 t1r=options.t1r, t2r=options.t2r, t2b=options.t2b, pc=options.pc, t2star=options.t2star,
                 cgain=options.cgain, field_strength=acq.field_strength, tissue_table=table,
             )
@@ -712,7 +716,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
             src_g = maps.get("ref_g", maps["g"])
             res, readout = m0a_from_satrecov_maps(
                 src_m0, src_g, design.fa, ref, m0_scale=m0_scale, tissref=options.tissref,
-                tissue=tissue, te=te, cgain=options.cgain, t2star=options.t2star,
+                tissue=tissue, te=te, te_blood=acq.te_ms, cgain=options.cgain, t2star=options.t2star,
                 field_strength=acq.field_strength,
             )
             m0a = float(res.m0a)

@@ -244,6 +244,7 @@ def make_bids_cohort(
     ref_masks: bool = True,
     anat: bool = False,
     slicedt: float = 0.0,
+    m0_echo_time: float | None = None,
 ) -> CohortTruth:
     """Write a phantom BIDS ASL cohort and return its truth.
 
@@ -274,6 +275,9 @@ def make_bids_cohort(
         readout: slice z is read ``slicedt * z`` after the volume's recovery time, and
         the m0scan sidecar carries ``SliceTiming`` (ascending along k).  Default 0 (3-D
         readouts, no ``SliceTiming``).
+    m0_echo_time : float, seconds, optional
+        Acquire the long-TR m0scan of the "separate" subjects at this echo time instead
+        of the ASL one (its sidecar says so); the truth ``m0a_te`` stays at the ASL echo.
     phantom_options : dict, optional
         Extra keyword arguments for :func:`aslcal.testing.make_phantom`; the default
         uses a 3.4 mm structural grid without oversampling (fast, ~0.1 s a subject).
@@ -307,6 +311,9 @@ def make_bids_cohort(
         raise InputError(f"broken={broken!r}: expected an integer in 0..n_subjects")
     if len(tuple(shape)) != 3 or any(int(s) < 8 for s in shape):
         raise InputError(f"shape={shape!r}: expected 3 integers >= 8")
+    if m0_echo_time is not None and (isinstance(m0_echo_time, bool) or not isinstance(m0_echo_time, int | float)
+                                     or not 0 <= m0_echo_time < 0.2):
+        raise InputError(f"m0_echo_time={m0_echo_time!r}: expected seconds in [0, 0.2)")
     if isinstance(slicedt, bool) or not isinstance(slicedt, int | float) or not 0 <= slicedt < 1:
         raise InputError(f"slicedt={slicedt!r}: expected a number of seconds in [0, 1)")
     for name, value in (("flat_coil", flat_coil), ("ref_masks", ref_masks)):
@@ -343,14 +350,15 @@ def make_bids_cohort(
         sub_rng = np.random.default_rng((int(seed), 7, i))
         truth = _write_subject(out, label, i, variant, base, sub_rng, opts, int(seed),
                                flat_coil=bool(flat_coil), ref_masks=bool(ref_masks), anat=bool(anat),
-                               slicedt=float(slicedt))
+                               slicedt=float(slicedt), m0_echo_time=m0_echo_time)
         runs[truth.key] = truth
     return CohortTruth(root=out, seed=int(seed), runs=runs)
 
 
 def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
                    rng: np.random.Generator, opts: dict, seed: int, *,
-                   flat_coil: bool, ref_masks: bool, anat: bool = False, slicedt: float = 0.0) -> RunTruth:
+                   flat_coil: bool, ref_masks: bool, anat: bool = False, slicedt: float = 0.0,
+                   m0_echo_time: float | None = None) -> RunTruth:
     session = "1" if i % 4 == 3 else None
     entities = [f"sub-{label}"] + ([f"ses-{session}"] if session else []) + (
         ["run-1"] if i % 6 == 5 else []
@@ -415,8 +423,9 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
     m0scan: tuple[np.ndarray, dict] | None = None
     m0_tr = 6.0
     if variant in ("separate", "tr_zero", "aslcontext_length"):
-        data, _ = longtr_calibration(ph, tr=m0_tr, te=te_ms)
-        m0scan = (data, {"RepetitionTimePreparation": m0_tr, "EchoTime": te_s})
+        m0_te_s = te_s if m0_echo_time is None or variant != "separate" else round(float(m0_echo_time), 6)
+        data, _ = longtr_calibration(ph, tr=m0_tr, te=m0_te_s * 1000.0)
+        m0scan = (data, {"RepetitionTimePreparation": m0_tr, "EchoTime": m0_te_s})
         m0_trs = (m0_tr,)
     elif variant == "included":
         m0_type = "Included"
