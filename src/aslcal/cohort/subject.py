@@ -580,15 +580,14 @@ def _fit_jobs(acq, series: np.ndarray, brain: np.ndarray, ref: np.ndarray | None
 
 
 def _slice_delays(src, shape: tuple[int, ...]) -> np.ndarray | None:
-    """Per-voxel readout delay (s) of a 2-D multi-slice M0 series, or None (3-D readout)."""
+    """Per-voxel readout delay (s) of a 2-D multi-slice M0 series, or None (3-D readout).
+
+    The BIDS reader checked ``SliceTiming`` against the M0 image's slices, and
+    load_subject the M0 grid against the ASL grid.
+    """
     if src.slice_timing is None:
         return None
     times = np.asarray(src.slice_timing, dtype=np.float64)
-    if times.shape[0] != shape[src.slice_axis]:
-        raise InputError(
-            f"{src.sidecar}: field 'SliceTiming' has {times.shape[0]} entries for "
-            f"{shape[src.slice_axis]} slices of the M0 image"
-        )
     view = [1, 1, 1]
     view[src.slice_axis] = -1
     return np.broadcast_to(times.reshape(view), shape)

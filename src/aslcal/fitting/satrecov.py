@@ -156,21 +156,26 @@ def _slice_shifts(design: FitDesign, idx: tuple, spatial_ndim: int, xp, dtype) -
 
 
 def _voxel_shifts(ti_shift, spatial, mask, mask_b, design: FitDesign, xp, dtype) -> tuple[Any, np.ndarray]:
-    """``ti_shift`` as (per-voxel index, distinct shifts on the host): see :func:`fit_satrecov`."""
+    """``ti_shift`` as (per-voxel index, distinct shifts): see :func:`fit_satrecov`.
+
+    The voxels' delays stay on the data's device; only the distinct values (the shift
+    table the start grid is built from, like :func:`_slice_shifts`'s) go to the host.
+    """
     from ..backend import to_host
 
     if design.slicedt != 0.0:
         raise InputError("ti_shift and slicedt: give the slice timing one way, not both")
-    host = np.asarray(to_host(ti_shift), dtype=np.float64)
-    if tuple(host.shape) != spatial:
-        raise InputError(f"ti_shift shape {tuple(host.shape)} does not match the data's spatial shape {spatial}")
-    values = host.reshape(-1) if mask is None else host[np.asarray(to_host(mask_b), dtype=bool)]
-    if not np.all(np.isfinite(values)):
+    if is_cupy_array(ti_shift) and not is_cupy_array(mask_b):
+        raise InputError("ti_shift is a CuPy (GPU) array but data are on the host; pass both on one device")
+    shift = xp.asarray(ti_shift, dtype=xp.float64)
+    if tuple(shift.shape) != spatial:
+        raise InputError(f"ti_shift shape {tuple(shift.shape)} does not match the data's spatial shape {spatial}")
+    values = xp.reshape(shift, (-1,)) if mask is None else shift[mask_b]
+    if not bool(xp.all(xp.isfinite(values))):
         raise InputError("ti_shift: every fitted voxel needs a finite delay (seconds)")
-    shifts, index = np.unique(values, return_inverse=True)
-    if shifts.size == 0:
-        shifts = np.zeros(1)
-    return xp.asarray(index.astype(np.int32)), shifts.astype(dtype)
+    shifts, index = xp.unique_inverse(values)
+    shifts = np.asarray(to_host(shifts), dtype=np.float64)
+    return xp.astype(xp.reshape(index, (-1,)), xp.int32), (shifts if shifts.size else np.zeros(1)).astype(dtype)
 
 
 def fit_satrecov(
@@ -306,7 +311,7 @@ def fit_satrecov(
     t0 = time.perf_counter()
     # One transposing copy (with the dtype cast); without a mask no gather at all.
     picked = xp.reshape(data, (n_vox, n_vol)) if mask is None else data[mask_b]
-    y = xp.ascontiguousarray(xp.astype(picked, dt_).T) if picked.dtype != dt_ else xp.ascontiguousarray(picked.T)
+    y = xp.ascontiguousarray(xp.astype(picked, dt_, copy=False).T)
     if ti_shift is None:
         sidx, shifts = _slice_shifts(design, idx, len(spatial), xp, dt_)
     else:
