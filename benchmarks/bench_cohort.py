@@ -15,11 +15,12 @@ path) and the same worker count, in the same process and run:
 The runner and the floor alternate (floor, runner, floor, runner, ...) so that page-cache
 and CPU-frequency drift hit both alike; the medians are compared.  Without
 ``--benchmark-enable`` a smoke size runs (CI); with it, 50 subjects of a 64x64x24 ASL
-grid.  Each row also gives ``cpu_bound_ratio``: the runner's CPU time over (cores x the
-floor's wall time), the lowest ratio any schedule could reach on this machine.  ``ASLCAL_BENCH_RECORD=path.json`` records the rows with provenance;
-``ASLCAL_BENCH_COHORT_BACKEND=cuda`` fits on the GPU; ``ASLCAL_BENCH_COHORT_WORKERS`` sets the
-worker count of both (default 2; 4 was slower for both on the 2-core machine, ratios
-1.29x / 1.55x).
+grid.  Each row also gives ``fit_median_s``, the wall time of the runner's fit calls,
+and ``cpu_bound_ratio``: the runner's CPU time over (cores x the floor's wall time), the
+lowest ratio any schedule could reach on this machine.  ``ASLCAL_BENCH_RECORD=path.json``
+records the rows with provenance; ``ASLCAL_BENCH_COHORT_BACKEND=cuda`` fits on the GPU;
+``ASLCAL_BENCH_COHORT_WORKERS`` sets the worker count of both (default 2; 4 was slower
+for both on the 2-core machine, ratios 1.29x / 1.55x).
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def run_benchmark(tmp: Path, bids: Path, truth, subset: str, rounds: int) -> dic
     warm = sorted({t.variant: t.subject for t in truth.good.values()}.values())
     run_cohort(bids, tmp / "warm", options=options, participant_label=warm, workers=WORKERS)
     shutil.rmtree(tmp / "warm")
-    runner_s, floor_s, cpu_runner, cpu_floor, report = [], [], [], [], None
+    runner_s, floor_s, cpu_runner, cpu_floor, fit_s, report = [], [], [], [], [], None
     stored = None
     for i in range(rounds):
         for which in ("runner", "floor"):
@@ -136,6 +137,7 @@ def run_benchmark(tmp: Path, bids: Path, truth, subset: str, rounds: int) -> dic
                 report = run_cohort(bids, out, options=options, workers=WORKERS, participant_label=labels)
                 runner_s.append(time.perf_counter() - t)
                 cpu_runner.append(time.process_time() - c)
+                fit_s.append(sum(x["timings_s"].get("fit", 0.0) for x in report.launches))
                 if stored is None:
                     stored = _stored_outputs(out, [r.key for r in discover(bids, participant_label=labels)])
             else:
@@ -160,6 +162,10 @@ def run_benchmark(tmp: Path, bids: Path, truth, subset: str, rounds: int) -> dic
         "floor_s": floor_s,
         "runner_cpu_s": cpu_runner,
         "floor_cpu_s": cpu_floor,
+        "fit_s": fit_s,
+        # Wall time of the fit calls inside the runner (their numba threads share the
+        # cores with the reader and writer threads meanwhile).
+        "fit_median_s": statistics.median(fit_s),
         "runner_median_s": run_med,
         "floor_median_s": floor_med,
         "ratio_to_floor": run_med / floor_med,
