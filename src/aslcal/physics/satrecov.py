@@ -94,7 +94,8 @@ def make_satrecov_model(dtype=np.float64, jit=_identity) -> SimpleNamespace:
         ``obs_signal_grad(m0, c, ti)`` → ``(S, dS/dm0, dS/dt1, dS/da, dS/dg)`` for the
         coefficient tuple ``c``; ``obs_signal_grad_decay(m0, c, tau, fdec)``, the same
         given τ and F (readouts evenly spaced by Δ: F advances by the factor
-        exp(−Δ·rate), so a train needs no exponential per readout); ``obs_basis(c, ti)`` → ``(u, w)``, the two columns of the
+        exp(−Δ·rate), so a train needs no exponential per readout);
+        ``obs_basis(c, ti)`` → ``(u, w)``, the two columns of the
         model's linear part (S = M0·u + M0·A·w) for coefficients computed with A = 0; and
         ``signal_grad(mode, m0, t1, a, g, ti, ti1, dt, fa,
         lfa, low)``, the two composed for a single observation.
