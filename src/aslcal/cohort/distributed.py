@@ -143,6 +143,7 @@ def run_dask(
             out.done.extend(result["done"])
             out.failed.extend(result["failed"])
             out.launches.extend(result["launches"])
+            out.summaries.update(result.get("summaries", {}))
             if on_subject is not None:
                 for key in result["done"]:
                     on_subject(key, True)

@@ -34,6 +34,7 @@ atomic) and the exception propagates; nothing half-written is left marked comple
 from __future__ import annotations
 
 import collections
+import json
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..io.atomic import json_text
 from ..io.bids import AslRun
 from ..io.derivatives import DerivativesWriter
 from .packing import fit_packed
@@ -72,6 +74,10 @@ class BatchOutcome:
         One per fit launch: ``n_jobs``, ``n_vox``, ``n_obs``, backend, timings.
     seconds : float
         Wall time.
+    summaries : dict of str to dict
+        The summary values of every subject in ``done``, as its summary JSON holds them
+        (JSON-safe: non-finite floats are None), so that the run's ``summary.tsv`` need
+        not read back what was just written.
     """
 
     done: list[str] = field(default_factory=list)
@@ -79,10 +85,11 @@ class BatchOutcome:
     interrupted: bool = False
     launches: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    summaries: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"done": list(self.done), "failed": list(self.failed), "interrupted": self.interrupted,
-                "launches": list(self.launches), "seconds": self.seconds}
+                "launches": list(self.launches), "seconds": self.seconds, "summaries": dict(self.summaries)}
 
 
 def run_subjects(
@@ -149,7 +156,10 @@ def run_subjects(
         except Exception as exc:  # noqa: BLE001 - one subject's failure must not stop the run
             record(_fail(key, "write", exc))
             return key
+        # The values of the summary JSON just written (same conversions), for summary.tsv.
+        summary = json.loads(json_text(outputs.summary))
         with lock:
+            out.summaries[key] = summary
             out.done.append(key)
             report(key, True)
         return key

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,7 +201,7 @@ def run_cohort(
     report.failed = sorted(outcome.failed, key=lambda r: r["key"])
     report.interrupted = outcome.interrupted
     report.launches = outcome.launches
-    report.summary_tsv = rebuild_summary(writer, keys)
+    report.summary_tsv = rebuild_summary(writer, keys, known=outcome.summaries)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -214,24 +214,30 @@ def _latest_failures(log_folder: Path) -> dict[str, FailureRecord]:
     return latest
 
 
-def rebuild_summary(writer: DerivativesWriter, keys: Sequence[str]) -> Path:
+def rebuild_summary(writer: DerivativesWriter, keys: Sequence[str],
+                    known: Mapping[str, Mapping[str, Any]] | None = None) -> Path:
     """Write ``summary.tsv``: a row per complete or failed subject among ``keys``.
 
     Complete subjects (marker present and sizes matching) contribute their summary JSON;
     failed ones (any failure log of the folder) their stage and message.  Subjects never
-    run (other shards still running, an interrupted run) have no row yet.
+    run (other shards still running, an interrupted run) have no row yet.  ``known``
+    gives the summary values (as their JSON holds them) of subjects this process has
+    just written and marked complete: they are used as they are, not read back.
     """
     failures = _latest_failures(writer.root / LOG_FOLDER)
+    known = known or {}
     rows = []
     for key in keys:
         ent = entities_from_key(key)
         base = {"participant_id": ent["sub"], "session": ent.get("ses"), "run": ent.get("run")}
         extra = {k: ent[k] for k in ("acq", "rec", "dir") if k in ent}
-        if writer.is_complete(key, check="size"):
+        values = known.get(key)
+        if values is None and writer.is_complete(key, check="size"):
             try:
                 values = json.loads(writer.subject_paths(key)["summary"].read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 values = {}
+        if values is not None:
             rows.append({**base, **extra, "status": "ok", **{k: v for k, v in values.items()
                                                            if not isinstance(v, dict | list)}})
         elif key in failures:
