@@ -228,3 +228,22 @@ def test_device_code_path_gives_the_host_result(phantoms, monkeypatch):
     device = brain_mask_from_calib(calib, voxel_size=ph.voxel_size)
     np.testing.assert_array_equal(device.mask, host.mask)
     assert device.threshold == host.threshold and device.n_components == host.n_components
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_host_median_equals_numpy(dtype):
+    """The one-partition median gives NumPy's number exactly (ties, both parities,
+    lengths 1-2000)."""
+    from aslcal.masks.brainmask import _median
+
+    rng = np.random.default_rng(7)
+    for case in range(600):
+        n = int(rng.integers(1, 2000))
+        if case % 3 == 0:
+            x = rng.integers(0, 4, size=n)  # many ties
+        elif case % 3 == 1:
+            x = rng.normal(size=n)
+        else:
+            x = rng.gamma(2.0, 300.0, size=n)
+        x = x.astype(dtype)
+        assert _median(np, x) == float(np.median(x)), (case, n)

@@ -100,6 +100,20 @@ class BrainMask:
         return out
 
 
+def _median(xp, values: Any) -> float:
+    """``xp.median(values)``, the same number; on the host by one single-rank partition
+    (NumPy's median partitions around two ranks for an even count: 3-5 times slower)."""
+    if is_cupy_array(values) or values.size == 0:
+        return float(xp.median(values))
+    n = int(values.size)
+    half = n // 2
+    part = np.partition(values, half)
+    if n % 2:
+        return float(np.mean(part[half:half + 1]))
+    # the mean of the two middle values, computed as NumPy's median computes it
+    return float(np.mean(np.array([np.max(part[:half]), part[half]], dtype=values.dtype)))
+
+
 def _otsu(xp, values: Any, lo: float, hi: float) -> float:
     """Otsu's threshold of ``values`` (1-D, device) over [lo, hi] with :data:`_BINS` bins."""
     # Uniform bins by direct indexing: bin floor((v - lo) * bins / (hi - lo)) in the
@@ -318,7 +332,7 @@ def brain_mask_from_calib(
         )
     otsu = _otsu(xp, flat, lo, hi)
     head = flat[flat > otsu]
-    tissue = float(xp.median(head))
+    tissue = _median(xp, head)
     threshold = max(otsu, fraction * tissue)
     cand = img > threshold
 
