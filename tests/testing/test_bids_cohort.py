@@ -167,9 +167,42 @@ def test_deterministic_from_seed(tmp_path, cohort):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"n_subjects": 0}, "n_subjects"), ({"broken": 9}, "broken"), ({"shape": (4, 4, 4)}, "shape"),
-     ({"flat_coil": 1}, "flat_coil"), ({"ref_masks": None}, "ref_masks")],
+     ({"flat_coil": 1}, "flat_coil"), ({"ref_masks": None}, "ref_masks"), ({"snr": 0}, "snr"),
+     ({"snr": float("nan")}, "snr"), ({"snr": True}, "snr")],
 )
 def test_bad_arguments(tmp_path, kwargs, match):
     args = {"n_subjects": 5, **kwargs}
     with pytest.raises(InputError, match=match):
         make_bids_cohort(tmp_path, **args)
+
+
+def test_noisy_cohort_has_the_rician_noise_it_says(tmp_path):
+    """snr: every ASL and m0scan volume has Rician noise of sigma = M0_gm / snr (flat
+    coil).  Where the clean signal is 0 (outside the head) a Rician magnitude is
+    Rayleigh: mean sigma * sqrt(pi / 2), mean square 2 sigma^2.  Same seed, same bytes."""
+    truth = make_bids_cohort(tmp_path / "a", 6, seed=2, broken=0, snr=40)
+    again = make_bids_cohort(tmp_path / "b", 6, seed=2, broken=0, snr=40)
+    assert _checksums(truth.root) == _checksums(again.root)
+    clean = make_bids_cohort(tmp_path / "c", 6, seed=2, broken=0)
+    checked = 0
+    for key, run in truth.runs.items():
+        ph = make_phantom(shape=run.shape, voxel_size=run.voxel_size, seed=run.phantom_seed,
+                          field_strength=run.field_strength, m0a=run.m0a,
+                          struct_voxel_size=(3.4, 3.4, 3.4), struct_oversample=1)
+        expected = ph.m0_tissue["gm"] / 40  # flat coil: mean_GM(s) = 1
+        assert run.noise_sigma == pytest.approx(expected, rel=1e-12)
+        assert clean.runs[key].noise_sigma is None
+        acq = read_run(discover(truth.root, participant_label=run.subject)[0])
+        images = [acq.load_asl().data] + ([acq.load_m0().data] if acq.m0.kind == "separate" else [])
+        clean_acq = read_run(discover(clean.root, participant_label=run.subject)[0])
+        clean_images = [clean_acq.load_asl().data] + (
+            [clean_acq.load_m0().data] if clean_acq.m0.kind == "separate" else [])
+        for noisy, noise_free in zip(images, clean_images, strict=True):
+            outside = noise_free == 0
+            background = noisy[outside].astype(np.float64)
+            assert background.size > 2000
+            assert np.mean(background) == pytest.approx(expected * math.sqrt(math.pi / 2), rel=0.05)
+            assert np.mean(background ** 2) == pytest.approx(2 * expected ** 2, rel=0.05)
+            assert not np.array_equal(noisy, noise_free)
+            checked += 1
+    assert checked >= 6

@@ -50,6 +50,13 @@ Perfusion convention: each ASL series is ``n_pairs`` of (control, label) with
 times the blood T2 decay at the echo; s = 1 with the flat coil), ``cbf = cbf_gm * pv_gm + cbf_wm * pv_wm``; the
 control image is the long-TR signal at the ASL TR and TE.
 
+Noise: images are noise-free unless ``snr`` is given; then every ASL and m0scan volume
+gets its own Rician noise (a magnitude image, ``|S + n1 + i n2|``, n1, n2 ~ N(0, sigma^2))
+with ``sigma = M0_gm * mean_GM(s) / snr`` -- the definition of
+:mod:`aslcal.testing.phantoms`: ``snr`` is the SNR of a fully relaxed grey-matter voxel.
+Noise matters for benchmarks: a noise-free, piecewise-constant phantom compresses tens of
+times better than a real image, so its gzip reading and writing cost far less.
+
 Every image is written with :func:`aslcal.io.save_image` and every JSON with
 :func:`aslcal.io.write_json` (atomic); the same seed gives byte-identical files.
 """
@@ -164,6 +171,8 @@ class RunTruth:
     error_fragment : str or None
         A piece of the :class:`~aslcal.errors.InputError` message ``read_run`` gives
         (with or without ``allow_control_m0``).
+    noise_sigma : float or None, signal units
+        Standard deviation of the Rician noise of every volume (None: noise-free).
     """
 
     key: str
@@ -190,6 +199,7 @@ class RunTruth:
     broken_file: str | None = None
     broken_field: str | None = None
     error_fragment: str | None = None
+    noise_sigma: float | None = None
 
 
 @dataclass(frozen=True)
@@ -245,6 +255,7 @@ def make_bids_cohort(
     anat: bool = False,
     slicedt: float = 0.0,
     m0_echo_time: float | None = None,
+    snr: float | None = None,
 ) -> CohortTruth:
     """Write a phantom BIDS ASL cohort and return its truth.
 
@@ -278,6 +289,10 @@ def make_bids_cohort(
     m0_echo_time : float, seconds, optional
         Acquire the long-TR m0scan of the "separate" subjects at this echo time instead
         of the ASL one (its sidecar says so); the truth ``m0a_te`` stays at the ASL echo.
+    snr : float, optional
+        Add Rician noise of this grey-matter SNR to every ASL and m0scan volume (module
+        docstring); default None: noise-free.  The truth stays that of the noise-free
+        phantom.
     phantom_options : dict, optional
         Extra keyword arguments for :func:`aslcal.testing.make_phantom`; the default
         uses a 3.4 mm structural grid without oversampling (fast, ~0.1 s a subject).
@@ -301,7 +316,8 @@ def make_bids_cohort(
     Notes
     -----
     Every 4th subject has a session folder (``ses-1``) and every 6th a ``run-1``
-    entity, so that discovery sees both layouts.  Images are noise-free float32.
+    entity, so that discovery sees both layouts.  Images are float32 (noise-free unless
+    ``snr`` is given).
     Field strengths cycle 3 T mostly, with some 1.5 T and 7 T subjects (the phantom
     uses the same field's tissue table).
     """
@@ -314,6 +330,9 @@ def make_bids_cohort(
     if m0_echo_time is not None and (isinstance(m0_echo_time, bool) or not isinstance(m0_echo_time, int | float)
                                      or not 0 <= m0_echo_time < 0.2):
         raise InputError(f"m0_echo_time={m0_echo_time!r}: expected seconds in [0, 0.2)")
+    if snr is not None and (isinstance(snr, bool) or not isinstance(snr, int | float)
+                            or not math.isfinite(snr) or snr <= 0):
+        raise InputError(f"snr={snr!r}: expected a positive number (or None: noise-free)")
     if isinstance(slicedt, bool) or not isinstance(slicedt, int | float) or not 0 <= slicedt < 1:
         raise InputError(f"slicedt={slicedt!r}: expected a number of seconds in [0, 1)")
     for name, value in (("flat_coil", flat_coil), ("ref_masks", ref_masks)):
@@ -350,7 +369,8 @@ def make_bids_cohort(
         sub_rng = np.random.default_rng((int(seed), 7, i))
         truth = _write_subject(out, label, i, variant, base, sub_rng, opts, int(seed),
                                flat_coil=bool(flat_coil), ref_masks=bool(ref_masks), anat=bool(anat),
-                               slicedt=float(slicedt), m0_echo_time=m0_echo_time)
+                               slicedt=float(slicedt), m0_echo_time=m0_echo_time,
+                               snr=None if snr is None else float(snr))
         runs[truth.key] = truth
     return CohortTruth(root=out, seed=int(seed), runs=runs)
 
@@ -358,7 +378,7 @@ def make_bids_cohort(
 def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
                    rng: np.random.Generator, opts: dict, seed: int, *,
                    flat_coil: bool, ref_masks: bool, anat: bool = False, slicedt: float = 0.0,
-                   m0_echo_time: float | None = None) -> RunTruth:
+                   m0_echo_time: float | None = None, snr: float | None = None) -> RunTruth:
     session = "1" if i % 4 == 3 else None
     entities = [f"sub-{label}"] + ([f"ses-{session}"] if session else []) + (
         ["run-1"] if i % 6 == 5 else []
@@ -474,6 +494,15 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
         broken_file, broken_field, fragment = asl_json, "M0Type", "'Absent'"
 
     series = np.stack(volumes, axis=-1)
+    sigma = None
+    if snr is not None:
+        # sigma as aslcal.testing.phantoms defines it (flat coil: s = 1)
+        sens = np.ones_like(ph.sensitivity) if flat_coil else ph.sensitivity
+        sigma = float(ph.m0_tissue["gm"]) * float((ph.pv["gm"] * sens).sum() / ph.pv["gm"].sum()) / snr
+        noise_rng = np.random.default_rng((seed, 8, i))
+        series = _rician(series, sigma, noise_rng)
+        if m0scan is not None:
+            m0scan = (_rician(m0scan[0], sigma, noise_rng), m0scan[1])
     save_image(perf / f"{key}_asl.nii.gz", series, ph.affine)
     write_json(asl_json, meta)
     write_text(tsv, "volume_type\n" + "".join(f"{t}\n" for t in types))
@@ -515,5 +544,11 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
         phantom_seed=phantom_seed, flat_coil=flat_coil, ref_mask=ref_rel,
         n_ref_voxels=int(np.count_nonzero(ref)), broken=broken_file is not None,
         broken_file=None if broken_file is None else broken_file.relative_to(out).as_posix(),
-        broken_field=broken_field, error_fragment=fragment,
+        broken_field=broken_field, error_fragment=fragment, noise_sigma=sigma,
     )
+
+
+def _rician(clean: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """``|clean + n1 + i n2|``, n1, n2 ~ N(0, sigma^2), in the type of ``clean``."""
+    real = clean + sigma * rng.standard_normal(clean.shape)
+    return np.hypot(real, sigma * rng.standard_normal(clean.shape)).astype(clean.dtype)
