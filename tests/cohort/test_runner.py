@@ -96,6 +96,11 @@ def test_good_subjects_m0a_and_cbf_match_truth(cohort, reference_run):
         # Acceptance: within 0.5 % of truth, noise-free (observed: < 1e-6).
         assert m0a == pytest.approx(truth.m0a_te, rel=5e-3), (key, truth.variant)
         assert m0a == pytest.approx(truth.m0a_te, rel=1e-5), (key, truth.variant)
+        # reliability of a fitted reference region: noise-free, every M0t is exact
+        if truth.variant in ("satrecov", "look_locker"):
+            assert 0 <= float(row["ref_m0t_rel_se"]) < 1e-6, key
+        else:
+            assert row["ref_m0t_rel_se"] == "n/a", key
 
 
 def test_summary_tsv_from_memory_equals_one_read_back_from_disk(cohort, reference_run, tmp_path):

@@ -94,6 +94,11 @@ class RefRegionM0:
         The tissue table the defaults came from (``built-in 3 T``, ``user``).
     image_voxels : dict of str to int
         For t1r/t2r given as images: voxels averaged.
+    m0t_rel_se : float or None
+        Satrecov mode, when the fit's standard errors were given: the median over the
+        averaged reference voxels of the fitted M0t's relative standard error.  Above
+        :data:`aslcal.calibration.satrecov.RELIABLE_REL_SE` the voxels' M0t are too noisy
+        for their mean to be trusted (see :func:`~aslcal.calibration.satrecov.reliability_warning`).
     """
 
     m0a: float
@@ -122,6 +127,7 @@ class RefRegionM0:
     table: str = ""
     image_voxels: dict[str, int] = field(default_factory=dict)
     te_blood: float = 0.0
+    m0t_rel_se: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-friendly provenance record: every value, factor and source, with units."""

@@ -33,7 +33,7 @@ def fit_packed(jobs: Sequence[FitJob], options: CohortOptions) -> tuple[list[dic
     Returns
     -------
     results : list of dict
-        One per job, in order: 1-D ``m0t``, ``t1t``, ``g``, ``status`` over the job's
+        One per job, in order: 1-D ``m0t``, ``m0t_se``, ``t1t``, ``g``, ``status`` over the job's
         voxels (on the fit's device) and ``backend``, ``dtype``, ``n_fitted``,
         ``status_counts``, ``design``.
     launches : list of dict
@@ -68,7 +68,7 @@ def fit_packed(jobs: Sequence[FitJob], options: CohortOptions) -> tuple[list[dic
         start = 0
         for i in members:
             stop = start + jobs[i].n_vox
-            part = {name: getattr(fit, name)[start:stop] for name in ("m0t", "t1t", "g", "status")}
+            part = {name: getattr(fit, name)[start:stop] for name in ("m0t", "m0t_se", "t1t", "g", "status")}
             part.update(backend=fit.backend, dtype=fit.dtype, n_fitted=stop - start,
                         status_counts=status_counts(part["status"]), design=design)
             results[i] = part

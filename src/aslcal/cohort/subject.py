@@ -42,6 +42,7 @@ Calibration choices for BIDS inputs (documented in the README):
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -66,6 +67,8 @@ __all__ = [
     "load_subject",
     "ref_mask_path",
 ]
+
+log = logging.getLogger("aslcal")
 
 #: Stages of one subject, in order; a failure record names one of them.
 STAGES = ("metadata", "load", "prepare", "fit", "calibrate", "write")
@@ -656,7 +659,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     from .. import __version__
     from ..backend import is_cupy_array, to_device, to_host
     from ..calibration import apply_calibration, m0_refregion, m0_voxelwise
-    from ..calibration.satrecov import m0a_from_satrecov_maps, relaxed_m0t
+    from ..calibration.satrecov import m0a_from_satrecov_maps, relaxed_m0t, reliability_warning
 
     acq = prep.acq
     any_fit = next(iter(fits.values()), None)
@@ -680,9 +683,13 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
         if job.role == "brain":
             for name in ("m0t", "t1t", "g"):
                 maps[name] = _unpack(xp, f[name], mask, prep.shape)
+            if "m0t_se" in f:
+                maps["m0t_se"] = _unpack(xp, f["m0t_se"], mask, prep.shape)
         else:
             maps["ref_m0t"] = _unpack(xp, f["m0t"], mask, prep.shape)
             maps["ref_g"] = _unpack(xp, f["g"], mask, prep.shape)
+            if "m0t_se" in f:
+                maps["ref_m0t_se"] = _unpack(xp, f["m0t_se"], mask, prep.shape)
 
     design = prep.jobs[0] if prep.jobs else None
     m0_scale = options.m0_scale
@@ -690,6 +697,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
         m0_scale = "readout" if acq.look_locker else "relaxed"
 
     m0a: float | None = None
+    m0t_rel_se: float | None = None
     m0_map = None
     calib_prov: dict[str, Any] = {"m0_kind": prep.m0_kind, "m0_mode": options.m0_mode}
     if prep.jobs and acq.m0.slice_timing is not None:
@@ -713,12 +721,18 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
             tissue = _resolve_tissue(acq, options, ref, xp=xp, need_t1r=options.priors)
             src_m0 = maps.get("ref_m0t", maps["m0t"])
             src_g = maps.get("ref_g", maps["g"])
+            src_se = maps.get("ref_m0t_se") if "ref_m0t" in maps else maps.get("m0t_se")
             res, readout = m0a_from_satrecov_maps(
                 src_m0, src_g, design.fa, ref, m0_scale=m0_scale, tissref=options.tissref,
                 tissue=tissue, te=te, te_blood=acq.te_ms, cgain=options.cgain, t2star=options.t2star,
-                field_strength=acq.field_strength,
+                field_strength=acq.field_strength, m0t_se=src_se,
             )
             m0a = float(res.m0a)
+            m0t_rel_se = res.m0t_rel_se
+            warning = reliability_warning(res, priors=options.priors)
+            if warning:
+                log.warning("%s: %s", prep.key, warning)
+                calib_prov["warnings"] = [warning]
             calib_prov["refregion"] = res.as_dict()
             calib_prov.update(m0_scale=m0_scale, readout_factor=readout, priors=options.priors)
     else:  # voxelwise M0
@@ -780,6 +794,9 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
         "n_ref_voxels": None if prep.ref is None else int(prep.ref.sum()),
         "cbf_mean_brain": float(xp.mean(cbf[brain])) if n_brain else None,
     }
+    if m0t_rel_se is not None:
+        # reliability of a fitted reference region (aslcal.calibration.satrecov)
+        summary["ref_m0t_rel_se"] = m0t_rel_se
     if "t1t" in maps:
         t1 = maps["t1t"]
         summary["T1_median_brain"] = float(xp.median(t1[brain]))
