@@ -9,8 +9,9 @@
    redone are dropped;
 4. execute: in this process (:func:`aslcal.cohort.pipeline.run_subjects`) or on a Dask
    cluster (:func:`aslcal.cohort.distributed.run_dask`), batches of subjects as the unit;
-5. rebuild the run-level ``summary.tsv`` from every complete subject's summary JSON and
-   every failure log in the folder (so shards and resumed runs add up).
+5. rebuild the run-level ``summary.tsv`` from the summaries this run wrote, every other
+   complete subject's summary JSON and every failure log in the folder (so shards and
+   resumed runs add up).
 
 Files of the run, besides the subjects' ``perf/`` folders::
 
