@@ -11,7 +11,8 @@ releases the GIL (``nogil``), so it also overlaps with the I/O threads:
   flood fill;
 * ``fill_holes_inplane``: fill the background components of each slice along the
   last axis (4-connected in the first two axes) that do not reach the slice's edge --
-  ``binary_fill_holes`` with the in-plane cross as structure;
+  ``binary_fill_holes`` with the in-plane cross as structure -- by one flood fill over
+  the (x, y, z) array, no transposed copy;
 * ``histogram``: the uniform-bin histogram of Otsu's threshold in one pass.
 
 The tests compare each with scipy.ndimage on random arrays.  Compiled lazily (first
@@ -103,47 +104,66 @@ def get_mask_kernels():
         return n_comp
 
     @jit
-    def fill_holes_inplane(slices, out):
-        """``slices`` (z, x, y: one contiguous slice per z) with the background not
-        connected (4-connected, in plane) to the slice's edge set, into ``out`` (same layout)."""
-        nz, nx, ny = slices.shape
-        outside = np.zeros((nx, ny), dtype=np.bool_)
-        stack = np.empty(nx * ny, dtype=np.int64)
-        for k in range(nz):
-            mask = slices[k]
-            outside[:, :] = False
-            top = 0
-            for i in range(nx):
-                for j in range(ny):
-                    edge = i == 0 or j == 0 or i == nx - 1 or j == ny - 1
-                    if edge and not mask[i, j] and not outside[i, j]:
-                        outside[i, j] = True
-                        stack[top] = i * ny + j
-                        top += 1
-            while top > 0:
-                top -= 1
-                p = stack[top]
-                i = p // ny
-                j = p - i * ny
-                if i > 0 and not mask[i - 1, j] and not outside[i - 1, j]:
-                    outside[i - 1, j] = True
-                    stack[top] = p - ny
+    def fill_holes_inplane(mask, out):
+        """``mask`` (x, y, z, C-contiguous) with the background of each z-slice that is not
+        connected (4-connected, in plane) to the slice's edge set, into ``out`` (same shape).
+
+        One flood fill over the whole array from every background voxel on an x or y face,
+        stepping in x and y only; the stack carries each voxel's (i, j) so that no index is
+        divided back into coordinates.
+        """
+        nx, ny, nz = mask.shape
+        syz = ny * nz
+        n = nx * syz
+        m = mask.ravel()
+        o = out.ravel()
+        outside = np.zeros(n, dtype=np.bool_)
+        sp = np.empty(n, dtype=np.int64)
+        si = np.empty(n, dtype=np.int32)
+        sj = np.empty(n, dtype=np.int32)
+        top = 0
+        for i in range(nx):
+            for j in range(ny):
+                if i == 0 or j == 0 or i == nx - 1 or j == ny - 1:
+                    base = i * syz + j * nz
+                    for k in range(nz):
+                        p = base + k
+                        if not m[p]:
+                            outside[p] = True
+                            sp[top] = p
+                            si[top] = i
+                            sj[top] = j
+                            top += 1
+        while top > 0:
+            top -= 1
+            p = sp[top]
+            i = si[top]
+            j = sj[top]
+            for d in range(4):
+                if d == 0:
+                    if i == 0:
+                        continue
+                    q, qi, qj = p - syz, i - 1, j
+                elif d == 1:
+                    if i == nx - 1:
+                        continue
+                    q, qi, qj = p + syz, i + 1, j
+                elif d == 2:
+                    if j == 0:
+                        continue
+                    q, qi, qj = p - nz, i, j - 1
+                else:
+                    if j == ny - 1:
+                        continue
+                    q, qi, qj = p + nz, i, j + 1
+                if not m[q] and not outside[q]:
+                    outside[q] = True
+                    sp[top] = q
+                    si[top] = qi
+                    sj[top] = qj
                     top += 1
-                if i < nx - 1 and not mask[i + 1, j] and not outside[i + 1, j]:
-                    outside[i + 1, j] = True
-                    stack[top] = p + ny
-                    top += 1
-                if j > 0 and not mask[i, j - 1] and not outside[i, j - 1]:
-                    outside[i, j - 1] = True
-                    stack[top] = p - 1
-                    top += 1
-                if j < ny - 1 and not mask[i, j + 1] and not outside[i, j + 1]:
-                    outside[i, j + 1] = True
-                    stack[top] = p + 1
-                    top += 1
-            for i in range(nx):
-                for j in range(ny):
-                    out[k, i, j] = mask[i, j] or not outside[i, j]
+        for p in range(n):
+            o[p] = not outside[p]
 
     @jit
     def histogram(values, lo, hi, scale, counts):

@@ -231,10 +231,10 @@ def test_device_code_path_gives_the_host_result(phantoms, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_host_median_equals_numpy(dtype):
-    """The one-partition median gives NumPy's number exactly (ties, both parities,
-    lengths 1-2000)."""
-    from aslcal.masks.brainmask import _median
+def test_host_quantile_and_median_equal_numpy(dtype):
+    """The sorted-copy quantile and the one-partition median give NumPy's numbers exactly
+    (ties, both parities, q at 0 and 1, lengths 1-2000)."""
+    from aslcal.masks.brainmask import _median, _quantile
 
     rng = np.random.default_rng(7)
     for case in range(600):
@@ -246,4 +246,6 @@ def test_host_median_equals_numpy(dtype):
         else:
             x = rng.gamma(2.0, 300.0, size=n)
         x = x.astype(dtype)
+        for q in (0.995, 0.5, 0.0, 1.0, float(rng.uniform())):
+            assert _quantile(np, x, q) == float(np.quantile(x, q)), (case, n, q)
         assert _median(np, x) == float(np.median(x)), (case, n)
