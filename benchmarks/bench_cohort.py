@@ -12,9 +12,10 @@ path) and the same worker count, in the same process and run:
   run's ``summary.tsv`` (``dataset_description.json`` is written by the writer's
   constructor, as in the runner).
 
-Two phantom cohorts: noise-free, and with Rician noise of grey-matter SNR 50 in every ASL
-and M0 volume (``make_bids_cohort(snr=50)``).  The noise-free one is the worst case for
-the ratio: its piecewise-constant float32 images compress tens of times better than real
+Two phantom cohorts: noise-free float32, and with Rician noise of grey-matter SNR 50 in
+every ASL and M0 volume stored as int16, as scanners write them
+(``make_bids_cohort(snr=50, image_dtype="int16")``).  The noise-free one is the worst case
+for the ratio: its piecewise-constant images compress tens of times better than real
 ones, so reading and writing them costs little next to the compute; the noisy one has
 the gzip cost of real images (and the fits take the iterations noisy data take).
 
@@ -112,14 +113,16 @@ def io_floor(bids_root: Path, out_root: Path, stored: dict, ref_dir: Path, worke
 SUBSETS = {"all": None, "no-fit": ("separate", "included", "estimate")}
 
 
-#: Phantom cohorts: noise-free, and the grey-matter SNR of real ASL M0 images.
-NOISE = {"noise-free": None, "snr50": 50.0}
+#: Phantom cohorts: noise-free float32, and int16 images with the grey-matter SNR of real
+#: ASL M0 images: (snr, on-disk type).
+NOISE = {"noise-free": (None, "float32"), "snr50-int16": (50.0, "int16")}
 
 
-def make_cohort(tmp: Path, n_subjects: int, shape, snr: float | None = None):
+def make_cohort(tmp: Path, n_subjects: int, shape, snr: float | None = None, image_dtype: str = "float32"):
     bids = tmp / "bids"
     t = time.perf_counter()
-    truth = make_bids_cohort(bids, n_subjects=n_subjects, seed=5, shape=shape, broken=3, snr=snr)
+    truth = make_bids_cohort(bids, n_subjects=n_subjects, seed=5, shape=shape, broken=3, snr=snr,
+                             image_dtype=image_dtype)
     return bids, truth, time.perf_counter() - t
 
 
@@ -162,7 +165,8 @@ def run_benchmark(tmp: Path, bids: Path, truth, subset: str, rounds: int, noise:
         "problem": f"cohort {subset} {n_subjects} subj ~{shape[0]}x{shape[1]}x{shape[2]} {noise}",
         "subset": subset,
         "noise": noise,
-        "snr": NOISE[noise],
+        "snr": NOISE[noise][0],
+        "image_dtype": NOISE[noise][1],
         "n_subjects": n_subjects,
         "n_good": n_good,
         "workers": WORKERS,
@@ -194,7 +198,8 @@ def run_benchmark(tmp: Path, bids: Path, truth, subset: str, rounds: int, noise:
 def phantom_cohort(request, tmp_path_factory, full_run):
     n, shape = (50, (64, 64, 24)) if full_run else (8, (32, 32, 12))
     tmp = tmp_path_factory.mktemp("cohort-bench")
-    bids, truth, _ = make_cohort(tmp, n, shape, snr=NOISE[request.param])
+    snr, image_dtype = NOISE[request.param]
+    bids, truth, _ = make_cohort(tmp, n, shape, snr=snr, image_dtype=image_dtype)
     yield tmp, bids, truth, request.param
     shutil.rmtree(tmp, ignore_errors=True)
 

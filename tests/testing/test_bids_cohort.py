@@ -168,7 +168,7 @@ def test_deterministic_from_seed(tmp_path, cohort):
     ("kwargs", "match"),
     [({"n_subjects": 0}, "n_subjects"), ({"broken": 9}, "broken"), ({"shape": (4, 4, 4)}, "shape"),
      ({"flat_coil": 1}, "flat_coil"), ({"ref_masks": None}, "ref_masks"), ({"snr": 0}, "snr"),
-     ({"snr": float("nan")}, "snr"), ({"snr": True}, "snr")],
+     ({"snr": float("nan")}, "snr"), ({"snr": True}, "snr"), ({"image_dtype": "int8"}, "image_dtype")],
 )
 def test_bad_arguments(tmp_path, kwargs, match):
     args = {"n_subjects": 5, **kwargs}
@@ -206,3 +206,21 @@ def test_noisy_cohort_has_the_rician_noise_it_says(tmp_path):
             assert not np.array_equal(noisy, noise_free)
             checked += 1
     assert checked >= 6
+
+
+def test_int16_images_are_the_float_images_rounded(tmp_path):
+    """image_dtype="int16": the same images as float32, rounded to integers on disk."""
+    ints = make_bids_cohort(tmp_path / "i", 6, seed=4, broken=0, snr=50, image_dtype="int16")
+    floats = make_bids_cohort(tmp_path / "f", 6, seed=4, broken=0, snr=50)
+    n = 0
+    for key, run in ints.runs.items():
+        for suffix in ("asl", "m0scan"):
+            rel = next(ints.root.rglob(f"{key}_{suffix}.nii.gz"), None)
+            if rel is None:
+                continue
+            a = nib.load(rel)
+            b = nib.load(next(floats.root.rglob(f"{key}_{suffix}.nii.gz")))
+            assert a.get_data_dtype() == np.int16 and b.get_data_dtype() == np.float32
+            np.testing.assert_array_equal(np.asanyarray(a.dataobj), np.rint(np.asanyarray(b.dataobj)))
+            n += 1
+    assert n >= 6

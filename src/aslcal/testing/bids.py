@@ -256,6 +256,7 @@ def make_bids_cohort(
     slicedt: float = 0.0,
     m0_echo_time: float | None = None,
     snr: float | None = None,
+    image_dtype: str = "float32",
 ) -> CohortTruth:
     """Write a phantom BIDS ASL cohort and return its truth.
 
@@ -293,6 +294,10 @@ def make_bids_cohort(
         Add Rician noise of this grey-matter SNR to every ASL and m0scan volume (module
         docstring); default None: noise-free.  The truth stays that of the noise-free
         phantom.
+    image_dtype : {"float32", "int16"}, optional
+        On-disk type of the ASL and m0scan images.  ``int16`` (as scanners write them)
+        rounds every value to an integer: with signals of ~1000 that is far below the
+        noise of ``snr``, but noise-free runs are then no longer exact to 1e-6.
     phantom_options : dict, optional
         Extra keyword arguments for :func:`aslcal.testing.make_phantom`; the default
         uses a 3.4 mm structural grid without oversampling (fast, ~0.1 s a subject).
@@ -316,8 +321,8 @@ def make_bids_cohort(
     Notes
     -----
     Every 4th subject has a session folder (``ses-1``) and every 6th a ``run-1``
-    entity, so that discovery sees both layouts.  Images are float32 (noise-free unless
-    ``snr`` is given).
+    entity, so that discovery sees both layouts.  Images are float32 (or ``image_dtype``)
+    and noise-free unless ``snr`` is given.
     Field strengths cycle 3 T mostly, with some 1.5 T and 7 T subjects (the phantom
     uses the same field's tissue table).
     """
@@ -330,6 +335,8 @@ def make_bids_cohort(
     if m0_echo_time is not None and (isinstance(m0_echo_time, bool) or not isinstance(m0_echo_time, int | float)
                                      or not 0 <= m0_echo_time < 0.2):
         raise InputError(f"m0_echo_time={m0_echo_time!r}: expected seconds in [0, 0.2)")
+    if image_dtype not in ("float32", "int16"):
+        raise InputError(f"image_dtype={image_dtype!r}: expected 'float32' or 'int16'")
     if snr is not None and (isinstance(snr, bool) or not isinstance(snr, int | float)
                             or not math.isfinite(snr) or snr <= 0):
         raise InputError(f"snr={snr!r}: expected a positive number (or None: noise-free)")
@@ -370,7 +377,7 @@ def make_bids_cohort(
         truth = _write_subject(out, label, i, variant, base, sub_rng, opts, int(seed),
                                flat_coil=bool(flat_coil), ref_masks=bool(ref_masks), anat=bool(anat),
                                slicedt=float(slicedt), m0_echo_time=m0_echo_time,
-                               snr=None if snr is None else float(snr))
+                               snr=None if snr is None else float(snr), image_dtype=image_dtype)
         runs[truth.key] = truth
     return CohortTruth(root=out, seed=int(seed), runs=runs)
 
@@ -378,7 +385,8 @@ def make_bids_cohort(
 def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
                    rng: np.random.Generator, opts: dict, seed: int, *,
                    flat_coil: bool, ref_masks: bool, anat: bool = False, slicedt: float = 0.0,
-                   m0_echo_time: float | None = None, snr: float | None = None) -> RunTruth:
+                   m0_echo_time: float | None = None, snr: float | None = None,
+                   image_dtype: str = "float32") -> RunTruth:
     session = "1" if i % 4 == 3 else None
     entities = [f"sub-{label}"] + ([f"ses-{session}"] if session else []) + (
         ["run-1"] if i % 6 == 5 else []
@@ -503,7 +511,7 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
         series = _rician(series, sigma, noise_rng)
         if m0scan is not None:
             m0scan = (_rician(m0scan[0], sigma, noise_rng), m0scan[1])
-    save_image(perf / f"{key}_asl.nii.gz", series, ph.affine)
+    save_image(perf / f"{key}_asl.nii.gz", series, ph.affine, dtype=image_dtype)
     write_json(asl_json, meta)
     write_text(tsv, "volume_type\n" + "".join(f"{t}\n" for t in types))
     if m0scan is not None:
@@ -511,7 +519,7 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
         m0meta = {**m0meta, "IntendedFor": f"bids::{perf.relative_to(out).as_posix()}/{key}_asl.nii.gz"}
         if slicedt > 0 and variant in ("satrecov", "look_locker"):
             m0meta["SliceTiming"] = [round(slicedt * z, 9) for z in range(int(data.shape[2]))]
-        save_image(perf / f"{key}_m0scan.nii.gz", data, ph.affine)
+        save_image(perf / f"{key}_m0scan.nii.gz", data, ph.affine, dtype=image_dtype)
         write_json(perf / f"{key}_m0scan.json", m0meta)
 
     ref = ph.ventricle_pv >= _REF_PV
