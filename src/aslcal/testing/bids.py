@@ -75,6 +75,9 @@ import numpy as np
 from ..errors import InputError
 from ..io import save_image, write_json, write_text
 from .phantoms import (
+    _add_noise,
+    _gm_mean,
+    _noise_sigma,
     look_locker_series,
     longtr_calibration,
     make_phantom,
@@ -506,11 +509,11 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
     if snr is not None:
         # sigma as aslcal.testing.phantoms defines it (flat coil: s = 1)
         sens = np.ones_like(ph.sensitivity) if flat_coil else ph.sensitivity
-        sigma = float(ph.m0_tissue["gm"]) * float((ph.pv["gm"] * sens).sum() / ph.pv["gm"].sum()) / snr
+        sigma = _noise_sigma(snr, None, ph.m0_tissue["gm"] * _gm_mean(ph, sens))
         noise_rng = np.random.default_rng((seed, 8, i))
-        series = _rician(series, sigma, noise_rng)
+        series = _add_noise(series, sigma, "rician", noise_rng).astype(series.dtype)
         if m0scan is not None:
-            m0scan = (_rician(m0scan[0], sigma, noise_rng), m0scan[1])
+            m0scan = (_add_noise(m0scan[0], sigma, "rician", noise_rng).astype(m0scan[0].dtype), m0scan[1])
     save_image(perf / f"{key}_asl.nii.gz", series, ph.affine, dtype=image_dtype)
     write_json(asl_json, meta)
     write_text(tsv, "volume_type\n" + "".join(f"{t}\n" for t in types))
@@ -554,9 +557,3 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
         broken_file=None if broken_file is None else broken_file.relative_to(out).as_posix(),
         broken_field=broken_field, error_fragment=fragment, noise_sigma=sigma,
     )
-
-
-def _rician(clean: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """``|clean + n1 + i n2|``, n1, n2 ~ N(0, sigma^2), in the type of ``clean``."""
-    real = clean + sigma * rng.standard_normal(clean.shape)
-    return np.hypot(real, sigma * rng.standard_normal(clean.shape)).astype(clean.dtype)

@@ -839,6 +839,15 @@ def _noise_sigma(snr: Any, sigma: Any, reference: float) -> float | None:
     return reference / _positive("snr", snr, "ratio")
 
 
+def _add_noise(clean: np.ndarray, sigma: float, noise: str, rng: np.random.Generator) -> np.ndarray:
+    """``clean`` (float64) with Gaussian noise, or as a Rician magnitude ``|clean + n1 + i n2|``
+    (n1, n2 ~ N(0, sigma^2)); the real part's draws come first."""
+    real = clean + sigma * rng.standard_normal(clean.shape)
+    if noise == "gaussian":
+        return real
+    return np.hypot(real, sigma * rng.standard_normal(clean.shape))
+
+
 def _finish(
     ph: Phantom,
     name: str,
@@ -853,13 +862,7 @@ def _finish(
     if sigma is None or sigma == 0.0:
         data = clean
     else:
-        rng = np.random.default_rng(entropy)
-        if noise == "gaussian":
-            data = clean + sigma * rng.standard_normal(clean.shape)
-        else:
-            real = clean + sigma * rng.standard_normal(clean.shape)
-            imag = sigma * rng.standard_normal(clean.shape)
-            data = np.hypot(real, imag)
+        data = _add_noise(clean, sigma, noise, np.random.default_rng(entropy))
     common = {
         "generator": name,
         "clean": clean,
