@@ -681,15 +681,11 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
         mask = dev(job.mask)
         fit_prov[job.role] = _fit_summary(f)
         if job.role == "brain":
-            for name in ("m0t", "t1t", "g"):
+            for name in ("m0t", "m0t_se", "t1t", "g"):
                 maps[name] = _unpack(xp, f[name], mask, prep.shape)
-            if "m0t_se" in f:
-                maps["m0t_se"] = _unpack(xp, f["m0t_se"], mask, prep.shape)
         else:
-            maps["ref_m0t"] = _unpack(xp, f["m0t"], mask, prep.shape)
-            maps["ref_g"] = _unpack(xp, f["g"], mask, prep.shape)
-            if "m0t_se" in f:
-                maps["ref_m0t_se"] = _unpack(xp, f["m0t_se"], mask, prep.shape)
+            for name in ("m0t", "m0t_se", "g"):
+                maps[f"ref_{name}"] = _unpack(xp, f[name], mask, prep.shape)
 
     design = prep.jobs[0] if prep.jobs else None
     m0_scale = options.m0_scale
@@ -721,7 +717,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
             tissue = _resolve_tissue(acq, options, ref, xp=xp, need_t1r=options.priors)
             src_m0 = maps.get("ref_m0t", maps["m0t"])
             src_g = maps.get("ref_g", maps["g"])
-            src_se = maps.get("ref_m0t_se") if "ref_m0t" in maps else maps.get("m0t_se")
+            src_se = maps.get("ref_m0t_se", maps["m0t_se"])
             res, readout = m0a_from_satrecov_maps(
                 src_m0, src_g, design.fa, ref, m0_scale=m0_scale, tissref=options.tissref,
                 tissue=tissue, te=te, te_blood=acq.te_ms, cgain=options.cgain, t2star=options.t2star,
