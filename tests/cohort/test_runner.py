@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from aslcal.cli import main
-from aslcal.cohort import CohortOptions, FailureLog, run_cohort
+from aslcal.cohort import CohortOptions, CohortReport, FailureLog, run_cohort
 from aslcal.io import load_image
 from aslcal.io.atomic import _TEMP_MARKER
 from aslcal.testing import make_phantom
@@ -322,3 +322,14 @@ def test_cli_refuses_two_mask_sources_and_bad_shard(cohort, tmp_path, capsys):
     code = main(["cohort", str(cohort.root), str(tmp_path / "o"), "--shard", "3/2"])
     assert code == 2 and "--shard" in capsys.readouterr().err
     assert not (tmp_path / "o" / "derivatives" / "aslcal" / "summary.tsv").exists()
+
+
+@pytest.mark.parametrize(("failed", "interrupted", "code"), [
+    (False, False, 0), (True, False, 1), (False, True, 130), (True, True, 130),
+])
+def test_exit_code_says_interrupted_before_failed(failed, interrupted, code):
+    """An interrupted run is unfinished whatever failed: 130 tells a wrapper to requeue it."""
+    report = CohortReport(n_discovered=2, selected=["a", "b"], skipped=[], redo=[],
+                       failed=[{"key": "a", "stage": "load", "message": "x"}] if failed else [],
+                       interrupted=interrupted)
+    assert report.exit_code == code

@@ -3,7 +3,8 @@
 Exit status: 0 every selected subject is done (or was complete), 1 some subject failed
 (see ``derivatives/aslcal/logs/failures*.jsonl`` and ``summary.tsv``), 2 the run itself
 could not start (bad options, no dataset, outputs present without ``--resume``), 130
-interrupted.  The first SIGINT/SIGTERM finishes the batch in hand and stops; a second
+interrupted (whether or not a subject failed: the run is unfinished, rerun it with
+``--resume``).  The first SIGINT/SIGTERM finishes the batch in hand and stops; a second
 abandons it (every file is atomic; an unfinished subject has no completion marker and
 ``--resume`` redoes it).
 """

@@ -89,10 +89,11 @@ class CohortReport:
 
     @property
     def exit_code(self) -> int:
-        """0: every subject done; 1: some failed; 130: interrupted (no failure)."""
-        if self.failed:
-            return 1
-        return 130 if self.interrupted else 0
+        """130: interrupted (the run is unfinished: rerun with ``--resume``, whatever failed);
+        else 1: some subject failed; 0: every subject done."""
+        if self.interrupted:
+            return 130
+        return 1 if self.failed else 0
 
 
 def run_cohort(
