@@ -333,3 +333,36 @@ def test_exit_code_says_interrupted_before_failed(failed, interrupted, code):
                        failed=[{"key": "a", "stage": "load", "message": "x"}] if failed else [],
                        interrupted=interrupted)
     assert report.exit_code == code
+
+
+def test_resume_with_other_calibration_options_is_refused(cohort, reference_run, capsys):
+    """--resume (or a shard) into a folder calibrated otherwise: exit 2 before any work,
+    each difference named, nothing changed; the same options resume as usual."""
+    out = reference_run[0]
+    before = _checksums(out, logs=True)
+    refs = str(cohort.root / "derivatives" / "refmasks")
+    code = main(["cohort", str(cohort.root), str(out), "--resume", "--no-progress", "--ref-masks", refs,
+                 "--tissref", "wm"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "tissref (--tissref): 'wm' now, 'csf' before" in err
+    code = main(["cohort", str(cohort.root), str(out), "--resume", "--no-progress"])  # voxelwise M0 now
+    err = capsys.readouterr().err
+    assert code == 2 and "ref_masks (--ref-masks): None now" in err, err
+    assert _checksums(out, logs=True) == before
+    good = sorted(t.subject for t in cohort.good.values())
+    code = main(["cohort", str(cohort.root), str(out), "--resume", "--no-progress", "--ref-masks", refs,
+                 "--participant-label", *good, "--backend", "numpy"])
+    assert code == 0, capsys.readouterr().err  # all complete: skipped, whatever the backend
+
+
+def test_unavailable_backend_is_refused_before_any_work(cohort, tmp_path, capsys):
+    from aslcal.backend import available_backends
+
+    if available_backends()["cuda"][0]:
+        pytest.skip("a CUDA GPU is present")
+    out = tmp_path / "cuda"
+    code = main(["cohort", str(cohort.root), str(out), "--no-progress", "--backend", "cuda"])
+    err = capsys.readouterr().err
+    assert code == 2 and "backend 'cuda' is unavailable" in err, err
+    assert not out.exists()

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from aslcal.cohort import FailureLog, FailureRecord, RunPlan, parse_shard, plan_run, shard
+from aslcal.cohort import CohortOptions, FailureLog, FailureRecord, RunPlan, parse_shard, plan_run, shard
+from aslcal.cohort.state import RUN_OPTIONS_FILE, check_run_options
 from aslcal.errors import InputError
 from aslcal.io.derivatives import DerivativesWriter
 
@@ -170,3 +171,32 @@ def test_plan_run_bad_keys(tmp_path):
         plan_run(["sub-01", {"sub": "01"}], writer, resume=True)
     with pytest.raises(InputError):
         plan_run(["01"], writer, resume=True)
+
+
+def test_run_options_record_refuses_other_calibrations(tmp_path):
+    """The first run records its calibration options; a later run (resume, another shard)
+    with other options is refused with each difference named, the execution options
+    (backend, dtype) may change, and a record of a run that wrote no subject is replaced."""
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    first = CohortOptions(ref_masks=str(masks), tissref="csf")
+    path = check_run_options(tmp_path, first)
+    saved = json.loads(path.read_text())
+    assert path.name == RUN_OPTIONS_FILE and saved["tissref"] == "csf" and saved["m0_mode"] == "refregion"
+    assert saved["ref_masks"] == str(masks.resolve()) and "backend" not in saved and "dtype" not in saved
+    # the same calibration, by another path spelling and on another backend: accepted
+    check_run_options(tmp_path, CohortOptions(ref_masks=str(tmp_path / "." / "masks"), backend="numpy",
+                                              dtype="float32"))
+    with pytest.raises(InputError) as err:
+        check_run_options(tmp_path, CohortOptions(tissref="wm", pc=0.82))
+    msg = str(err.value)
+    assert "tissref (--tissref): 'wm' now, 'csf' before" in msg
+    assert "pc (--pc): 0.82 now, None before" in msg
+    assert "ref_masks (--ref-masks): None now" in msg and "m0_mode" in msg
+    assert json.loads(path.read_text()) == saved  # the record is untouched
+    # no subject written yet: the new options replace the record
+    check_run_options(tmp_path, CohortOptions(tissref="wm"), fresh=True)
+    assert json.loads(path.read_text())["tissref"] == "wm"
+    path.write_text("{not json")
+    with pytest.raises(InputError, match="unreadable record"):
+        check_run_options(tmp_path, CohortOptions(tissref="wm"))

@@ -35,7 +35,7 @@ from ..errors import InputError
 from ..io.bids import AslRun, discover
 from ..io.derivatives import DerivativesWriter, entities_from_key, write_summary_tsv
 from .pipeline import DEFAULT_BATCH_SIZE, BatchOutcome, run_subjects
-from .state import FailureLog, FailureRecord, parse_shard, plan_run, shard
+from .state import FailureLog, FailureRecord, check_run_options, parse_shard, plan_run, shard
 from .subject import CohortOptions
 
 __all__ = ["CohortReport", "run_cohort", "rebuild_summary"]
@@ -151,7 +151,12 @@ def run_cohort(
     Raises
     ------
     InputError
-        No dataset, no runs, a bad shard, existing outputs without ``resume``.
+        No dataset, no runs, a bad shard, existing outputs without ``resume``, or
+        calibration options other than those the output folder was made with
+        (:func:`~aslcal.cohort.state.check_run_options`).
+    BackendUnavailableError
+        ``options.backend`` cannot run on this machine (checked before any work, unless
+        the subjects run on an existing Dask cluster, whose workers may differ).
     """
     from ..io.nifti import gzip_backends
 
@@ -163,15 +168,20 @@ def run_cohort(
         raise InputError(f"batch_size={batch_size!r}: expected an integer >= 1")
     if shard_spec is not None:
         parse_shard(shard_spec)
+    if options.backend is not None and dask in (None, "local"):
+        from ..backend import resolve_backend
+
+        resolve_backend(options.backend)  # an explicit backend that cannot run here: refuse now
     bids_root = Path(bids_root)
     runs = discover(bids_root, participant_label=participant_label)
     by_key = {r.key: r for r in runs}
     keys = [r.key for r in runs]
     selected = shard(keys, shard_spec) if shard_spec else sorted(keys)
     writer = DerivativesWriter(out_root, source_datasets=[{"URL": bids_root.resolve().as_uri()}])
-    plan = plan_run(selected, writer, resume=resume)
     logs = writer.root / LOG_FOLDER
     logs.mkdir(exist_ok=True)
+    check_run_options(logs, options, fresh=not any(writer.root.glob("sub-*")))
+    plan = plan_run(selected, writer, resume=resume)
     failure_log = FailureLog.for_shard(logs, shard_spec)
     if resume and plan.todo:
         failure_log.discard(plan.todo)

@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import InputError
-from ..io.atomic import StrPath, write_text
+from ..io.atomic import StrPath, json_text, write_json, write_text
 from ..io.derivatives import DerivativesWriter, subject_key
 
-__all__ = ["FailureLog", "FailureRecord", "RunPlan", "parse_shard", "plan_run", "shard"]
+__all__ = [
+    "RUN_OPTIONS_FILE", "FailureLog", "FailureRecord", "RunPlan", "check_run_options", "parse_shard", "plan_run",
+    "shard",
+]
 
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
@@ -260,7 +263,7 @@ def plan_run(
                 shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5 else "")
                 raise InputError(
                     f"{len(present)} subject(s) already have outputs in {str(writer.root)!r} "
-                    f"({shown}); use --resume, or overwrite"
+                    f"({shown}); use --resume (resume=True) to finish them, or another output folder"
                 )
         plan.todo = list(canonical)
         return plan
@@ -274,3 +277,87 @@ def plan_run(
             plan.redo.append(key)
         plan.todo.append(key)
     return plan
+
+
+# --------------------------------------------------------------------------- run options
+
+#: The calibration options of the first run into an output folder (in its ``logs/``).
+RUN_OPTIONS_FILE = "run_options.json"
+#: Options that choose how subjects are computed, not what: a run may change them.
+_EXECUTION_OPTIONS = ("backend", "dtype")
+#: The command-line flag of each option, for messages.
+_FLAGS = {
+    "ref_masks": "--ref-masks", "anat": "--anat", "all_csf": "--csfmaskingoff", "pve_threshold": "--pve-threshold",
+    "tissref": "--tissref", "t1r": "--t1r", "t2r": "--t2r", "t2b": "--t2b", "pc": "--pc", "t2star": "--t2star",
+    "cgain": "--cgain", "taq": "--taq", "m0_scale": "--m0-scale", "priors": "--priors", "fix_a": "--fixa",
+    "allow_control_m0": "--allow-control-m0", "voxel_pc": "--voxel-pc", "voxel_t1t": "--voxel-t1t",
+    "edge_correction": "--no-edgecorr", "tissue_overrides": "--tissue-table", "m0_mode": "--ref-masks/--anat",
+}
+
+
+def _calibration_record(options: Any) -> dict[str, Any]:
+    record = {k: v for k, v in options.as_dict().items() if k not in _EXECUTION_OPTIONS}
+    for name in ("ref_masks", "anat"):
+        if record.get(name) is not None:
+            record[name] = str(Path(record[name]).resolve())
+    return json.loads(json_text(record))  # as it reads back
+
+
+def check_run_options(folder: StrPath, options: Any, *, fresh: bool = False) -> Path:
+    """Record the calibration options of the first run into ``folder``; refuse others later.
+
+    Every subject of one output folder must be calibrated the same way: a ``--resume``
+    or a job-array shard with other options would mix methods in one ``summary.tsv``
+    without a trace.  The first run writes ``folder/run_options.json`` (exclusive
+    creation, so concurrent shards agree on one record); every later run compares its
+    options with it.  The fitting backend and dtype may change between runs.
+
+    Parameters
+    ----------
+    folder : path
+        The run's log folder (it must exist).
+    options : CohortOptions
+    fresh : bool
+        The output folder holds no subject yet: a record left by a run that wrote
+        nothing is replaced instead of compared.
+
+    Returns
+    -------
+    pathlib.Path
+        The record.
+
+    Raises
+    ------
+    InputError
+        The options differ from the record (the message lists each difference), or the
+        record is unreadable.
+    """
+    path = Path(folder) / RUN_OPTIONS_FILE
+    record = _calibration_record(options)
+    if fresh and path.exists():
+        write_json(path, record)
+        return path
+    if not path.exists():
+        try:
+            write_json(path, record, overwrite=False)
+            return path
+        except InputError:
+            if not path.exists():  # not a concurrent first run: a real write error
+                raise
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{str(path)!r}: unreadable record of the calibration options ({exc}); "
+                         "restore it or use another output folder") from None
+    if not isinstance(saved, dict):
+        raise InputError(f"{str(path)!r}: expected a JSON object of calibration options")
+    diffs = [
+        f"{name} ({_FLAGS.get(name, name)}): {record.get(name)!r} now, {saved.get(name)!r} before"
+        for name in sorted(set(record) | set(saved)) if record.get(name) != saved.get(name)
+    ]
+    if diffs:
+        raise InputError(
+            f"this output folder was calibrated with other options ({str(path)!r}): " + "; ".join(diffs)
+            + ".  One folder holds one calibration: rerun with the same options, or use another output folder"
+        )
+    return path
