@@ -345,6 +345,18 @@ def test_satrecov_relaxed_recovers_m0a_and_cbf(phantom_ds, cli, tmp_path):
     np.testing.assert_allclose(g[pure_brain], ph.fa_scale[pure_brain], atol=1e-3)
 
 
+def test_satrecov_body_coil_sensitivity_with_cact(phantom_ds, cli):
+    """--cref (flat body coil) with --cact (the same long-TR acquisition on the array coil):
+    inside the brain s = cact / cref is the true receive field, so the relaxed M0a of the
+    pure CSF mask is the phantom's M0a (the demo's path)."""
+    ph, root = phantom_ds.ph, phantom_ds.root
+    res = cli("calib", "-c", root / "calib_ll.nii.gz", "-m", phantom_ds.pure_vent_path, *phantom_ds.ll_args,
+              "--m0-scale", "relaxed", "--cref", root / "cref.nii.gz", "--cact", root / "calib.nii.gz",
+              "--bmask", root / "truth" / "brain_mask.nii.gz")
+    assert res.rc == 0, res.err
+    assert abs(res.m0 - ph.m0a) / ph.m0a < 5e-3
+
+
 def test_satrecov_default_readout_scale(phantom_ds, cli):
     """Default --m0-scale readout (FSL asl_calib): M0t is left on the scale of the
     Look-Locker readout.  In a pure CSF voxel the fitted M0t, divided by the sensitivity
@@ -509,6 +521,17 @@ def test_satrecov_without_tis(phantom_ds, tmp_path, bad_input):
             "--mode", "satrecov", "--fa", "35", "-i", phantom_ds.root / "perfusion.nii.gz", *outs]
     err = bad_input(argv, tmp_path, outputs=paths)
     assert "--tis" in err
+
+
+def test_satrecov_cref_needs_cact(phantom_ds, tmp_path, bad_input):
+    """The ratio of a saturation-recovery series to a long-TR body-coil image is not the
+    coil sensitivity (it was used as one, giving an M0 5x off): --cact is required."""
+    outs, paths = _all_outputs(tmp_path)
+    argv = ["calib", "-c", phantom_ds.root / "calib_ll.nii.gz", "-m", phantom_ds.pure_vent_path,
+            *phantom_ds.ll_args, "--cref", phantom_ds.root / "cref.nii.gz", "-i", phantom_ds.root / "perfusion.nii.gz",
+            *outs]
+    err = bad_input(argv, tmp_path, outputs=paths)
+    assert "--cact" in err and "satrecov" in err
 
 
 @pytest.mark.parametrize("given", ["-i", "-o"])

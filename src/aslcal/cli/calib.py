@@ -141,6 +141,14 @@ def _check_options(args) -> None:
         raise InputError("--isen gives the sensitivity map; do not combine it with --cref/--cact")
     if args.cact and not args.cref:
         raise InputError("--cact needs --cref (sensitivity = cact / cref)")
+    if args.mode == "satrecov" and args.cref and not args.cact:
+        # asl_calib defaults --cact to the calibration image in longtr mode only: a
+        # saturation-recovery series has another contrast than the body-coil image
+        raise InputError(
+            "--cref in satrecov mode needs --cact, the actual-coil image acquired like --cref "
+            "(e.g. a long-TR M0): the saturation-recovery series has another contrast, so its "
+            "ratio to --cref is not the coil sensitivity"
+        )
     if args.osen and not (args.cref or args.isen):
         raise InputError("--osen saves the coil sensitivity map, but none is used: give --cref (or --isen)")
 
