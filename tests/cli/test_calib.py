@@ -206,6 +206,25 @@ def test_longtr_calibrated_perfusion_and_outputs(syn, cli):
     assert float((outdir / "M0.txt").read_text()) == res.m0
 
 
+def test_image_names_without_extension_as_fsl(syn, cli):
+    """FSL-style names: an input without extension is NAME.nii.gz (else NAME.nii), an
+    output without one gets .nii.gz; the result equals the run with full names."""
+    full = cli("calib", "-c", syn.calib_path, "-m", syn.mask_path, "-i", syn.perf_path,
+               "-o", syn.root / "full.nii.gz", "--om", syn.root / "om_full.nii.gz")
+    assert full.rc == 0, full.err
+    plain_mask = syn.data / "plainmask.nii"
+    save_nifti(plain_mask, read_nifti(syn.mask_path), nib.load(str(syn.mask_path)).affine, np.uint8)
+    base = cli("calib", "-c", syn.data / "calib", "-m", syn.data / "plainmask", "-i", syn.data / "perf",
+               "-o", syn.root / "short", "--om", syn.root / "om_short")
+    assert base.rc == 0, base.err
+    assert base.m0 == full.m0
+    np.testing.assert_array_equal(read_nifti(syn.root / "short.nii.gz"), read_nifti(syn.root / "full.nii.gz"))
+    np.testing.assert_array_equal(read_nifti(syn.root / "om_short.nii.gz"), read_nifti(syn.root / "om_full.nii.gz"))
+    assert not (syn.root / "short").exists()
+    missing = cli("calib", "-c", syn.data / "nothere", "-m", syn.mask_path)
+    assert missing.rc == 2 and "nothere" in missing.err and "does not exist" in missing.err
+
+
 def test_quiet_prints_only_the_result(syn, cli):
     res = cli("calib", "-c", syn.calib_path, "-m", syn.mask_path, "--quiet")
     assert res.rc == 0 and res.err == ""

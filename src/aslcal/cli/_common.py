@@ -40,6 +40,36 @@ def float_list(text: str) -> list[float]:
     return values
 
 
+#: Image extensions, as FSL's tools complete them.
+IMAGE_EXTENSIONS = (".nii.gz", ".nii")
+
+
+def _has_image_extension(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def fsl_image_names(args: argparse.Namespace, inputs=(), outputs=()) -> None:
+    """Complete image names the way FSL's tools do, in place on ``args``.
+
+    An input given without an extension (``-c calib``) is ``calib.nii.gz``, else
+    ``calib.nii``, whichever exists (an existing file of the exact name wins); an output
+    without ``.nii``/``.nii.gz`` gets ``.nii.gz`` (FSL's default output type).  Values
+    that are numbers (``--t1r 4.3``) are left alone.
+    """
+    for dest in inputs:
+        value = getattr(args, dest, None)
+        if not isinstance(value, str) or not value or _has_image_extension(value) or Path(value).exists():
+            continue
+        for ext in IMAGE_EXTENSIONS:
+            if Path(value + ext).is_file():
+                setattr(args, dest, value + ext)
+                break
+    for dest in outputs:
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and value and not _has_image_extension(value) and not value.endswith(("/", ".")):
+            setattr(args, dest, value + ".nii.gz")
+
+
 def load(path: str | None, name: str, *, ndim=None, reference=None):
     """Load an image (or return None); check its grid against ``reference`` (an Image)."""
     if path is None:

@@ -19,6 +19,7 @@ from ._common import (
     cleanup_outdir,
     float_list,
     float_or_image,
+    fsl_image_names,
     image_or_value,
     load,
     mask_of,
@@ -178,6 +179,9 @@ def run(args) -> int:
     from ..io import OutputSet
 
     t_start = time.perf_counter()
+    fsl_image_names(args, inputs=("calib", "mask", "struc", "refpve", "ventricle_atlas", "bmask", "infile", "t1r",
+                                  "t2r", "cref", "cact", "isen"),
+                    outputs=("outfile", "om", "osen"))
     _check_options(args)
     out = OutputSet(overwrite=args.overwrite)
     created = args.outdir is not None and not Path(args.outdir).exists()

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-from ._common import cleanup_outdir, load, mask_of, prepare_outdir, provenance
+from ._common import cleanup_outdir, fsl_image_names, load, mask_of, prepare_outdir, provenance
 
 log = logging.getLogger("aslcal")
 
@@ -43,6 +43,7 @@ def run(args) -> int:
     from ..calibration import apply_calibration, m0_voxelwise
     from ..io import OutputSet, save_image, write_json
 
+    fsl_image_names(args, inputs=("calib", "bmask", "infile"), outputs=("outfile", "m0map"))
     if args.calib is None:
         raise InputError("-c CALIB is required: the calibration image")
     if args.bmask is None:
