@@ -2,7 +2,9 @@
 
 The configuration is held in a :class:`contextvars.ContextVar`, so a ``with
 config_context(...)`` block changes it for the current thread/task only and restores
-it on exit.  Defaults come from environment variables read once at import:
+it on exit.  Defaults come from environment variables, read once on first use (so an
+invalid value is an :class:`~aslcal.errors.InputError` when the configuration is first
+needed, not a failed ``import aslcal``):
 
 ``ASLCAL_BACKEND``  ``auto`` | ``numpy`` | ``numba`` | ``cuda``   (default ``auto``)
 ``ASLCAL_DTYPE``    ``auto`` | ``float32`` | ``float64``          (default ``auto``:
@@ -54,19 +56,30 @@ def _from_env() -> dict[str, Any]:
     return cfg
 
 
-_CONFIG: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
-    "aslcal_config", default=MappingProxyType(_from_env())
-)
+_CONFIG: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar("aslcal_config")
+_ENV_DEFAULTS: Mapping[str, Any] | None = None
 
 
 def get_config() -> Mapping[str, Any]:
-    """Return the current configuration (read-only mapping: backend, dtype, progress)."""
-    return _CONFIG.get()
+    """Return the current configuration (read-only mapping: backend, dtype, progress).
+
+    Raises
+    ------
+    InputError
+        An invalid ``ASLCAL_BACKEND`` / ``ASLCAL_DTYPE`` (when no context set one).
+    """
+    global _ENV_DEFAULTS
+    try:
+        return _CONFIG.get()
+    except LookupError:  # nothing set in this context: the environment's defaults
+        if _ENV_DEFAULTS is None:
+            _ENV_DEFAULTS = MappingProxyType(_from_env())
+        return _ENV_DEFAULTS
 
 
 def set_config(**changes: Any) -> None:
     """Change the configuration for the current context (prefer :func:`config_context`)."""
-    cfg = dict(_CONFIG.get())
+    cfg = dict(get_config())
     for key, value in changes.items():
         if value is not None:
             cfg[key] = _validate(key, value)
@@ -84,7 +97,7 @@ def config_context(**changes: Any) -> Iterator[Mapping[str, Any]]:
     ...     get_config()["dtype"]
     'float32'
     """
-    cfg = dict(_CONFIG.get())
+    cfg = dict(get_config())
     for key, value in changes.items():
         if value is not None:
             cfg[key] = _validate(key, value)

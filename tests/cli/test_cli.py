@@ -91,3 +91,22 @@ def test_demo_refuses_non_empty_outdir_without_overwrite(tmp_path, capsys):
 def test_console_script_entry_point():
     res = subprocess.run([sys.executable, "-m", "aslcal", "--version"], capture_output=True, text=True)
     assert res.returncode == 0 and "aslcal" in res.stdout
+
+
+@pytest.mark.parametrize(("var", "value"), [("ASLCAL_BACKEND", "quantum"), ("ASLCAL_DTYPE", "float16"),
+                                            ("ASLCAL_GZIP", "brotli")])
+def test_invalid_environment_is_one_clean_error(monkeypatch, capsys, var, value):
+    """A bad ASLCAL_* value: --help still works; every command stops with exit 2 and one
+    line naming the variable (it was a traceback at import, or silently ignored)."""
+    from aslcal import config
+
+    monkeypatch.setattr(config, "_ENV_DEFAULTS", None)  # read the environment afresh
+    monkeypatch.setenv(var, value)
+    assert main(["--help"]) == 0
+    capsys.readouterr()
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("aslcal: error: ") and var in err and len(err.splitlines()) == 1, err
+    monkeypatch.setattr(config, "_ENV_DEFAULTS", None)  # not cached: the next read sees the fix
+    monkeypatch.delenv(var)
+    assert main(["info"]) == 0

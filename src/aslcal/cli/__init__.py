@@ -54,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_environment() -> None:
+    """An invalid ASLCAL_BACKEND / ASLCAL_DTYPE / ASLCAL_GZIP stops every command up front
+    (exit 2, one line), even one that would not have used it."""
+    from ..config import get_config
+    from ..io.nifti import gzip_backends
+
+    get_config()
+    gzip_backends()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``aslcal`` command line; return the exit status."""
     parser = build_parser()
@@ -73,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # aslcal's own warnings (e.g. an assumed labelling efficiency) become one line each
             warnings.simplefilter("always", UserWarning)
             try:
+                _check_environment()
                 return int(args.func(args) or EXIT_OK)
             finally:
                 for w in caught:
