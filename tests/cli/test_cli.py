@@ -110,3 +110,31 @@ def test_invalid_environment_is_one_clean_error(monkeypatch, capsys, var, value)
     monkeypatch.setattr(config, "_ENV_DEFAULTS", None)  # not cached: the next read sees the fix
     monkeypatch.delenv(var)
     assert main(["info"]) == 0
+
+
+def test_demo_bad_outdir_and_snr_are_clean_errors(tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert main(["demo", str(blocker / "d")]) == 2
+    assert "cannot create it" in capsys.readouterr().err
+    assert main(["demo", str(tmp_path / "n"), "--snr", "nan"]) == 2
+    assert "--snr" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_failed_demo_leaves_nothing_behind(tmp_path, capsys, monkeypatch, existing):
+    """A demo that fails after writing the phantom removes what it wrote from a folder it
+    created or found empty, so that the next run does not refuse a non-empty folder."""
+    import aslcal.calibration
+
+    def broken(*args, **kwargs):
+        raise aslcal.errors.InputError("simulated failure")
+
+    monkeypatch.setattr(aslcal.calibration, "m0_refregion_satrecov", broken)
+    out = tmp_path / "demo"
+    if existing:
+        out.mkdir()
+    assert main(["demo", str(out), "-q"]) == 2
+    assert "simulated failure" in capsys.readouterr().err
+    assert (out.exists() and not any(out.iterdir())) if existing else not out.exists()

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -44,20 +46,43 @@ def add_parser(sub, common) -> None:
 
 
 def run(args) -> int:
-    from .. import save_image
-    from ..calibration import apply_calibration, coil_sensitivity, m0_refregion_satrecov, m0_voxelwise
-    from ..io import load_image, write_json
-    from ..testing.phantoms import DEFAULT_LOOK_LOCKER, make_phantom, write_dataset
-
     out = Path(args.outdir)
     if out.exists() and not out.is_dir():
         raise InputError(f"OUTDIR {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise InputError(f"OUTDIR {out}: folder is not empty; use --overwrite to replace its contents")
-    if args.snr < 0:
-        raise InputError(f"--snr {args.snr:g}: must be >= 0 (0 = noise-free)")
-    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
+    if not (math.isfinite(args.snr) and args.snr >= 0):
+        raise InputError(f"--snr {args.snr:g}: expected a number >= 0 (0 = noise-free)")
+    # A folder this run creates (or found empty) holds only this run's files: a failed or
+    # interrupted run removes them, so that the next run starts clean.
+    fresh = not out.exists() or not any(out.iterdir())
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"OUTDIR {out}: cannot create it ({exc.strerror})") from None
+    try:
+        return _run(args, out)
+    except BaseException as exc:
+        if fresh:
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                for child in out.iterdir():
+                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            where = f" {exc.filename}" if exc.filename else ""
+            raise InputError(f"OUTDIR {out}: cannot write{where} ({exc.strerror})") from None
+        raise
 
+
+def _run(args, out: Path) -> int:
+    from .. import save_image
+    from ..calibration import apply_calibration, coil_sensitivity, m0_refregion_satrecov, m0_voxelwise
+    from ..io import load_image, write_json
+    from ..testing.phantoms import DEFAULT_LOOK_LOCKER, make_phantom, write_dataset
+
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr))
     t0 = time.perf_counter()
     ph = make_phantom(seed=args.seed)
     files = write_dataset(ph, out, snr=args.snr or None, seed=args.seed, overwrite=True)
