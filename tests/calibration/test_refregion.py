@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -289,8 +290,11 @@ def test_other_bad_inputs(scene):
         (dict(field_strength=True), "field_strength=True"),
         (dict(te=1e6, t2r=10.0), "underflows"),
     ]
+    from aslcal.calibration import CalibrationWarning
+
     for kwargs, match in cases:
-        with pytest.raises(InputError, match=match):
+        with pytest.raises(InputError, match=match), warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationWarning)  # te=1e6 also warns about its unit
             m0_refregion(calib, mask, **kwargs)
     bad_mask = mask.astype(float)
     bad_mask[0, 0, 0] = np.nan
@@ -310,6 +314,7 @@ def test_other_bad_inputs(scene):
         (dict(te=13.0, t2b=0.15), "t2b=0.15 ms looks like seconds"),
         (dict(t1r=4300.0), "t1r=4300 s looks like milliseconds"),
         (dict(tr=3200.0), "tr=3200 s looks like milliseconds"),
+        (dict(te=20000.0), "te=20000 ms is longer than any ASL or M0 echo time"),
     ],
 )
 def test_values_in_the_wrong_unit_warn(scene, kwargs, match):

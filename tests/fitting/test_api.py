@@ -395,3 +395,15 @@ def test_ti_shift_bad_input():
         fit_satrecov(data, [0.5, 1, 2], ti_shift=np.full((4, 5), np.nan))
     with pytest.raises(InputError, match="not both"):
         fit_satrecov(np.ones((4, 5, 2, 3)), [0.5, 1, 2], ti_shift=np.zeros((4, 5, 2)), slicedt=0.05)
+
+
+def test_tis_in_milliseconds_warn():
+    """TIs are seconds: 3400 'seconds' is a TI given in milliseconds (a silent 3x wrong M0
+    otherwise); realistic TIs do not warn."""
+    with pytest.warns(UserWarning, match="3400 s looks like milliseconds"):
+        make_design(3, [100.0, 1000.0, 3400.0])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_design(5, [0.1, 1.0, 3.4, 8.0, 30.0])

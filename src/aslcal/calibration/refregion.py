@@ -288,6 +288,8 @@ def _unit_hints(te: float, values: Mapping[str, Any]) -> None:
     hints = []
     if 0 < te < 1.0:
         hints.append(f"te={te:g} ms looks like seconds (TE is in milliseconds)")
+    elif te > 500.0:
+        hints.append(f"te={te:g} ms is longer than any ASL or M0 echo time (TE is in milliseconds)")
     for name in ("t2r", "t2b"):
         v = values.get(name)
         if v is not None and v < 1.0:

@@ -8,6 +8,7 @@ No array backend is touched here: everything is small and lives on the host.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,8 @@ DEFAULT_BOUNDS: dict[str, tuple[float, float]] = {
 
 #: Largest effective flip angle allowed (keeps cos θ > 0 in the Look-Locker relations).
 _MAX_ANGLE_DEG = 89.9
+#: A recovery time above this many seconds was almost surely given in milliseconds (warned).
+TI_LOOKS_LIKE_MS = 30.0
 
 
 def fabber_priors(t1_mean: float = 1.3) -> dict[str, tuple[float, float]]:
@@ -173,6 +176,11 @@ def make_design(
     tis_arr = _as_float_list("tis", tis)
     if np.any(tis_arr < 0):
         raise InputError(f"tis={tis_arr.tolist()}: recovery times must be >= 0 s")
+    if float(np.max(tis_arr)) > TI_LOOKS_LIKE_MS:
+        warnings.warn(
+            f"tis: a recovery time of {float(np.max(tis_arr)):g} s looks like milliseconds (TIs are in seconds)",
+            UserWarning, stacklevel=3,
+        )
     n_phase_total = nphases + (1 if lfa_v is not None else 0)
     expected = tis_arr.size * repeats * n_phase_total
     if expected == n_vol:
