@@ -249,7 +249,7 @@ def test_satrecov_bad_inputs(ph, pure_ref, ll_series):
         m0_refregion_satrecov(data, truth["tis"], pure_ref[:, :, :5], **kw)
     with pytest.raises(InputError, match="brain_mask: shape"):
         m0_refregion_satrecov(data, truth["tis"], pure_ref, pure_ref[:5], **kw)
-    with pytest.raises(InputError, match="reference mask is empty.*check the brain extraction"):
+    with pytest.raises(InputError, match="reference mask is empty.*check the mask"):
         m0_refregion_satrecov(data, truth["tis"], np.zeros_like(pure_ref), **kw)
     with pytest.raises(InputError, match="give pc"):
         m0_refregion_satrecov(data, truth["tis"], pure_ref, tissref="none", **kw)

@@ -247,7 +247,7 @@ def test_tr_not_above_taq(scene, tr, taq):
 
 def test_empty_reference_mask(scene):
     calib, mask = scene
-    with pytest.raises(InputError, match="reference mask is empty.*check the brain extraction or supply a reference mask"):
+    with pytest.raises(InputError, match="reference mask is empty.*check the mask.*brain extraction"):
         m0_refregion(calib, np.zeros_like(mask))
 
 
@@ -256,7 +256,7 @@ def test_no_usable_voxel(scene):
     calib = calib.copy()
     calib[mask] = 0.0
     calib[2, 1, 1] = np.nan
-    with pytest.raises(InputError, match="none of the 27 reference-mask voxels.*check the brain extraction.*supply a reference mask"):
+    with pytest.raises(InputError, match="none of the 27 reference-mask voxels.*check the mask and its alignment.*brain extraction"):
         m0_refregion(calib, mask)
 
 

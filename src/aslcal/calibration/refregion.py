@@ -368,16 +368,16 @@ def finish_m0a(
 
 def empty_mask_error(name: str) -> InputError:
     return InputError(
-        f"{name}: the reference mask is empty (no non-zero voxel): check the brain extraction "
-        "or supply a reference mask"
+        f"{name}: the reference mask is empty (no non-zero voxel): check the mask (an automatic "
+        "one: the brain extraction and segmentation it came from)"
     )
 
 
 def no_usable_voxel_error(name: str, n_mask: int, what: str) -> InputError:
     return InputError(
         f"{name}: none of the {n_mask} reference-mask voxels has a usable value ({what} is zero "
-        "or non-finite in all of them): check the brain extraction (and the mask's alignment "
-        "with the calibration image) or supply a reference mask"
+        "or non-finite in all of them): check the mask and its alignment with the calibration "
+        "image (an automatic mask: the brain extraction it came from)"
     )
 
 

@@ -75,7 +75,7 @@ def _check_destination(dest: Path, *, overwrite: bool) -> None:
         raise InputError(f"output path {str(dest)!r} is an existing folder; expected a file path")
     if not overwrite and os.path.lexists(dest):
         raise InputError(
-            f"output file {str(dest)!r} already exists; pass overwrite=True to replace it"
+            f"output file {str(dest)!r} already exists; pass overwrite=True (--overwrite) to replace it"
         )
 
 
@@ -143,13 +143,13 @@ def _commit(tmp: Path, dest: Path, *, overwrite: bool) -> None:
         os.link(tmp, dest)
     except FileExistsError:
         raise InputError(
-            f"output file {str(dest)!r} already exists; pass overwrite=True to replace it"
+            f"output file {str(dest)!r} already exists; pass overwrite=True (--overwrite) to replace it"
         ) from None
     except OSError:
         # File system without hard links: best effort check-then-rename.
         if os.path.lexists(dest):
             raise InputError(
-                f"output file {str(dest)!r} already exists; pass overwrite=True to replace it"
+                f"output file {str(dest)!r} already exists; pass overwrite=True (--overwrite) to replace it"
             ) from None
         os.replace(tmp, dest)
         return
@@ -295,7 +295,7 @@ class OutputSet:
                 _fsync_path(tmp)
                 if not self.overwrite and os.path.lexists(dest):
                     raise InputError(
-                        f"output file {str(dest)!r} already exists; pass overwrite=True to replace it"
+                        f"output file {str(dest)!r} already exists; pass overwrite=True (--overwrite) to replace it"
                     )
         except BaseException:
             self.abort()

@@ -737,8 +737,8 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
         if not allow_control_m0:
             raise BidsFieldError(
                 f"{js}: field 'M0Type' = 'Absent': no M0 for calibration; provide an M0 "
-                "scan, or allow the mean control image as M0 (only without background "
-                "suppression)",
+                "scan, or allow the mean control image as M0 (allow_control_m0, "
+                "--allow-control-m0; only without background suppression)",
                 file=js, field="M0Type",
             )
         bs_req = _flag(meta, js, "BackgroundSuppression", required=True,

@@ -81,7 +81,7 @@ def reference_mask_from_pv(
         raise InputError(
             f"the reference mask is empty: no calibration voxel has a reference-tissue partial volume "
             f">= {threshold:g} (largest {best:.2f}); check the brain extraction and the transform, "
-            "or supply a mask with -m"
+            "or supply a reference mask (-m in aslcal calib, --ref-masks in aslcal cohort)"
         )
     return ReferenceMask(mask=mask, pv=pv, threshold=float(threshold), n_voxels=n,
                          steps=list(steps or []), details=dict(details or {}))
