@@ -695,7 +695,9 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     m0a: float | None = None
     m0t_rel_se: float | None = None
     m0_map = None
-    calib_prov: dict[str, Any] = {"m0_kind": prep.m0_kind, "m0_mode": options.m0_mode}
+    # the M0 this subject used: its M0Estimate, whatever the run's mode
+    m0_mode = "estimate" if prep.m0_kind == "estimate" else options.m0_mode
+    calib_prov: dict[str, Any] = {"m0_kind": prep.m0_kind, "m0_mode": m0_mode}
     if prep.jobs and acq.m0.slice_timing is not None:
         calib_prov["slice_timing_s"] = {"axis": "ijk"[acq.m0.slice_axis], "times": list(acq.m0.slice_timing)}
     te = acq.m0.te_ms
@@ -758,7 +760,13 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     aff = prep.affine
     if m0_map is not None:
         images["m0"] = (to_host(m0_map), aff)
-        records["m0"] = {"Description": "Voxelwise M0 of arterial blood (calibration.md section 5)"}
+        steps = ["divided by the partition coefficient"]
+        if prep.m0_kind in ("longtr", "control"):
+            steps.append("corrected for its TR")
+        if options.edge_correction:
+            steps.append("edge-corrected")
+        records["m0"] = {"Description": f"Voxelwise M0 of arterial blood: the {prep.m0_kind} M0 image "
+                                        + ", ".join(steps)}
     elif prep.m0_image is not None:
         images["m0"] = (prep.m0_image, aff)
         records["m0"] = {"Description": f"M0 calibration image ({prep.m0_kind}): mean of the M0 volumes, "
@@ -771,7 +779,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     if design is not None and design.lfa is not None:
         images["facorr"] = (to_host(maps["g"]), aff)
     images["cbf"] = (to_host(cbf), aff)
-    records["cbf"] = {"M0a": m0a, "LabelingEfficiency": acq.alpha, "M0Mode": options.m0_mode}
+    records["cbf"] = {"M0a": m0a, "LabelingEfficiency": acq.alpha, "M0Mode": m0_mode}
     if prep.ref is not None:
         images["ref_mask"] = (prep.ref, aff)
         records["ref_mask"] = {"Sources": [prep.ref_file],
@@ -783,7 +791,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     n_brain = int(prep.brain.sum())
     summary: dict[str, Any] = {
         "M0a": m0a,
-        "m0_mode": options.m0_mode,
+        "m0_mode": m0_mode,
         "m0_kind": prep.m0_kind,
         "field_strength": acq.field_strength,
         "n_brain_voxels": n_brain,
