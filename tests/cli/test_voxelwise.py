@@ -116,6 +116,7 @@ def test_calibrated_perfusion_voxelwise(vw, cli):
     cbf = read_nifti(out)
     np.testing.assert_allclose(cbf[vw.brain], 6000.0 * vw.perf[vw.brain] / (m0[vw.brain] * 0.85), rtol=RTOL)
     assert (cbf[~vw.brain] == 0).all()  # M0 = 0 outside the brain: set to 0, not Inf/NaN
+    assert "set to 0" not in res.err  # ... and that is no news: only brain voxels are warned about
     assert sorted(p.name for p in outdir.iterdir()) == ["M0map.nii.gz", "perfusion_calib.nii.gz", "provenance.json"]
     np.testing.assert_allclose(read_nifti(outdir / "perfusion_calib.nii.gz"), cbf, rtol=0)
     np.testing.assert_allclose(read_nifti(outdir / "M0map.nii.gz")[vw.brain], m0[vw.brain], rtol=RTOL)
@@ -247,3 +248,22 @@ def test_existing_output_needs_overwrite(vw, bad_input, cli, opt):
     assert res.rc == 0, res.err
     assert existing.read_bytes() != b"precious"
     assert all(p.exists() for p in paths)
+
+
+def test_nothing_to_write_is_an_error(vw, bad_input):
+    err = bad_input(["voxelwise", "-c", vw.rand_path, "--bmask", vw.brain_path], vw.root)
+    assert "nothing to write" in err and "--m0map" in err
+
+
+def test_brain_voxels_set_to_zero_are_counted(vw, cli):
+    """A brain voxel whose calibration value is NaN (no edge correction to fill it): M0 and
+    CBF 0 there, and the warning counts that one voxel, not the background."""
+    calib = vw.rand.astype(np.float32).copy()
+    x, y, z = np.argwhere(vw.brain)[0]
+    calib[x, y, z] = np.nan
+    path = save_nifti(vw.data / "calib_nan.nii.gz", calib)
+    res = cli("voxelwise", "-c", path, "--bmask", vw.brain_path, "--no-edgecorr", "-i", vw.perf_path,
+              "-o", vw.root / "cbf_nan.nii.gz", "--alpha", 0.85)
+    assert res.rc == 0, res.err
+    assert "1 brain-mask voxels with M0 <= 0 or non-finite were set to 0" in res.err
+    assert read_nifti(vw.root / "cbf_nan.nii.gz")[x, y, z] == 0

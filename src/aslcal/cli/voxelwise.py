@@ -50,6 +50,8 @@ def run(args) -> int:
         raise InputError("--bmask MASK is required: the voxelwise M0 is defined inside the brain mask")
     if (args.infile is None) != (args.outfile is None):
         raise InputError("-i PERF and -o OUT go together: -o is the calibrated version of -i")
+    if not (args.outfile or args.m0map or args.outdir):
+        raise InputError("nothing to write: give --m0map FILE, -i PERF with -o OUT, or --outdir DIR")
     created = args.outdir is not None and not Path(args.outdir).exists()
     outdir = prepare_outdir(args.outdir)
     out = OutputSet(overwrite=args.overwrite)
@@ -69,8 +71,10 @@ def run(args) -> int:
         cal = None
         if perf is not None:
             cal = apply_calibration(perf.data, vw.m0, alpha=args.alpha, labelling=args.labelling)
-            if cal.n_zeroed:
-                log.warning("%d voxels with M0 <= 0 or non-finite were set to 0", cal.n_zeroed)
+            # outside the brain mask M0 is 0 by definition, and so is CBF: only brain voxels are news
+            n_brain_zeroed = cal.n_zeroed - int(bmask.size - bmask.sum())
+            if n_brain_zeroed > 0:
+                log.warning("%d brain-mask voxels with M0 <= 0 or non-finite were set to 0", n_brain_zeroed)
         elapsed = time.perf_counter() - t0
         with out:
             hdr = dict(affine=calib.affine, header=calib.header)
