@@ -138,3 +138,12 @@ def test_failed_demo_leaves_nothing_behind(tmp_path, capsys, monkeypatch, existi
     assert main(["demo", str(out), "-q"]) == 2
     assert "simulated failure" in capsys.readouterr().err
     assert (out.exists() and not any(out.iterdir())) if existing else not out.exists()
+
+
+@pytest.mark.parametrize("argv", [["--debug", "info"], ["info", "--debug"], ["-q", "info"], ["info", "--quiet"]])
+def test_debug_and_quiet_before_or_after_the_command(argv):
+    from aslcal.cli import build_parser
+
+    args = build_parser().parse_args(argv)
+    assert args.debug == ("--debug" in argv)
+    assert args.quiet == any(a in argv for a in ("-q", "--quiet"))

@@ -366,3 +366,13 @@ def test_unavailable_backend_is_refused_before_any_work(cohort, tmp_path, capsys
     err = capsys.readouterr().err
     assert code == 2 and "backend 'cuda' is unavailable" in err, err
     assert not out.exists()
+
+
+def test_quiet_cohort_prints_where_the_results_are(cohort, reference_run, capsys):
+    refs = str(cohort.root / "derivatives" / "refmasks")
+    good = sorted(t.subject for t in cohort.good.values())
+    code = main(["cohort", str(cohort.root), str(reference_run[0]), "-q", "--resume", "--no-progress",
+                 "--ref-masks", refs, "--participant-label", *good])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    assert cap.out.splitlines() == [f"aslcal: summary: {reference_run[0] / 'derivatives' / 'aslcal' / 'summary.tsv'}"]

@@ -45,9 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"aslcal {__version__}")
-    common = _Parser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
-    common.add_argument("-q", "--quiet", action="store_true", help="print only results and errors")
+    # --debug and -q go before or after the command (aslcal --debug info, aslcal info --debug):
+    # the subcommand's copies default to SUPPRESS so that they do not reset the top level's.
+    for target, default in ((parser, False), (common := _Parser(add_help=False), argparse.SUPPRESS)):
+        target.add_argument("--debug", action="store_true", default=default, help="show tracebacks and debug logging")
+        target.add_argument("-q", "--quiet", action="store_true", default=default,
+                            help="print only results, warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (calib, voxelwise, cohort, demo, info):
         module.add_parser(sub, common)

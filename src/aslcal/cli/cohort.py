@@ -183,6 +183,8 @@ def run(args) -> int:
     if n_failed:
         lines.append(f"failures: {report.failure_log}")
     for line in lines:
+        if args.quiet and not line.startswith(("FAILED", "interrupted", "summary:")):
+            continue  # -q: failures, interruption and where the results are
         print(line if line.startswith(("FAILED", "interrupted")) else f"aslcal: {line}",
               file=sys.stderr if line.startswith(("FAILED", "interrupted")) else sys.stdout)
     return report.exit_code
