@@ -225,6 +225,15 @@ def test_image_names_without_extension_as_fsl(syn, cli):
     assert missing.rc == 2 and "nothere" in missing.err and "does not exist" in missing.err
 
 
+def test_intensity_image_as_mask_warns(syn, cli):
+    """-m given an intensity image: its voxels > 0 are used (as asl_calib's fslstats -k),
+    with a warning that it is no 0/1 mask; a 0/1 mask does not warn."""
+    res = cli("calib", "-c", syn.calib_path, "-m", syn.calib_path)
+    assert res.rc == 0, res.err
+    assert "not a 0/1 mask" in res.err
+    assert "not a 0/1 mask" not in cli("calib", "-c", syn.calib_path, "-m", syn.mask_path).err
+
+
 def test_quiet_prints_only_the_result(syn, cli):
     res = cli("calib", "-c", syn.calib_path, "-m", syn.mask_path, "--quiet")
     assert res.rc == 0 and res.err == ""

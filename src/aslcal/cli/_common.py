@@ -103,7 +103,12 @@ def mask_of(img, name: str) -> np.ndarray:
     if data.ndim == 4:
         raise InputError(f"{name} {img.path}: expected a 3-D mask, got a 4-D image")
     with np.errstate(invalid="ignore"):
-        return np.isfinite(data) & (data > 0)
+        mask = np.isfinite(data) & (data > 0)
+    values = np.unique(data[mask])
+    if values.size > 1:
+        log.warning("%s %s holds %d different values, not a 0/1 mask (an intensity or partial-volume "
+                    "image?): every voxel > 0 is used", name, img.path, values.size)
+    return mask
 
 
 def image_or_value(value: float | str | None, name: str, reference) -> Any:
