@@ -366,3 +366,20 @@ def test_subjects_read_by_the_time_the_fit_starts_share_one_launch_per_design(co
     n_jobs = sum(len(load_subject(r, opts, bids_root=cohort.root).jobs) for r in runs)
     assert calls == [n_jobs]
     assert len(outcome.launches) == 2  # the two designs of this cohort
+
+
+def test_stop_drops_the_subjects_read_ahead(cohort, runs, tmp_path):
+    """The first signal finishes the batch in hand, not the whole read-ahead window: with
+    every subject read ahead (batch_size > subjects), a stop set when the first subject is
+    written leaves the later ones undone and says interrupted (it used to process them all
+    and report a complete run)."""
+    stop = threading.Event()
+    writer = DerivativesWriter(tmp_path / "out")
+    outcome = run_subjects(runs, writer, _options(cohort), failure_log=FailureLog(tmp_path / "f.jsonl"),
+                           workers=2, batch_size=64, stop=stop, on_subject=lambda k, ok: stop.set(),
+                           bids_root=cohort.root)
+    assert outcome.interrupted is True and outcome.failed == []
+    assert 1 <= len(outcome.done) < len(runs)
+    states = {k: writer.status(k) for k in cohort.runs}
+    assert {k for k, s in states.items() if s == "complete"} == set(outcome.done)
+    assert set(states.values()) == {"complete", "absent"}

@@ -25,8 +25,9 @@
 
 A subject that fails at any stage is recorded in the failure log (key, stage, message,
 file/field) and the run goes on.  ``stop`` (a :class:`threading.Event`, set by the first
-SIGINT/SIGTERM) stops reading new subjects: the batch in hand is fitted and written, and
-the function returns with ``interrupted=True``.  A :class:`KeyboardInterrupt` (second
+SIGINT/SIGTERM) stops the pipeline: the batch in hand (the subjects the main thread has
+taken) is fitted and written, the subjects read ahead but not taken are dropped (reads not
+started are cancelled), and the function returns with ``interrupted=True``.  A :class:`KeyboardInterrupt` (second
 signal) abandons the batch: queued writes are cancelled, running ones finish (each is
 atomic) and the exception propagates; nothing half-written is left marked complete.
 """
@@ -198,7 +199,17 @@ def run_subjects(
         fill()
         batch: list[PreparedSubject] = []
         batch_bytes = 0
+        dropped = False
         while window:
+            if stop.is_set():
+                # First signal: finish the batch in hand; the subjects read ahead but not
+                # taken yet are dropped (queued reads cancelled, finished ones discarded):
+                # a resumed run does them.
+                for _, pending in window:
+                    pending.cancel()
+                window.clear()
+                dropped = True
+                break
             run, future = window[0]
             if batch and not future.done():
                 # Nothing more is ready: fit what is held rather than wait idle.  When the
@@ -228,7 +239,7 @@ def run_subjects(
                 batch, batch_bytes = [], 0
         flush(batch)
         wait(pending_writes)
-        out.interrupted = stop.is_set() and next_run < len(queue)
+        out.interrupted = stop.is_set() and (dropped or next_run < len(queue))
     except BaseException:
         abandoned = True
         raise
