@@ -252,6 +252,12 @@ def _json_of(tmp_path):
         (_base_meta(LookLocker=True), "FlipAngle", "required with LookLocker"),
         (_base_meta(LookLocker="yes"), "LookLocker", "true or false"),
         (_base_meta(PostLabelingDelay=-0.5), "PostLabelingDelay", ">= 0"),
+        # milliseconds where BIDS wants seconds: an error, never a silently absurd M0a
+        (_base_meta(EchoTime=14), "EchoTime", "in seconds, not milliseconds"),
+        (_base_meta(RepetitionTimePreparation=6000), "RepetitionTimePreparation", "in seconds"),
+        (_base_meta(PostLabelingDelay=1800), "PostLabelingDelay", "in seconds"),
+        (_base_meta(LabelingDuration=1800), "LabelingDuration", "in seconds"),
+        (_base_meta(InversionTime=[100, 400, 700, 1000]), "InversionTime[0]", "in seconds"),
         (_base_meta(LabelingEfficiency=1.5), "LabelingEfficiency", "expected"),
     ],
 )
@@ -386,6 +392,8 @@ def test_estimate_has_no_m0_image_error_names_m0type(tmp_path):
         ({"RepetitionTimePreparation": [1, 2], "EchoTime": 0.01}, "RepetitionTimePreparation",
          "has 2 values but the image has 3 volumes"),
         ({"RepetitionTimePreparation": 6}, "EchoTime", "missing"),
+        ({"RepetitionTimePreparation": 6, "EchoTime": 12.0}, "EchoTime", "in seconds"),
+        ({"RepetitionTimePreparation": 6000, "EchoTime": 0.01}, "RepetitionTimePreparation", "in seconds"),
         ({"RepetitionTimePreparation": 6, "EchoTime": 0, "LookLocker": True, "FlipAngle": 35},
          "InversionTime", "required with LookLocker"),
     ],

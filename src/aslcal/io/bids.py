@@ -490,6 +490,13 @@ def _field(meta: dict, path: Path, name: str, *, required: bool, why: str = "") 
     return _require(meta, path, name, why) if required else meta.get(name)
 
 
+#: Upper limits (seconds) of BIDS times: above them a value was written in milliseconds,
+#: which BIDS does not use (an EchoTime of 14 "seconds" would make M0a ~1e-13).
+MAX_ECHO_TIME_S = 1.0
+MAX_TR_S = 100.0
+MAX_DELAY_S = 30.0
+
+
 def _check_value(value: Any, path: Path, name: str, *, low: float, low_open: bool,
                  high: float | None = None, unit: str, key: str | None = None) -> float:
     """Check one number; ``name`` is as shown (``"X[2]"``), ``key`` the JSON key (``"X"``)."""
@@ -497,6 +504,8 @@ def _check_value(value: Any, path: Path, name: str, *, low: float, low_open: boo
     expected = f"a number {'>' if low_open else '>='} {low}" + (
         f" and < {high}" if high is not None else ""
     ) + f" ({unit})"
+    if unit == "s" and high is not None and _is_number(value) and float(value) >= high:
+        expected += "; BIDS times are in seconds, not milliseconds"
     if not _is_number(value):
         raise BidsFieldError(f"{path}: field {name!r} = {value!r}: expected {expected}",
                              file=path, field=key)
@@ -550,7 +559,7 @@ def _flag(meta: dict, path: Path, name: str, *, required: bool = False, why: str
 
 
 def _echo_time_ms(meta: dict, path: Path, n: int) -> float:
-    values = _per_volume(meta, path, "EchoTime", n, required=True, unit="s")
+    values = _per_volume(meta, path, "EchoTime", n, required=True, high=MAX_ECHO_TIME_S, unit="s")
     assert values is not None
     if len(set(values)) > 1:
         raise BidsFieldError(
@@ -697,16 +706,16 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
         )
 
     tr = _per_volume(meta, js, "RepetitionTimePreparation", n, required=True, low=0.0,
-                     low_open=True, unit="s")
+                     low_open=True, high=MAX_TR_S, unit="s")
     assert tr is not None
     te_ms = _echo_time_ms(meta, js, n)
     fs, fs_raw = _field_strength(meta, js)
     look_locker = bool(_flag(meta, js, "LookLocker"))
     flip = _per_volume(meta, js, "FlipAngle", n, required=look_locker, low=0.0, low_open=True,
                        high=180.0, unit="degrees", why=" (required with LookLocker true)")
-    pld = _per_volume(meta, js, "PostLabelingDelay", n, required=False, unit="s")
-    ti = _per_volume(meta, js, "InversionTime", n, required=False, unit="s")
-    ld = _per_volume(meta, js, "LabelingDuration", n, required=False, unit="s")
+    pld = _per_volume(meta, js, "PostLabelingDelay", n, required=False, high=MAX_DELAY_S, unit="s")
+    ti = _per_volume(meta, js, "InversionTime", n, required=False, high=MAX_DELAY_S, unit="s")
+    ld = _per_volume(meta, js, "LabelingDuration", n, required=False, high=MAX_DELAY_S, unit="s")
     bs = _flag(meta, js, "BackgroundSuppression")
 
     if m0_type == "Separate":
@@ -783,13 +792,13 @@ def _separate_m0(run: AslRun) -> M0Source:
     meta = _read_json(js, "m0scan")
     shape, n = _n_volumes(run.m0scan, "m0scan")
     trs = _per_volume(meta, js, "RepetitionTimePreparation", n, required=True, low=0.0,
-                      low_open=True, unit="s")
+                      low_open=True, high=MAX_TR_S, unit="s")
     assert trs is not None
     te_ms = _echo_time_ms(meta, js, n)
     look_locker = bool(_flag(meta, js, "LookLocker"))
     flip = _per_volume(meta, js, "FlipAngle", n, required=look_locker, low=0.0, low_open=True,
                        high=180.0, unit="degrees", why=" (required with LookLocker true)")
-    tis = _per_volume(meta, js, "InversionTime", n, required=look_locker, unit="s",
+    tis = _per_volume(meta, js, "InversionTime", n, required=look_locker, high=MAX_DELAY_S, unit="s",
                       why=" (required with LookLocker true: the readout times)")
     slices, axis = _slice_timing(meta, js, shape)
     return M0Source(kind="separate", path=run.m0scan, volumes=tuple(range(n)), trs=trs,
