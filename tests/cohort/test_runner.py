@@ -376,3 +376,22 @@ def test_quiet_cohort_prints_where_the_results_are(cohort, reference_run, capsys
     cap = capsys.readouterr()
     assert code == 0, cap.err
     assert cap.out.splitlines() == [f"aslcal: summary: {reference_run[0] / 'derivatives' / 'aslcal' / 'summary.tsv'}"]
+
+
+def test_bad_file_names_do_not_stop_the_cohort(tmp_path):
+    """A *_asl file with a non-BIDS name is skipped and reported (exit 1); a run with two
+    images (.nii beside .nii.gz) fails alone at 'metadata' naming both; the others are done."""
+    import nibabel
+
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=3, seed=5, shape=(32, 32, 12), broken=0)
+    keys = sorted(truth.runs)
+    first = next(truth.root.rglob(f"{keys[0]}_asl.nii.gz"))
+    shutil.copy(first, first.with_name(first.name.replace("_asl", "_task-rest_asl")))
+    second = next(truth.root.rglob(f"{keys[1]}_asl.nii.gz"))
+    nibabel.save(nibabel.load(str(second)), str(second.with_name(second.name.removesuffix(".gz"))))
+    report = run_cohort(truth.root, tmp_path / "out")
+    assert [Path(p).name for p, _ in report.rejected] == [first.name.replace("_asl", "_task-rest_asl")]
+    assert [(r["key"], r["stage"]) for r in report.failed] == [(keys[1], "metadata")]
+    assert "two images" in report.failed[0]["message"]
+    assert sorted(report.done) == sorted(k for k in keys if k != keys[1])
+    assert report.exit_code == 1

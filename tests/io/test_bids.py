@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import pickle
+import shutil
 from pathlib import Path
 
 import nibabel
@@ -92,6 +94,42 @@ def test_discover_participant_filter(tmp_path):
     assert [r.subject for r in discover(tmp_path, participant_label=["03", "sub-01"])] == ["01", "03"]
     with pytest.raises(InputError, match="99"):
         discover(tmp_path, participant_label="99")
+
+
+def test_discover_skips_non_bids_names_without_stopping(tmp_path, caplog):
+    """A *_asl file whose name BIDS ASL does not allow (task entity, entities out of
+    order, a non-numeric run) is no run: listed in ``rejected`` (or logged), the other
+    runs are found."""
+    perf = _write_run(tmp_path, "01")
+    _write_run(tmp_path, "02")
+    for bad in ("sub-01_task-rest_asl.nii.gz", "sub-01_run-1_acq-x_asl.nii.gz", "sub-01_run-a_asl.nii.gz"):
+        shutil.copy(perf / "sub-01_asl.nii.gz", perf / bad)
+    rejected = []
+    runs = discover(tmp_path, rejected=rejected)
+    assert [r.key for r in runs] == ["sub-01", "sub-02"]
+    reasons = {p.name: why for p, why in rejected}
+    assert sorted(reasons) == ["sub-01_run-1_acq-x_asl.nii.gz", "sub-01_run-a_asl.nii.gz", "sub-01_task-rest_asl.nii.gz"]
+    assert "'task' is not a BIDS ASL entity" in reasons["sub-01_task-rest_asl.nii.gz"]
+    assert "out of BIDS order" in reasons["sub-01_run-1_acq-x_asl.nii.gz"]
+    assert "index" in reasons["sub-01_run-a_asl.nii.gz"]
+    with caplog.at_level(logging.WARNING, logger="aslcal"):
+        assert len(discover(tmp_path)) == 2
+    assert sum("not a BIDS ASL file name" in r.message for r in caplog.records) == 3
+
+
+def test_two_images_of_one_run_are_a_per_run_error(tmp_path):
+    """sub-01_asl.nii beside sub-01_asl.nii.gz: one run (not a duplicate key that stops
+    the cohort), refused by read_run naming both files; the other runs are unaffected."""
+    perf = _write_run(tmp_path, "01", m0=1)
+    _write_run(tmp_path, "02", m0=1)
+    nibabel.save(nibabel.load(str(perf / "sub-01_asl.nii.gz")), str(perf / "sub-01_asl.nii"))
+    runs = discover(tmp_path)
+    assert [r.key for r in runs] == ["sub-01", "sub-02"]
+    assert runs[0].asl.name == "sub-01_asl.nii.gz" and runs[0].duplicate.name == "sub-01_asl.nii"
+    with pytest.raises(BidsFieldError) as info:
+        read_run(runs[0])
+    assert "sub-01_asl.nii.gz and sub-01_asl.nii" in str(info.value) and info.value.file == str(runs[0].duplicate)
+    read_run(runs[1])
 
 
 def test_discover_errors(tmp_path):

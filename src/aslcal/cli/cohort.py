@@ -167,7 +167,9 @@ def run(args) -> int:
     rate = n_done / report.seconds if report.seconds > 0 else 0.0
     n_vox = sum(int(launch["n_vox"]) for launch in report.launches)
     lines = [
-        f"{report.n_discovered} ASL runs found, {len(report.selected)} selected"
+        f"{report.n_discovered} ASL runs found"
+        + (f" ({len(report.rejected)} files with non-BIDS names skipped, see the warnings)" if report.rejected else "")
+        + f", {len(report.selected)} selected"
         + (f" (shard {args.shard})" if args.shard else "")
         + (f", {len(report.skipped)} already complete" if report.skipped else "")
         + (f", {len(report.redo)} partial redone" if report.redo else ""),

@@ -24,6 +24,7 @@ Files of the run, besides the subjects' ``perf/`` folders::
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -37,6 +38,8 @@ from ..io.derivatives import DerivativesWriter, entities_from_key, write_summary
 from .pipeline import DEFAULT_BATCH_SIZE, BatchOutcome, run_subjects
 from .state import FailureLog, FailureRecord, check_run_options, parse_shard, plan_run, shard
 from .subject import CohortOptions
+
+log = logging.getLogger("aslcal")
 
 __all__ = ["CohortReport", "run_cohort", "rebuild_summary"]
 
@@ -62,6 +65,9 @@ class CohortReport:
         Subjects written in this run.
     failed : list of dict
         Failure records of this run.
+    rejected : list of (str, str)
+        ``*_asl`` files whose names are not BIDS ASL names (path, reason): no run, no
+        output, but the exit code says so.
     interrupted : bool
     seconds : float
     executor : str
@@ -79,6 +85,7 @@ class CohortReport:
     redo: list[str]
     done: list[str] = field(default_factory=list)
     failed: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
     executor: str = "local"
@@ -90,10 +97,10 @@ class CohortReport:
     @property
     def exit_code(self) -> int:
         """130: interrupted (the run is unfinished: rerun with ``--resume``, whatever failed);
-        else 1: some subject failed; 0: every subject done."""
+        else 1: some subject failed or some file was rejected; 0: every subject done."""
         if self.interrupted:
             return 130
-        return 1 if self.failed else 0
+        return 1 if self.failed or self.rejected else 0
 
 
 def run_cohort(
@@ -173,7 +180,10 @@ def run_cohort(
 
         resolve_backend(options.backend)  # an explicit backend that cannot run here: refuse now
     bids_root = Path(bids_root)
-    runs = discover(bids_root, participant_label=participant_label)
+    rejected: list[tuple[Path, str]] = []
+    runs = discover(bids_root, participant_label=participant_label, rejected=rejected)
+    for path, reason in rejected:
+        log.warning("%s: not a BIDS ASL file name (%s): skipped", path, reason)
     by_key = {r.key: r for r in runs}
     keys = [r.key for r in runs]
     selected = shard(keys, shard_spec) if shard_spec else sorted(keys)
@@ -190,7 +200,7 @@ def run_cohort(
     report = CohortReport(
         n_discovered=len(runs), selected=selected, skipped=plan.skipped, redo=plan.redo,
         gzip=gzip_backends(), failure_log=failure_log.path,
-        executor="local" if dask is None else dask,
+        executor="local" if dask is None else dask, rejected=[(str(p), why) for p, why in rejected],
     )
     if on_start is not None:
         on_start(len(todo))

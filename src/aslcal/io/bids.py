@@ -54,7 +54,9 @@ not merged), multi-echo ASL, and ``M0Type`` "Separate" with the M0 scan linked o
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import logging
 import math
 import os
 import re
@@ -67,6 +69,8 @@ import numpy as np
 
 from ..errors import InputError
 from .nifti import Image, load_image
+
+log = logging.getLogger("aslcal")
 
 __all__ = [
     "ASL_VOLUME_TYPES",
@@ -169,6 +173,9 @@ class AslRun:
         reports that).
     m0scan, m0scan_sidecar : pathlib.Path or None
         ``*_m0scan.nii[.gz]`` and its JSON with the same entities, if the image exists.
+    duplicate : pathlib.Path or None
+        A second image of the same run (``.nii`` beside ``.nii.gz``): :func:`read_run`
+        refuses the run, since which one is meant is unknown.
     """
 
     subject: str
@@ -181,6 +188,27 @@ class AslRun:
     aslcontext: Path
     m0scan: Path | None = None
     m0scan_sidecar: Path | None = None
+    duplicate: Path | None = None
+
+
+#: Entities of a BIDS ASL file name (perf datatype), in their order.
+ASL_ENTITIES = ("sub", "ses", "acq", "rec", "dir", "run")
+
+
+def _name_problem(entities: list[tuple[str, str]]) -> str | None:
+    """Why a ``*_asl`` file name is not a BIDS ASL name, or None."""
+    names = [k for k, _ in entities]
+    unknown = [k for k in names if k not in ASL_ENTITIES]
+    if unknown:
+        return f"entity {unknown[0]!r} is not a BIDS ASL entity (expected some of {', '.join(ASL_ENTITIES)})"
+    if len(set(names)) != len(names):
+        return "an entity is repeated"
+    if names != sorted(names, key=ASL_ENTITIES.index):
+        return f"entities out of BIDS order (expected {'_'.join(k for k in ASL_ENTITIES if k in names)})"
+    run = dict(entities).get("run")
+    if run is not None and not run.isdigit():
+        return f"run-{run}: the run entity is an index (digits only)"
+    return None
 
 
 def _strip(label: str, prefix: str) -> str:
@@ -198,6 +226,7 @@ def discover(
     bids_root: str | os.PathLike[str],
     *,
     participant_label: str | list[str] | tuple[str, ...] | None = None,
+    rejected: list[tuple[Path, str]] | None = None,
 ) -> list[AslRun]:
     """Find every ASL run of a BIDS dataset.
 
@@ -207,6 +236,12 @@ def discover(
         The dataset folder (holding ``dataset_description.json``).
     participant_label : str or sequence of str, optional
         Keep only these subjects; labels with or without ``sub-``.
+    rejected : list, optional
+        ``*_asl.nii[.gz]`` files whose names are not BIDS ASL names (an unknown entity
+        such as ``task``, entities out of order) are left out and appended here as
+        ``(path, reason)``; without a list they are logged as warnings.  They cannot
+        be named in BIDS outputs, so they are no runs; one bad name never stops the
+        others.
 
     Returns
     -------
@@ -252,11 +287,25 @@ def discover(
         for perf in perf_dirs:
             if not perf.is_dir():
                 continue
+            by_prefix: dict[str, list[Path]] = {}
             for asl in sorted(perf.iterdir()):
                 match = _ASL_NAME.match(asl.name)
                 if match is None or not asl.is_file():
                     continue
-                runs.append(_make_run(perf, asl, match.group("prefix")))
+                problem = _name_problem(_ENTITY.findall(match.group("prefix")))
+                if problem is not None:
+                    if rejected is None:
+                        log.warning("%s: not a BIDS ASL file name (%s): skipped", asl, problem)
+                    else:
+                        rejected.append((asl, problem))
+                    continue
+                by_prefix.setdefault(match.group("prefix"), []).append(asl)
+            for prefix, images in by_prefix.items():
+                images.sort(key=lambda p: not p.name.endswith(".gz"))  # .nii.gz first
+                run = _make_run(perf, images[0], prefix)
+                if len(images) > 1:
+                    run = dataclasses.replace(run, duplicate=images[1])
+                runs.append(run)
     if not runs:
         which = "" if wanted is None else f" for participant(s) {sorted(wanted)}"
         raise InputError(
@@ -682,6 +731,11 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
     """
     if not isinstance(run, AslRun):
         raise InputError(f"run={run!r}: expected an AslRun from discover()")
+    if run.duplicate is not None:
+        raise BidsFieldError(
+            f"{run.asl}: the run has two images, {run.asl.name} and {run.duplicate.name}; "
+            "keep one", file=run.duplicate,
+        )
     js = run.sidecar
     meta = _read_json(js, "ASL")
     shape, n = _n_volumes(run.asl, "ASL")
