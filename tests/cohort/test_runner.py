@@ -24,6 +24,7 @@ import pytest
 from aslcal.cli import main
 from aslcal.cohort import CohortOptions, CohortReport, FailureLog, run_cohort
 from aslcal.io import load_image
+from aslcal.io.derivatives import DerivativesWriter
 from aslcal.io.atomic import _TEMP_MARKER
 from aslcal.testing import make_phantom
 from aslcal.testing.bids import GOOD_VARIANTS, make_bids_cohort
@@ -395,3 +396,36 @@ def test_bad_file_names_do_not_stop_the_cohort(tmp_path):
     assert "two images" in report.failed[0]["message"]
     assert sorted(report.done) == sorted(k for k in keys if k != keys[1])
     assert report.exit_code == 1
+
+
+def test_participant_label_keeps_the_other_rows_of_the_summary(tmp_path):
+    """summary.tsv is the dataset's: a later run on one participant rewrites it with
+    every subject's row, not only that participant's."""
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=3, seed=6, shape=(32, 32, 12), broken=0)
+    out = tmp_path / "out"
+    subjects = sorted({t.subject for t in truth.runs.values()})
+    first = run_cohort(truth.root, out, participant_label=subjects[:2])
+    assert first.exit_code == 0
+    assert len(_summary_rows(out)) == sum(t.subject in subjects[:2] for t in truth.runs.values())
+    second = run_cohort(truth.root, out, participant_label=subjects[2], resume=True)
+    assert second.exit_code == 0
+    rows = _summary_rows(out)
+    assert sorted(rows) == sorted(truth.runs) and {r["status"] for r in rows.values()} == {"ok"}
+
+
+def test_dask_scheduler_gets_absolute_paths(tmp_path, monkeypatch):
+    """Relative BIDS_ROOT/OUT_ROOT with an existing cluster whose workers run in another
+    working directory: they are resolved before submission (the workers wrote elsewhere
+    and the run died)."""
+    distributed = pytest.importorskip("dask.distributed")
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=2, seed=7, shape=(32, 32, 12), broken=0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the workers' working directory
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                  dashboard_address=":0") as cluster:
+        monkeypatch.chdir(tmp_path)
+        report = run_cohort("bids", "out", dask=cluster.scheduler_address, batch_size=1)
+    assert report.exit_code == 0 and sorted(report.done) == sorted(truth.runs)
+    assert all(DerivativesWriter(tmp_path / "out").is_complete(k) for k in truth.runs)
+    assert not any(elsewhere.iterdir())

@@ -180,6 +180,10 @@ def run_cohort(
 
         resolve_backend(options.backend)  # an explicit backend that cannot run here: refuse now
     bids_root = Path(bids_root)
+    if dask is not None:
+        # Dask workers run elsewhere (another working directory, another machine): they
+        # get absolute paths
+        bids_root, out_root = bids_root.resolve(), Path(out_root).resolve()
     rejected: list[tuple[Path, str]] = []
     runs = discover(bids_root, participant_label=participant_label, rejected=rejected)
     for path, reason in rejected:
@@ -223,7 +227,9 @@ def run_cohort(
     report.failed = sorted(outcome.failed, key=lambda r: r["key"])
     report.interrupted = outcome.interrupted
     report.launches = outcome.launches
-    report.summary_tsv = rebuild_summary(writer, keys, known=outcome.summaries)
+    # summary.tsv covers the whole dataset: a run on some participants keeps the others' rows
+    every_key = keys if participant_label is None else [r.key for r in discover(bids_root, rejected=[])]
+    report.summary_tsv = rebuild_summary(writer, every_key, known=outcome.summaries)
     report.seconds = time.perf_counter() - t0
     return report
 
