@@ -310,6 +310,16 @@ def test_automatic_reference_masks_from_anat(tmp_path):
         assert rows[key]["m0_mode"] == ("estimate" if t.variant == "estimate" else "refregion")
         # Automatic masks are not the phantom's own: 1 % (observed: < 1e-6 on this cohort).
         assert float(rows[key]["M0a"]) == pytest.approx(t.m0a_te, rel=1e-2), (key, t.variant)
+        if t.variant in ("satrecov", "look_locker"):
+            # T1 per tissue of the segmentation (pv >= 0.9 in ASL space): the phantom's T1s
+            # (its field strength's table), to 3 % (the 10 % of other tissue mixes in)
+            tissues = make_phantom(shape=t.shape, voxel_size=t.voxel_size, seed=t.phantom_seed,
+                                   field_strength=t.field_strength).tissues
+            for tissue in ("gm", "wm", "csf"):
+                assert int(rows[key][f"n_{tissue}_voxels"]) > 50, (key, tissue)
+                assert float(rows[key][f"T1_mean_{tissue}"]) == pytest.approx(tissues[tissue].t1, rel=0.03), (key, tissue)
+        else:
+            assert rows[key]["T1_mean_gm"] == "n/a"  # no T1 map
         if t.variant != "estimate":
             prov = json.loads(next((tmp_path / "out").rglob(f"{key}_desc-aslcal_provenance.json")).read_text())
             assert prov["reference_mask"]["source"] == "automatic"

@@ -323,10 +323,13 @@ class PreparedSubject:
     jobs: list[FitJob]
     inputs: dict[str, int]
     ref_info: dict | None = None
+    #: CSF/GM/WM partial volumes in ASL space (``--anat`` with a fitted M0): tissue T1 means
+    tissue_pv: dict[str, np.ndarray] | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
         arrays = [self.perf, self.brain, self.ref, self.m0_image] + [j.series for j in self.jobs]
+        arrays += list((self.tissue_pv or {}).values())
         return int(sum(a.nbytes for a in arrays if a is not None))
 
 
@@ -493,6 +496,7 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, optio
     brain_info = {"source": bm_source, **bm.as_dict()}
 
     ref_info = None
+    tissue_pv = None
     if anat is not None:
         from ..geometry import flirt_to_world
         from ..masks import reference_mask_from_structural
@@ -502,7 +506,9 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, optio
         auto = reference_mask_from_structural(
             t1w.data, t1w.affine, shape, asl.affine, world, tissref=options.tissref,
             all_csf=options.all_csf, threshold=options.pve_threshold, name=f"T1w {t1w.path.name}",
+            tissue_pv=m0_kind in ("satrecov", "lookLocker"),  # a T1 map to summarise per tissue
         )
+        tissue_pv = auto.tissue_pv
         ref = auto.mask
         ref_info = {"source": "automatic", "transform": "FLIRT ASL->T1w" if mat is not None else
                     "world coordinates (no transform file)", **auto.as_dict()}
@@ -518,6 +524,7 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, optio
         perf_source=perf_source, brain=brain, brain_info=brain_info, ref=ref_bool,
         ref_file=_rel(ref_file, bids_root) if ref_file is not None else None, m0_kind=m0_kind,
         m0_image=m0_image, m0_tr=m0_tr, jobs=jobs, inputs=inputs, ref_info=ref_info,
+        tissue_pv=None if tissue_pv is None else {t: np.asarray(v, dtype=np.float32) for t, v in tissue_pv.items()},
     )
 
 
@@ -806,6 +813,13 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
         summary["T1_median_brain"] = float(xp.median(t1[brain]))
         if ref is not None:
             summary[f"T1_mean_ref_{options.tissref}"] = float(xp.mean(t1[ref]))
+        if prep.tissue_pv is not None:
+            # per tissue of the --anat segmentation: brain voxels at least pve_threshold pure
+            for tissue, pv in prep.tissue_pv.items():
+                sel = dev(pv >= options.pve_threshold) & brain
+                n_sel = int(xp.count_nonzero(sel))
+                summary[f"T1_mean_{tissue}"] = float(xp.mean(t1[sel])) if n_sel else None
+                summary[f"n_{tissue}_voxels"] = n_sel
     records["summary"] = summary
 
     # write_json makes NumPy values, paths and non-finite floats JSON-safe.

@@ -32,6 +32,8 @@ class ReferenceMask:
     n_voxels: int
     steps: list[str] = field(default_factory=list)  #: how the structural-space map was obtained
     details: dict[str, Any] = field(default_factory=dict)
+    #: CSF/GM/WM partial volumes averaged over each calibration voxel (when asked for)
+    tissue_pv: dict[str, Any] | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "n_voxels": self.n_voxels, "steps": list(self.steps), **self.details}
@@ -98,6 +100,7 @@ def reference_mask_from_structural(
     all_csf: bool = False,
     threshold: float = DEFAULT_PVE_THRESHOLD,
     name: str = "structural image",
+    tissue_pv: bool = False,
 ) -> ReferenceMask:
     """The automatic reference mask from a brain-extracted T1-weighted image (calibration.md §8).
 
@@ -123,6 +126,9 @@ def reference_mask_from_structural(
         Keep all CSF instead of the lateral ventricles (asl_calib ``--csfmaskingoff``).
     name : str
         How the image is named in error messages.
+    tissue_pv : bool
+        Also return the CSF, GM and WM partial volumes of the segmentation in calibration
+        space (``ReferenceMask.tissue_pv``), e.g. for tissue means of fitted maps.
     """
     import numpy as np
 
@@ -144,5 +150,10 @@ def reference_mask_from_structural(
         steps.append(f"lateral ventricles kept ({vm.n_components_kept} components, eroded once)")
         details["ventricles"] = vm.as_dict()
     steps.append("averaged over each calibration voxel")
-    return reference_mask_from_pv(pv, aff, calib_shape, calib_affine, world_calib_to_struct,
-                                  threshold=threshold, steps=steps, details=details)
+    ref = reference_mask_from_pv(pv, aff, calib_shape, calib_affine, world_calib_to_struct,
+                                 threshold=threshold, steps=steps, details=details)
+    if tissue_pv:
+        grid = tuple(int(s) for s in calib_shape[:3])
+        ref.tissue_pv = {t: resample_to_grid(seg.pv[t], aff, grid, calib_affine, world_calib_to_struct)
+                         for t in ("csf", "gm", "wm")}
+    return ref
