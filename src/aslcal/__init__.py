@@ -23,6 +23,7 @@ _LAZY = {
     "m0_voxelwise": "aslcal.calibration",
     "coil_sensitivity": "aslcal.calibration",
     "apply_calibration": "aslcal.calibration",
+    "quantify_whitepaper": "aslcal.calibration",
     "load_image": "aslcal.io",
     "save_image": "aslcal.io",
     "resolve_backend": "aslcal.backend",
