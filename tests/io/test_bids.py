@@ -264,6 +264,17 @@ def _json_of(tmp_path):
     return str(_only(tmp_path).sidecar)
 
 
+def test_bolus_cutoff_and_slice_timing_are_read(tmp_path):
+    _write_run(tmp_path, meta=_base_meta(ArterialSpinLabelingType="PASL", BolusCutOffFlag=True,
+                                         BolusCutOffDelayTime=[0.7, 1.6], SliceTiming=[0.0, 0.05, 0.1],
+                                         M0Type="Estimate", M0Estimate=1000.0))
+    acq = read_run(_only(tmp_path))
+    assert acq.bolus_cutoff_delay == (0.7, 1.6) and acq.slice_timing == (0.0, 0.05, 0.1) and acq.slice_axis == 2
+    _write_run(tmp_path / "b", meta=_base_meta(M0Type="Estimate", M0Estimate=1000.0))
+    acq = read_run(_only(tmp_path / "b"))
+    assert acq.bolus_cutoff_delay is None and acq.slice_timing is None
+
+
 @pytest.mark.parametrize(
     ("meta", "field", "fragment"),
     [
@@ -297,6 +308,11 @@ def _json_of(tmp_path):
         (_base_meta(LabelingDuration=1800), "LabelingDuration", "in seconds"),
         (_base_meta(InversionTime=[100, 400, 700, 1000]), "InversionTime[0]", "in seconds"),
         (_base_meta(LabelingEfficiency=1.5), "LabelingEfficiency", "expected"),
+        (_base_meta(ArterialSpinLabelingType="PASL", BolusCutOffFlag=True), "BolusCutOffDelayTime",
+         "required with BolusCutOffFlag"),
+        (_base_meta(ArterialSpinLabelingType="PASL", BolusCutOffFlag=True, BolusCutOffDelayTime=[1.6, 0.7]),
+         "BolusCutOffDelayTime", "increasing"),
+        (_base_meta(SliceTiming=[0.0, 0.1]), "SliceTiming", "2 entries for 3 slices"),
     ],
 )
 def test_asl_json_errors_name_file_and_field(tmp_path, meta, field, fragment):

@@ -437,6 +437,14 @@ class AslAcquisition:
     labeling_duration : tuple of float, seconds, or None
         Per volume, when given.
     background_suppression : bool or None
+    bolus_cutoff_delay : tuple of float, seconds, or None
+        ``BolusCutOffDelayTime`` when ``BolusCutOffFlag`` is true: the delay of each
+        bolus cut-off saturation pulse (Q2TIPS: the first and the last), increasing; the
+        first is the bolus duration TI1 of QUIPSS II / Q2TIPS.  None without cut-off.
+    slice_timing : tuple of float, seconds, or None
+        ``SliceTiming`` of the ASL volumes by slice index along ``slice_axis`` (2-D
+        readouts), None for a 3-D readout.
+    slice_axis : int
     metadata : dict
         The sidecar as read.
     """
@@ -460,6 +468,9 @@ class AslAcquisition:
     labeling_duration: tuple[float, ...] | None
     background_suppression: bool | None
     metadata: dict = field(repr=False, compare=False)
+    bolus_cutoff_delay: tuple[float, ...] | None = None
+    slice_timing: tuple[float, ...] | None = None
+    slice_axis: int = 2
 
     def volumes_of(self, volume_type: str) -> tuple[int, ...]:
         """Indices (0-based) of the ASL volumes of one ``volume_type``."""
@@ -771,6 +782,8 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
     ti = _per_volume(meta, js, "InversionTime", n, required=False, high=MAX_DELAY_S, unit="s")
     ld = _per_volume(meta, js, "LabelingDuration", n, required=False, high=MAX_DELAY_S, unit="s")
     bs = _flag(meta, js, "BackgroundSuppression")
+    cutoff = _bolus_cutoff(meta, js) if _flag(meta, js, "BolusCutOffFlag") else None
+    asl_slices, asl_axis = _slice_timing(meta, js, shape)
 
     if m0_type == "Separate":
         m0 = _separate_m0(run)
@@ -831,8 +844,21 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
         alpha=alpha, m0_type=m0_type, m0=m0, tr=tr, te_ms=te_ms, field_strength=fs,
         magnetic_field_strength=fs_raw, look_locker=look_locker, flip_angle=flip,
         post_labeling_delay=pld, inversion_time=ti, labeling_duration=ld,
-        background_suppression=bs, metadata=meta,
+        background_suppression=bs, metadata=meta, bolus_cutoff_delay=cutoff, slice_timing=asl_slices,
+        slice_axis=asl_axis,
     )
+
+
+def _bolus_cutoff(meta: dict, js: Path) -> tuple[float, ...]:
+    """``BolusCutOffDelayTime``: one delay per cut-off pulse, non-negative and increasing."""
+    raw = _require(meta, js, "BolusCutOffDelayTime", " (required with BolusCutOffFlag true)")
+    values = raw if isinstance(raw, list) and raw else [raw]
+    out = tuple(_check_value(v, js, "BolusCutOffDelayTime", low=0.0, low_open=False, high=MAX_DELAY_S,
+                             unit="s") for v in values)
+    if any(b < a for a, b in zip(out, out[1:])):
+        raise BidsFieldError(f"{js}: field 'BolusCutOffDelayTime' = {raw!r}: expected increasing delays (s), "
+                             "one per bolus cut-off pulse", file=js, field="BolusCutOffDelayTime")
+    return out
 
 
 def _separate_m0(run: AslRun) -> M0Source:
