@@ -439,3 +439,42 @@ def test_dask_scheduler_gets_absolute_paths(tmp_path, monkeypatch):
     assert report.exit_code == 0 and sorted(report.done) == sorted(truth.runs)
     assert all(DerivativesWriter(tmp_path / "out").is_complete(k) for k in truth.runs)
     assert not any(elsewhere.iterdir())
+
+
+def test_whitepaper_quantification_recovers_the_phantom_cbf(tmp_path):
+    """--quantification whitepaper on a cohort whose ΔM follows the single-PLD model
+    (PCASL and PASL with Q2TIPS, 2-D ASL readouts 40 ms a slice, 1.5 and 3 T): the CBF
+    map is the phantom's, with reference-region, M0Estimate and fitted M0s alike; the
+    calibration-only CBF of the same data is off by the kinetic factor."""
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=5, seed=1, broken=0, kinetics="whitepaper",
+                             slicedt=0.04)
+    assert {t.labeling_type for t in truth.runs.values()} == {"PCASL", "PASL"}
+    refs = str(truth.root / "derivatives" / "refmasks")
+    report = run_cohort(truth.root, tmp_path / "wp", options=CohortOptions(ref_masks=refs, quantification="whitepaper"))
+    assert report.exit_code == 0 and sorted(report.done) == sorted(truth.runs)
+    plain = run_cohort(truth.root, tmp_path / "cal", options=CohortOptions(ref_masks=refs))
+    assert plain.exit_code == 0
+    for key, t in truth.runs.items():
+        ph = make_phantom(shape=t.shape, voxel_size=t.voxel_size, seed=t.phantom_seed,
+                          field_strength=t.field_strength, m0a=t.m0a, struct_voxel_size=(3.4, 3.4, 3.4),
+                          struct_oversample=1)
+        rel = Path(f"sub-{t.subject}") / (f"ses-{t.session}" if t.session else "") / "perf"
+        perf = tmp_path / "wp" / "derivatives" / "aslcal" / rel
+        cbf = load_image(perf / f"{key}_desc-cbf_cbf.nii.gz").data
+        brain = load_image(perf / f"{key}_desc-brain_mask.nii.gz").data > 0
+        np.testing.assert_allclose(cbf[brain], ph.cbf[brain], rtol=1e-4, atol=1e-3, err_msg=key)
+        sidecar = json.loads((perf / f"{key}_desc-cbf_cbf.json").read_text())
+        assert sidecar["Quantification"] == "whitepaper", key
+        cal = load_image(tmp_path / "cal" / "derivatives" / "aslcal" / rel / f"{key}_desc-cbf_cbf.nii.gz").data
+        pure = brain & (ph.pv["gm"] > 0.999)
+        assert np.all(np.abs(cal[pure] / ph.cbf[pure] - 1) > 0.05), key  # calibration only is not CBF here
+
+
+def test_whitepaper_needs_its_timing_fields(tmp_path):
+    """A PASL run without bolus cut-off fails alone at 'prepare', naming the field."""
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=5, seed=1, broken=0)  # PASL: BolusCutOffFlag false
+    report = run_cohort(truth.root, tmp_path / "out", options=CohortOptions(quantification="whitepaper"))
+    pasl = sorted(k for k, t in truth.runs.items() if t.labeling_type == "PASL")
+    assert sorted(r["key"] for r in report.failed) == pasl
+    assert all(r["details"]["field"] == "BolusCutOffFlag" and "TI1" in r["message"] for r in report.failed)
+    assert sorted(report.done) == sorted(set(truth.runs) - set(pasl))

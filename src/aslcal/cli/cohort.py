@@ -64,6 +64,10 @@ def add_parser(sub, common) -> None:
     g.add_argument("--voxel-pc", type=float, default=0.9, help="partition coefficient of the voxelwise M0 (default 0.9)")
     g.add_argument("--voxel-t1t", type=float, default=1.3, help="tissue T1 of the voxelwise short-TR factor, s (default 1.3)")
     g.add_argument("--no-edgecorr", dest="edgecorr", action="store_false", help="voxelwise M0 without edge correction")
+    g.add_argument("--quantification", choices=("calibration", "whitepaper"), default="calibration",
+                   help="CBF from ΔM: 'calibration' = 6000·ΔM/(M0a·α), ΔM taken as quantified perfusion "
+                        "(asl_calib -i/-o; default); 'whitepaper' = the single-PLD white-paper model from "
+                        "PostLabelingDelay, LabelingDuration (PASL: BolusCutOffDelayTime) and SliceTiming")
     x = p.add_argument_group("execution")
     x.add_argument("--backend", choices=("auto", "numpy", "numba", "cuda"), default=None, help="fitting backend")
     x.add_argument("--dtype", choices=("float32", "float64"), help="fitting precision (default: the backend's)")
@@ -114,6 +118,7 @@ def _options(args):
         pc=args.pc, t2star=args.t2star, cgain=args.cgain, taq=args.taq, m0_scale=args.m0_scale,
         priors=args.priors, fix_a=args.fixa, allow_control_m0=args.allow_control_m0,
         voxel_pc=args.voxel_pc, voxel_t1t=args.voxel_t1t, edge_correction=args.edgecorr,
+        quantification=args.quantification,
         tissue_overrides=load_tissue_file(args.tissue_table) if args.tissue_table else None,
         backend=None if args.backend in (None, "auto") else args.backend, dtype=args.dtype,
     )

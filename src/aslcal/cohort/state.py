@@ -292,6 +292,7 @@ _FLAGS = {
     "cgain": "--cgain", "taq": "--taq", "m0_scale": "--m0-scale", "priors": "--priors", "fix_a": "--fixa",
     "allow_control_m0": "--allow-control-m0", "voxel_pc": "--voxel-pc", "voxel_t1t": "--voxel-t1t",
     "edge_correction": "--no-edgecorr", "tissue_overrides": "--tissue-table", "m0_mode": "--ref-masks/--anat",
+    "quantification": "--quantification",
 }
 
 

@@ -74,6 +74,8 @@ log = logging.getLogger("aslcal")
 STAGES = ("metadata", "load", "prepare", "fit", "calibrate", "write")
 
 _M0_SCALES = ("auto", "readout", "relaxed")
+#: How the CBF is computed from ΔM (CohortOptions.quantification).
+QUANTIFICATIONS = ("calibration", "whitepaper")
 _TISSREFS = ("csf", "wm", "gm", "none")
 
 
@@ -148,6 +150,11 @@ class CohortOptions:
         Generic partition coefficient and tissue T1 of the voxelwise M0 (calibration.md §5).
     edge_correction : bool
         Voxelwise M0 edge correction.
+    quantification : {"calibration", "whitepaper"}
+        ``calibration``: CBF = 6000·ΔM/(M0a·α), ΔM taken as a perfusion image (as asl_calib
+        ``-i/-o``); ``whitepaper``: the single-PLD white-paper model from the run's
+        ``PostLabelingDelay`` and ``LabelingDuration`` (PASL: ``BolusCutOffDelayTime``),
+        per slice with ``SliceTiming`` (:func:`aslcal.calibration.quantify_whitepaper`).
     tissue_overrides : dict or None
         Tissue-table values overriding the built-in table (``--tissue-table`` file).
     backend, dtype : str or None
@@ -174,6 +181,7 @@ class CohortOptions:
     voxel_pc: float = 0.9
     voxel_t1t: float = 1.3
     edge_correction: bool = True
+    quantification: str = "calibration"
     tissue_overrides: dict | None = None
     backend: str | None = None
     dtype: str | None = None
@@ -185,6 +193,8 @@ class CohortOptions:
             raise InputError(f"m0_scale={self.m0_scale!r}: expected one of {', '.join(_M0_SCALES)}")
         if self.model not in ("exact", "fabber"):
             raise InputError(f"model={self.model!r}: expected 'exact' or 'fabber'")
+        if self.quantification not in QUANTIFICATIONS:
+            raise InputError(f"quantification={self.quantification!r}: expected one of {', '.join(QUANTIFICATIONS)}")
         def is_number(value) -> bool:
             return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -325,6 +335,8 @@ class PreparedSubject:
     ref_info: dict | None = None
     #: CSF/GM/WM partial volumes in ASL space (``--anat`` with a fitted M0): tissue T1 means
     tissue_pv: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    #: white-paper timing (quantification "whitepaper"): labelling, pld, tau, ti1, slice times
+    kinetics: dict[str, Any] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -459,6 +471,9 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, optio
             "deltam volumes: no perfusion-weighted image to calibrate"
         )
     perf = perf.astype(np.float32)
+    kinetics = None
+    if options.quantification == "whitepaper":
+        kinetics = _whitepaper_kinetics(acq, tuple(control) + tuple(label) if control and label else tuple(deltam))
 
     src = acq.m0
     m0_image = m0_tr = None
@@ -525,7 +540,45 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, optio
         ref_file=_rel(ref_file, bids_root) if ref_file is not None else None, m0_kind=m0_kind,
         m0_image=m0_image, m0_tr=m0_tr, jobs=jobs, inputs=inputs, ref_info=ref_info,
         tissue_pv=None if tissue_pv is None else {t: np.asarray(v, dtype=np.float32) for t, v in tissue_pv.items()},
+        kinetics=kinetics,
     )
+
+
+def _whitepaper_kinetics(acq: AslAcquisition, volumes: tuple[int, ...]) -> dict[str, Any]:
+    """PLD (PASL: TI), τ or TI1 and slice times of the perfusion volumes, for the white paper.
+
+    Raises a :class:`~aslcal.io.bids.BidsFieldError` naming the sidecar and the field when
+    one is missing, or when the volumes have several PLDs (the model is single-PLD).
+    """
+    from ..io.bids import BidsFieldError
+
+    js = acq.run.sidecar
+
+    def single(values, name: str, why: str) -> float:
+        if values is None:
+            raise BidsFieldError(f"{js}: required field {name!r} is missing ({why}; or use "
+                                 "--quantification calibration)", file=js, field=name)
+        distinct = sorted({float(values[i]) for i in volumes})
+        if len(distinct) != 1:
+            raise BidsFieldError(f"{js}: field {name!r} has several values {distinct} over the perfusion "
+                                 "volumes: the white-paper model is single-PLD (use --quantification "
+                                 "calibration)", file=js, field=name)
+        return distinct[0]
+
+    lab = acq.labeling_type.lower()
+    out: dict[str, Any] = {"labelling": lab, "tau": None, "ti1": None,
+                           "slice_times": acq.slice_timing, "slice_axis": acq.slice_axis}
+    out["pld"] = single(acq.post_labeling_delay, "PostLabelingDelay",
+                        "the white-paper model needs the " + ("inversion time TI" if lab == "pasl" else "PLD"))
+    if lab == "pasl":
+        if acq.bolus_cutoff_delay is None:
+            raise BidsFieldError(f"{js}: field 'BolusCutOffFlag' is not true: PASL without a bolus cut-off "
+                                 "has no known bolus duration TI1 for the white-paper model (use "
+                                 "--quantification calibration)", file=js, field="BolusCutOffFlag")
+        out["ti1"] = acq.bolus_cutoff_delay[0]
+    else:
+        out["tau"] = single(acq.labeling_duration, "LabelingDuration", "the white-paper model needs τ")
+    return out
 
 
 def _design_of(acq: AslAcquisition) -> tuple[tuple[float, ...], float | None, float | None]:
@@ -665,7 +718,7 @@ def _unpack(xp, values, mask_dev, shape, fill=0.0):
 def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutputs:
     from .. import __version__
     from ..backend import is_cupy_array, to_device, to_host
-    from ..calibration import apply_calibration, m0_refregion, m0_voxelwise
+    from ..calibration import apply_calibration, m0_refregion, m0_voxelwise, quantify_whitepaper
     from ..calibration.satrecov import m0a_from_satrecov_maps, relaxed_m0t, reliability_warning
 
     acq = prep.acq
@@ -753,13 +806,22 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
         m0_map = vox.m0
         calib_prov["voxelwise"] = vox.as_dict()
 
-    cal = apply_calibration(dev(prep.perf), m0_map if m0_map is not None else m0a, alpha=acq.alpha)
-    cbf = cal.image
+    m0_used = m0_map if m0_map is not None else m0a
+    if prep.kinetics is not None:
+        k = prep.kinetics
+        wp = quantify_whitepaper(dev(prep.perf), m0_used, labelling=k["labelling"], pld=k["pld"], tau=k["tau"],
+                                 ti1=k["ti1"], alpha=acq.alpha, field_strength=acq.field_strength,
+                                 tissue_table=table, slice_times=k["slice_times"], slice_axis=k["slice_axis"])
+        cbf = wp.image
+        cbf_prov = wp.as_dict()
+    else:
+        cbf = apply_calibration(dev(prep.perf), m0_used, alpha=acq.alpha).image
+        cbf_prov = {"model": "calibration only (the perfusion image taken as quantified)",
+                    "formula": "6000 * perfusion / (M0a * alpha)"}
     if m0_map is None:
         cbf = xp.where(brain, cbf, 0)
     calib_prov["cbf"] = {"alpha": acq.alpha, "labeling_type": acq.labeling_type,
-                         "perfusion": prep.perf_source, "units": "ml/100g/min",
-                         "formula": "6000 * perfusion / (M0a * alpha)"}
+                         "perfusion": prep.perf_source, "units": "ml/100g/min", **cbf_prov}
 
     # --- images (host) and summary values
     images: dict[str, tuple] = {}
@@ -786,7 +848,11 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     if design is not None and design.lfa is not None:
         images["facorr"] = (to_host(maps["g"]), aff)
     images["cbf"] = (to_host(cbf), aff)
-    records["cbf"] = {"M0a": m0a, "LabelingEfficiency": acq.alpha, "M0Mode": m0_mode}
+    records["cbf"] = {"M0a": m0a, "LabelingEfficiency": acq.alpha, "M0Mode": m0_mode,
+                      "Quantification": options.quantification}
+    if prep.kinetics is not None:
+        records["cbf"]["Description"] = ("Cerebral blood flow, single-PLD white-paper model "
+                                         "(Alsop et al. 2015) with the calibrated M0")
     if prep.ref is not None:
         images["ref_mask"] = (prep.ref, aff)
         records["ref_mask"] = {"Sources": [prep.ref_file],

@@ -260,6 +260,7 @@ def make_bids_cohort(
     m0_echo_time: float | None = None,
     snr: float | None = None,
     image_dtype: str = "float32",
+    kinetics: str = "calibration",
 ) -> CohortTruth:
     """Write a phantom BIDS ASL cohort and return its truth.
 
@@ -297,6 +298,15 @@ def make_bids_cohort(
         Add Rician noise of this grey-matter SNR to every ASL and m0scan volume (module
         docstring); default None: noise-free.  The truth stays that of the noise-free
         phantom.
+    kinetics : {"calibration", "whitepaper"}, optional
+        How control − label relates to the perfusion.  ``calibration`` (default):
+        ``cbf * s * m0a_te * alpha / 6000``, a perfusion image as ``aslcal calib -i``
+        takes it.  ``whitepaper``: the single-PLD signal of the white paper, that times
+        ``2 * T1b * exp(-PLD/T1b) * (1 - exp(-tau/T1b))`` for (P)CASL (PLD = tau = 1.8 s)
+        and ``2 * TI1 * exp(-TI/T1b)`` for PASL (TI 1.8 s; ``BolusCutOffFlag`` true,
+        ``BolusCutOffDelayTime`` TI1 = 0.7 s), T1b the blood T1 of the subject's field;
+        with ``slicedt`` the ASL volumes are 2-D as well (slice z at PLD + ``slicedt * z``,
+        ``SliceTiming`` in the ASL sidecar).
     image_dtype : {"float32", "int16"}, optional
         On-disk type of the ASL and m0scan images.  ``int16`` (as scanners write them)
         rounds every value to an integer: with signals of ~1000 that is far below the
@@ -345,6 +355,8 @@ def make_bids_cohort(
         raise InputError(f"snr={snr!r}: expected a positive number (or None: noise-free)")
     if isinstance(slicedt, bool) or not isinstance(slicedt, int | float) or not 0 <= slicedt < 1:
         raise InputError(f"slicedt={slicedt!r}: expected a number of seconds in [0, 1)")
+    if kinetics not in ("calibration", "whitepaper"):
+        raise InputError(f"kinetics={kinetics!r}: expected 'calibration' or 'whitepaper'")
     for name, value in (("flat_coil", flat_coil), ("ref_masks", ref_masks)):
         if not isinstance(value, bool | np.bool_):
             raise InputError(f"{name}={value!r}: expected True or False")
@@ -380,7 +392,8 @@ def make_bids_cohort(
         truth = _write_subject(out, label, i, variant, base, sub_rng, opts, int(seed),
                                flat_coil=bool(flat_coil), ref_masks=bool(ref_masks), anat=bool(anat),
                                slicedt=float(slicedt), m0_echo_time=m0_echo_time,
-                               snr=None if snr is None else float(snr), image_dtype=image_dtype)
+                               snr=None if snr is None else float(snr), image_dtype=image_dtype,
+                               kinetics=kinetics)
         runs[truth.key] = truth
     return CohortTruth(root=out, seed=int(seed), runs=runs)
 
@@ -389,7 +402,7 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
                    rng: np.random.Generator, opts: dict, seed: int, *,
                    flat_coil: bool, ref_masks: bool, anat: bool = False, slicedt: float = 0.0,
                    m0_echo_time: float | None = None, snr: float | None = None,
-                   image_dtype: str = "float32") -> RunTruth:
+                   image_dtype: str = "float32", kinetics: str = "calibration") -> RunTruth:
     session = "1" if i % 4 == 3 else None
     entities = [f"sub-{label}"] + ([f"ses-{session}"] if session else []) + (
         ["run-1"] if i % 6 == 5 else []
@@ -429,11 +442,22 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
     # puts the same factor into M0a: calibration.md section 4, step 5).
     t2b_factor = math.exp(-te_ms / float(ph.tissues["blood"].t2)) if te_ms > 0 else 1.0
     perf_img = (perf_img * t2b_factor).astype(perf_img.dtype)
+    pld = 1.8
+    ti1 = 0.7  # PASL bolus duration (QUIPSS II / Q2TIPS)
+    if kinetics == "whitepaper":
+        # The label made over tau (PASL: a bolus TI1 wide at once) decays with the blood T1
+        # until slice z is read, PLD + slicedt * z after the labelling ends.
+        t1b = float(ph.tissues["blood"].t1)
+        delay = pld + slicedt * np.arange(perf_img.shape[2])
+        if lab == "PASL":
+            weight = 2.0 * ti1 * np.exp(-delay / t1b)
+        else:
+            weight = 2.0 * t1b * np.exp(-delay / t1b) * -math.expm1(-1.8 / t1b)
+        perf_img = (perf_img * weight[None, None, :]).astype(perf_img.dtype)
     label_img = control - perf_img
     volumes = [control, label_img] * n_pairs
     types = ["control", "label"] * n_pairs
     trs: list[float] = [asl_tr] * len(volumes)
-    pld = 1.8
 
     meta: dict[str, Any] = {
         "ArterialSpinLabelingType": lab,
@@ -445,9 +469,15 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
         "PostLabelingDelay": pld,
     }
     if lab == "PASL":
-        meta["BolusCutOffFlag"] = False
+        meta["BolusCutOffFlag"] = kinetics == "whitepaper"
+        if kinetics == "whitepaper":
+            meta["BolusCutOffDelayTime"] = ti1
+            meta["BolusCutOffTechnique"] = "Q2TIPS"
     else:
         meta["LabelingDuration"] = 1.8
+    if kinetics == "whitepaper" and slicedt > 0:
+        meta["MRAcquisitionType"] = "2D"
+        meta["SliceTiming"] = [round(slicedt * z, 9) for z in range(int(perf_img.shape[2]))]
 
     m0_type = "Separate"
     m0_trs: tuple[float, ...] = ()
