@@ -383,3 +383,27 @@ def test_stop_drops_the_subjects_read_ahead(cohort, runs, tmp_path):
     states = {k: writer.status(k) for k in cohort.runs}
     assert {k for k, s in states.items() if s == "complete"} == set(outcome.done)
     assert set(states.values()) == {"complete", "absent"}
+
+
+def test_auto_memory_cap(monkeypatch):
+    gib = 2**30
+    for avail, processes, expected in ((8 * gib, 1, gib), (64 * gib, 1, 2 * gib), (8 * gib, 4, gib // 4),
+                                       (100 * 2**20, 1, 64 * 2**20), (None, 1, 2 * gib)):
+        monkeypatch.setattr(pipeline, "available_memory", lambda avail=avail: avail)
+        assert pipeline.auto_max_batch_bytes(processes) == expected, (avail, processes)
+
+
+def test_memory_cap_cuts_batches(cohort, runs, tmp_path):
+    """A cap smaller than one subject: every fitted subject gets a launch of its own, and
+    the results are the same as with the default cap."""
+    fitted = [r for r in runs if cohort.runs[r.key].variant in ("satrecov", "look_locker")]
+    assert len(fitted) >= 2
+    outs = {}
+    for cap in (None, 1):
+        writer = DerivativesWriter(tmp_path / f"out-{cap}")
+        outcome = run_subjects(fitted, writer, _options(cohort), failure_log=FailureLog(tmp_path / f"f{cap}.jsonl"),
+                               workers=2, batch_size=32, max_batch_bytes=cap, bids_root=cohort.root)
+        assert sorted(outcome.done) == sorted(r.key for r in fitted)
+        outs[cap] = outcome
+    assert len(outs[1].launches) >= len(fitted)
+    assert outs[1].summaries == outs[None].summaries

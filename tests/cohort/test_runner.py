@@ -478,3 +478,10 @@ def test_whitepaper_needs_its_timing_fields(tmp_path):
     assert sorted(r["key"] for r in report.failed) == pasl
     assert all(r["details"]["field"] == "BolusCutOffFlag" and "TI1" in r["message"] for r in report.failed)
     assert sorted(report.done) == sorted(set(truth.runs) - set(pasl))
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf"])
+def test_bad_max_memory_is_refused(cohort, tmp_path, capsys, value):
+    assert main(["cohort", str(cohort.root), str(tmp_path / "o"), "--max-memory", value]) == 2
+    assert "--max-memory" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -74,6 +74,9 @@ def add_parser(sub, common) -> None:
     x.add_argument("--workers", type=int, default=2,
                    help="reader and writer threads (default 2); with --dask local: worker processes")
     x.add_argument("--batch-size", type=int, default=32, help="most subjects per fit launch (fewer when the next is not read yet), and subjects per Dask task (default 32)")
+    x.add_argument("--max-memory", type=float, metavar="GIB",
+                   help="memory for the subjects held at once (the batch being fitted, and again for those "
+                        "read ahead), GiB; default an eighth of the available memory, at most 2")
     x.add_argument("--resume", action="store_true", help="skip complete subjects, redo partial and failed ones")
     x.add_argument("--shard", metavar="I/N", help="only job-array task I of N (deterministic split by subject)")
     d = x.add_mutually_exclusive_group()
@@ -131,6 +134,8 @@ def run(args) -> int:
         raise InputError(f"--workers {args.workers}: expected an integer >= 1")
     if args.batch_size < 1:
         raise InputError(f"--batch-size {args.batch_size}: expected an integer >= 1")
+    if args.max_memory is not None and not (args.max_memory > 0 and args.max_memory < float("inf")):
+        raise InputError(f"--max-memory {args.max_memory}: expected a positive number of GiB")
     options = _options(args)
     dask = "local" if args.dask else args.dask_scheduler
     bar = {"tqdm": None, "failed": 0}
@@ -161,7 +166,8 @@ def run(args) -> int:
             report = run_cohort(
                 args.bids_root, args.out_root, options=options, participant_label=args.participant_label,
                 workers=args.workers, resume=args.resume, shard_spec=args.shard, dask=dask,
-                batch_size=args.batch_size, on_start=on_start, on_subject=on_subject, stop=sig.stop,
+                batch_size=args.batch_size,
+                max_batch_bytes=None if args.max_memory is None else max(1, int(args.max_memory * 2**30)), on_start=on_start, on_subject=on_subject, stop=sig.stop,
             )
         finally:
             if bar["tqdm"] is not None:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -51,12 +52,39 @@ from .packing import fit_packed
 from .state import FailureLog
 from .subject import CohortOptions, PreparedSubject, SubjectError, _fail, finish_subject, load_subject
 
-__all__ = ["BatchOutcome", "run_subjects"]
+__all__ = ["BatchOutcome", "auto_max_batch_bytes", "available_memory", "run_subjects"]
 
 #: Default subjects per fit launch.
 DEFAULT_BATCH_SIZE = 32
-#: Default cap on the prepared arrays of one batch (bytes).
+#: Most bytes of prepared arrays a batch (and the read-ahead) holds by default.
 DEFAULT_MAX_BATCH_BYTES = 2 << 30
+#: Least the automatic cap goes down to (one subject always proceeds whatever the cap).
+MIN_MAX_BATCH_BYTES = 64 << 20
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``), or None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def auto_max_batch_bytes(processes: int = 1) -> int:
+    """The default cap: an eighth of the available memory per process (a batch being
+    fitted and the read-ahead each hold up to the cap, and the fit needs its copies),
+    between 64 MiB and 2 GiB; 2 GiB when the available memory is unknown."""
+    avail = available_memory()
+    if avail is None:
+        return DEFAULT_MAX_BATCH_BYTES
+    return int(min(DEFAULT_MAX_BATCH_BYTES, max(MIN_MAX_BATCH_BYTES, avail // (8 * max(1, processes)))))
 
 
 @dataclass
@@ -101,7 +129,7 @@ def run_subjects(
     failure_log: FailureLog,
     workers: int = 2,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    max_batch_bytes: int | None = None,
     bids_root: str | Path | None = None,
     on_subject: Callable[[str, bool], None] | None = None,
     stop: threading.Event | None = None,
@@ -120,8 +148,9 @@ def run_subjects(
         Reader threads and writer threads (each).
     batch_size : int
         Most subjects per fit launch (fewer when the next subject is not read yet).
-    max_batch_bytes : int
-        A batch is cut early when its prepared arrays exceed this.
+    max_batch_bytes : int, optional
+        A batch is cut early when its prepared arrays exceed this, and no subject is read
+        ahead while those waiting hold this much; default :func:`auto_max_batch_bytes`.
     bids_root : path, optional
         For relative input paths in the provenance.
     on_subject : callable(key, ok), optional
@@ -135,6 +164,8 @@ def run_subjects(
     """
     if workers < 1 or batch_size < 1:
         raise ValueError("workers and batch_size must be >= 1")
+    if max_batch_bytes is None:
+        max_batch_bytes = auto_max_batch_bytes()
     t0 = time.perf_counter()
     root = Path(bids_root) if bids_root is not None else None
     stop = stop or threading.Event()

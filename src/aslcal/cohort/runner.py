@@ -114,6 +114,7 @@ def run_cohort(
     shard_spec: str | None = None,
     dask: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    max_batch_bytes: int | None = None,
     on_start: Callable[[int], None] | None = None,
     on_subject: Callable[[str, bool], None] | None = None,
     stop: threading.Event | None = None,
@@ -144,6 +145,11 @@ def run_cohort(
     batch_size : int
         Most subjects per fit launch (adaptive: fewer when the next is not read yet), and
         subjects per Dask task.
+    max_batch_bytes : int, optional
+        Memory (bytes of prepared arrays) one batch, and the subjects read ahead, may
+        hold; default an eighth of the available memory, at most 2 GiB
+        (:func:`aslcal.cohort.pipeline.auto_max_batch_bytes`).  Dask tasks use their
+        worker's own default.
     on_start : callable(n_todo), optional
         Called once with the number of subjects to process (progress bars).
     on_subject : callable(key, ok), optional
@@ -173,6 +179,9 @@ def run_cohort(
         raise InputError(f"workers={workers!r}: expected an integer >= 1")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size={batch_size!r}: expected an integer >= 1")
+    if max_batch_bytes is not None and (isinstance(max_batch_bytes, bool) or not isinstance(max_batch_bytes, int)
+                                        or max_batch_bytes < 1):
+        raise InputError(f"max_batch_bytes={max_batch_bytes!r}: expected a number of bytes >= 1")
     if shard_spec is not None:
         parse_shard(shard_spec)
     if options.backend is not None and dask in (None, "local"):
@@ -212,7 +221,7 @@ def run_cohort(
         if dask is None:
             outcome = run_subjects(
                 todo, writer, options, failure_log=failure_log, workers=workers, batch_size=batch_size,
-                bids_root=bids_root, on_subject=on_subject, stop=stop,
+                max_batch_bytes=max_batch_bytes, bids_root=bids_root, on_subject=on_subject, stop=stop,
             )
         else:
             from .distributed import run_dask
