@@ -485,3 +485,19 @@ def test_bad_max_memory_is_refused(cohort, tmp_path, capsys, value):
     assert main(["cohort", str(cohort.root), str(tmp_path / "o"), "--max-memory", value]) == 2
     assert "--max-memory" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_sidecars_name_their_sources_as_bids_uris(cohort, reference_run):
+    out = reference_run[0] / "derivatives" / "aslcal"
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetLinks"] == {"raw": cohort.root.resolve().as_uri()}
+    key, t = next((k, t) for k, t in cohort.good.items() if t.variant == "separate")
+    perf = Path(f"sub-{t.subject}") / (f"ses-{t.session}" if t.session else "") / "perf"
+    for name in (f"{key}_desc-cbf_cbf.json", f"{key}_desc-M0_M0map.json", f"{key}_desc-brain_mask.json"):
+        sources = json.loads((out / perf / name).read_text())["Sources"]
+        assert sources == [f"bids:raw:{(perf / f'{key}_asl.nii.gz').as_posix()}",
+                           f"bids:raw:{(perf / f'{key}_m0scan.nii.gz').as_posix()}"], name
+        for uri in sources:
+            assert (cohort.root / uri.removeprefix("bids:raw:")).is_file()
+    ref = json.loads((out / perf / f"{key}_desc-ref_mask.json").read_text())["Sources"]
+    assert ref == [f"bids:raw:{t.ref_mask}"] and (cohort.root / t.ref_mask).is_file()

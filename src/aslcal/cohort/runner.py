@@ -200,7 +200,8 @@ def run_cohort(
     by_key = {r.key: r for r in runs}
     keys = [r.key for r in runs]
     selected = shard(keys, shard_spec) if shard_spec else sorted(keys)
-    writer = DerivativesWriter(out_root, source_datasets=[{"URL": bids_root.resolve().as_uri()}])
+    uri = bids_root.resolve().as_uri()
+    writer = DerivativesWriter(out_root, source_datasets=[{"URL": uri}], dataset_links={"raw": uri})
     logs = writer.root / LOG_FOLDER
     logs.mkdir(exist_ok=True)
     check_run_options(logs, options, fresh=not any(writer.root.glob("sub-*")))

@@ -359,6 +359,12 @@ class SubjectOutputs:
 # --------------------------------------------------------------------------- load
 
 
+def _bids_uri(rel: str) -> str:
+    """``bids:raw:<path>`` for a path inside the BIDS dataset (as :func:`_rel` gives it);
+    a path outside it (absolute) as it is."""
+    return rel if Path(rel).is_absolute() else f"bids:raw:{rel}"
+
+
 def _rel(path: Path | None, root: Path | None) -> str | None:
     if path is None:
         return None
@@ -855,11 +861,19 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
                                          "(Alsop et al. 2015) with the calibrated M0")
     if prep.ref is not None:
         images["ref_mask"] = (prep.ref, aff)
-        records["ref_mask"] = {"Sources": [prep.ref_file],
-                               "Description": "Reference-region mask used for M0a" + (
+        records["ref_mask"] = {"Description": "Reference-region mask used for M0a" + (
                                    " (automatic: segmentation of the T1w, lateral ventricles, resampled)"
                                    if prep.ref_info else "")}
     images["brain_mask"] = (prep.brain, aff)
+    # BIDS derivatives: every map names the raw images it comes from (BIDS URIs into the
+    # dataset linked as "raw" in dataset_description.json); the reference mask its file
+    sources = [_bids_uri(p) for p in prep.inputs if p.endswith((".nii", ".nii.gz")) and p != prep.ref_file]
+    for name in images:
+        rec = records.setdefault(name, {})
+        if name == "ref_mask":
+            rec["Sources"] = [_bids_uri(prep.ref_file)] if prep.ref_file else []
+        else:
+            rec.setdefault("Sources", list(sources))
 
     n_brain = int(prep.brain.sum())
     summary: dict[str, Any] = {

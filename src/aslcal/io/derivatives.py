@@ -221,6 +221,9 @@ class DerivativesWriter:
         ``GeneratedBy[0].CodeURL``.
     source_datasets : list of dict, optional
         ``SourceDatasets`` (e.g. ``[{"URL": "file:///data/bids"}]``).
+    dataset_links : dict of str to str, optional
+        ``DatasetLinks`` (e.g. ``{"raw": "file:///data/bids"}``), the names the BIDS URIs
+        of the sidecars' ``Sources`` use (``bids:raw:sub-01/perf/...``).
     name : str, optional
         ``Name`` of the derivative dataset; default ``"<pipeline> outputs"``.
 
@@ -247,6 +250,7 @@ class DerivativesWriter:
         overwrite: bool = False,
         code_url: str | None = None,
         source_datasets: list[dict] | None = None,
+        dataset_links: dict[str, str] | None = None,
         name: str | None = None,
     ) -> None:
         if version is None:
@@ -271,6 +275,8 @@ class DerivativesWriter:
         }
         if source_datasets:
             self.description["SourceDatasets"] = list(source_datasets)
+        if dataset_links:
+            self.description["DatasetLinks"] = dict(dataset_links)
         self._make_root()
         self._write_description()
 
