@@ -71,7 +71,7 @@ __all__ = [
 log = logging.getLogger("aslcal")
 
 #: Stages of one subject, in order; a failure record names one of them.
-STAGES = ("metadata", "load", "prepare", "fit", "calibrate", "write")
+STAGES = ("metadata", "load", "prepare", "fit", "calibrate", "write", "worker")
 
 _M0_SCALES = ("auto", "readout", "relaxed")
 #: How the CBF is computed from ΔM (CohortOptions.quantification).
