@@ -10,6 +10,7 @@ a file the test writes), which every worker process imports when it starts.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -322,3 +323,18 @@ OutputSet.commit = _slow
         if state == "complete":
             assert writer.is_complete(key, check="sha256"), key
     assert not _temp_files(out)
+
+
+def test_gpus_without_dask_cuda_warn(monkeypatch, caplog):
+    """A GPU machine without dask_cuda falls back to CPU worker processes, and says so."""
+    import sys
+
+    from aslcal.cohort import distributed as dist
+
+    monkeypatch.setattr(dist, "_gpu_count", lambda: 2)
+    monkeypatch.setitem(sys.modules, "dask_cuda", None)  # import fails
+    with caplog.at_level(logging.WARNING, logger="aslcal"):
+        cluster, described = dist._local_cluster(1)
+    cluster.close()
+    assert described.startswith("dask LocalCluster")
+    assert any("dask_cuda is not installed" in r.message and "aslcal[dask-cuda]" in r.message for r in caplog.records)

@@ -174,7 +174,9 @@ def _local_cluster(workers: int):
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError:
-            pass
+            logging.getLogger("aslcal").warning(
+                "GPUs present but dask_cuda is not installed: %d CPU worker processes will share them "
+                "(pip install \"aslcal[dask-cuda]\" for one worker per GPU)", workers)
         else:
             # dask_cuda sets the workers' plugins itself: the SIGINT plugin is registered
             # with the client once the cluster runs (run_dask).
