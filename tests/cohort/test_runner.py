@@ -23,6 +23,7 @@ import pytest
 
 from aslcal.cli import main
 from aslcal.cohort import CohortOptions, CohortReport, FailureLog, run_cohort
+from aslcal.errors import InputError
 from aslcal.io import load_image
 from aslcal.io.derivatives import DerivativesWriter
 from aslcal.io.atomic import _TEMP_MARKER
@@ -501,3 +502,17 @@ def test_sidecars_name_their_sources_as_bids_uris(cohort, reference_run):
             assert (cohort.root / uri.removeprefix("bids:raw:")).is_file()
     ref = json.loads((out / perf / f"{key}_desc-ref_mask.json").read_text())["Sources"]
     assert ref == [f"bids:raw:{t.ref_mask}"] and (cohort.root / t.ref_mask).is_file()
+
+
+def test_a_shard_with_other_options_is_refused_before_any_subject_exists(cohort, tmp_path):
+    """Job-array shards start together: the first one's record stands even while the
+    folder holds no subject yet (a second shard with other options used to replace it)."""
+    from aslcal.cohort.state import check_run_options
+
+    out = tmp_path / "shards"
+    logs = DerivativesWriter(out).root / "logs"
+    logs.mkdir()
+    check_run_options(logs, _options(cohort))  # shard 1/2 got there first
+    with pytest.raises(InputError, match="ref_masks .* None now"):
+        run_cohort(cohort.root, out, shard_spec="2/2")  # voxelwise M0
+    assert not any((out / "derivatives" / "aslcal").glob("sub-*"))

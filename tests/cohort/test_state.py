@@ -194,9 +194,13 @@ def test_run_options_record_refuses_other_calibrations(tmp_path):
     assert "pc (--pc): 0.82 now, None before" in msg
     assert "ref_masks (--ref-masks): None now" in msg and "m0_mode" in msg
     assert json.loads(path.read_text()) == saved  # the record is untouched
-    # no subject written yet: the new options replace the record
-    check_run_options(tmp_path, CohortOptions(tissref="wm"), fresh=True)
-    assert json.loads(path.read_text())["tissref"] == "wm"
+    assert "delete that file" in msg
+    # a record written before an option existed: the option was at its default then
+    older = {k: v for k, v in saved.items() if k != "quantification"}
+    path.write_text(json.dumps(older))
+    check_run_options(tmp_path, first)
+    with pytest.raises(InputError, match="quantification .*'whitepaper' now, 'calibration' before"):
+        check_run_options(tmp_path, CohortOptions(ref_masks=str(masks), quantification="whitepaper"))
     path.write_text("{not json")
     with pytest.raises(InputError, match="unreadable record"):
         check_run_options(tmp_path, CohortOptions(tissref="wm"))

@@ -148,8 +148,9 @@ def run_cohort(
     max_batch_bytes : int, optional
         Memory (bytes of prepared arrays) one batch, and the subjects read ahead, may
         hold; default an eighth of the available memory, at most 2 GiB
-        (:func:`aslcal.cohort.pipeline.auto_max_batch_bytes`).  Dask tasks use their
-        worker's own default.
+        (:func:`aslcal.cohort.pipeline.auto_max_batch_bytes`), shared by the worker
+        processes of a local Dask cluster; on an existing cluster each task takes its
+        worker's own default unless this is given.
     on_start : callable(n_todo), optional
         Called once with the number of subjects to process (progress bars).
     on_subject : callable(key, ok), optional
@@ -204,7 +205,7 @@ def run_cohort(
     writer = DerivativesWriter(out_root, source_datasets=[{"URL": uri}], dataset_links={"raw": uri})
     logs = writer.root / LOG_FOLDER
     logs.mkdir(exist_ok=True)
-    check_run_options(logs, options, fresh=not any(writer.root.glob("sub-*")))
+    check_run_options(logs, options)
     plan = plan_run(selected, writer, resume=resume)
     failure_log = FailureLog.for_shard(logs, shard_spec)
     if resume and plan.todo:
@@ -229,7 +230,8 @@ def run_cohort(
 
             outcome, report.executor = run_dask(
                 todo, writer, options, failure_log=failure_log, scheduler=dask, workers=workers,
-                batch_size=batch_size, bids_root=bids_root, on_subject=on_subject, stop=stop,
+                batch_size=batch_size, max_batch_bytes=max_batch_bytes, bids_root=bids_root,
+                on_subject=on_subject, stop=stop,
             )
     else:
         outcome = BatchOutcome()

@@ -304,7 +304,7 @@ def _calibration_record(options: Any) -> dict[str, Any]:
     return json.loads(json_text(record))  # as it reads back
 
 
-def check_run_options(folder: StrPath, options: Any, *, fresh: bool = False) -> Path:
+def check_run_options(folder: StrPath, options: Any) -> Path:
     """Record the calibration options of the first run into ``folder``; refuse others later.
 
     Every subject of one output folder must be calibrated the same way: a ``--resume``
@@ -318,9 +318,6 @@ def check_run_options(folder: StrPath, options: Any, *, fresh: bool = False) -> 
     folder : path
         The run's log folder (it must exist).
     options : CohortOptions
-    fresh : bool
-        The output folder holds no subject yet: a record left by a run that wrote
-        nothing is replaced instead of compared.
 
     Returns
     -------
@@ -335,9 +332,6 @@ def check_run_options(folder: StrPath, options: Any, *, fresh: bool = False) -> 
     """
     path = Path(folder) / RUN_OPTIONS_FILE
     record = _calibration_record(options)
-    if fresh and path.exists():
-        write_json(path, record)
-        return path
     if not path.exists():
         try:
             write_json(path, record, overwrite=False)
@@ -352,13 +346,16 @@ def check_run_options(folder: StrPath, options: Any, *, fresh: bool = False) -> 
                          "restore it or use another output folder") from None
     if not isinstance(saved, dict):
         raise InputError(f"{str(path)!r}: expected a JSON object of calibration options")
+    # An option added since the record was written was at its default then.
+    defaults = _calibration_record(type(options)())
     diffs = [
-        f"{name} ({_FLAGS.get(name, name)}): {record.get(name)!r} now, {saved.get(name)!r} before"
-        for name in sorted(set(record) | set(saved)) if record.get(name) != saved.get(name)
+        f"{name} ({_FLAGS.get(name, name)}): {record.get(name)!r} now, {saved.get(name, defaults.get(name))!r} before"
+        for name in sorted(set(record) | set(saved)) if record.get(name) != saved.get(name, defaults.get(name))
     ]
     if diffs:
         raise InputError(
             f"this output folder was calibrated with other options ({str(path)!r}): " + "; ".join(diffs)
-            + ".  One folder holds one calibration: rerun with the same options, or use another output folder"
+            + ".  One folder holds one calibration: rerun with the same options, or use another output "
+            "folder (if the folder holds no subject yet, delete that file)"
         )
     return path
