@@ -264,15 +264,33 @@ def _json_of(tmp_path):
     return str(_only(tmp_path).sidecar)
 
 
-def test_bolus_cutoff_and_slice_timing_are_read(tmp_path):
+def test_bolus_cutoff_and_slice_timing_are_read_when_asked(tmp_path):
+    """Read (and checked) on demand, for the white-paper model: a calibration-only run does
+    not fail on fields it does not use."""
     _write_run(tmp_path, meta=_base_meta(ArterialSpinLabelingType="PASL", BolusCutOffFlag=True,
                                          BolusCutOffDelayTime=[0.7, 1.6], SliceTiming=[0.0, 0.05, 0.1],
                                          M0Type="Estimate", M0Estimate=1000.0))
     acq = read_run(_only(tmp_path))
-    assert acq.bolus_cutoff_delay == (0.7, 1.6) and acq.slice_timing == (0.0, 0.05, 0.1) and acq.slice_axis == 2
+    assert bids.bolus_cutoff(acq) == (0.7, 1.6) and bids.asl_slice_timing(acq) == ((0.0, 0.05, 0.1), 2)
     _write_run(tmp_path / "b", meta=_base_meta(M0Type="Estimate", M0Estimate=1000.0))
     acq = read_run(_only(tmp_path / "b"))
-    assert acq.bolus_cutoff_delay is None and acq.slice_timing is None
+    assert bids.bolus_cutoff(acq) is None and bids.asl_slice_timing(acq) == (None, 2)
+
+
+@pytest.mark.parametrize(("extra", "field", "fragment"), [
+    (dict(ArterialSpinLabelingType="PASL", BolusCutOffFlag=True), "BolusCutOffDelayTime",
+     "required with BolusCutOffFlag"),
+    (dict(ArterialSpinLabelingType="PASL", BolusCutOffFlag=True, BolusCutOffDelayTime=[1.6, 0.7]),
+     "BolusCutOffDelayTime", "increasing"),
+    (dict(BolusCutOffFlag=True, BolusCutOffDelayTime=700), "BolusCutOffDelayTime", "in seconds"),
+    (dict(SliceTiming=[0.0, 0.1]), "SliceTiming", "2 entries for 3 slices"),
+])
+def test_kinetic_fields_errors_name_file_and_field(tmp_path, extra, field, fragment):
+    _write_run(tmp_path, meta=_base_meta(M0Type="Estimate", M0Estimate=1000.0, **extra))
+    acq = read_run(_only(tmp_path))  # not needed for calibration: no error here
+    with pytest.raises(BidsFieldError) as info:
+        bids.asl_slice_timing(acq) if field == "SliceTiming" else bids.bolus_cutoff(acq)
+    assert info.value.field == field and fragment in str(info.value) and info.value.file == str(acq.run.sidecar)
 
 
 @pytest.mark.parametrize(
@@ -308,11 +326,6 @@ def test_bolus_cutoff_and_slice_timing_are_read(tmp_path):
         (_base_meta(LabelingDuration=1800), "LabelingDuration", "in seconds"),
         (_base_meta(InversionTime=[100, 400, 700, 1000]), "InversionTime[0]", "in seconds"),
         (_base_meta(LabelingEfficiency=1.5), "LabelingEfficiency", "expected"),
-        (_base_meta(ArterialSpinLabelingType="PASL", BolusCutOffFlag=True), "BolusCutOffDelayTime",
-         "required with BolusCutOffFlag"),
-        (_base_meta(ArterialSpinLabelingType="PASL", BolusCutOffFlag=True, BolusCutOffDelayTime=[1.6, 0.7]),
-         "BolusCutOffDelayTime", "increasing"),
-        (_base_meta(SliceTiming=[0.0, 0.1]), "SliceTiming", "2 entries for 3 slices"),
     ],
 )
 def test_asl_json_errors_name_file_and_field(tmp_path, meta, field, fragment):

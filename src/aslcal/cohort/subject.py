@@ -556,9 +556,10 @@ def _whitepaper_kinetics(acq: AslAcquisition, volumes: tuple[int, ...]) -> dict[
     Raises a :class:`~aslcal.io.bids.BidsFieldError` naming the sidecar and the field when
     one is missing, or when the volumes have several PLDs (the model is single-PLD).
     """
-    from ..io.bids import BidsFieldError
+    from ..io.bids import BidsFieldError, asl_slice_timing, bolus_cutoff
 
     js = acq.run.sidecar
+    slice_times, slice_axis = asl_slice_timing(acq)
 
     def single(values, name: str, why: str) -> float:
         if values is None:
@@ -573,15 +574,16 @@ def _whitepaper_kinetics(acq: AslAcquisition, volumes: tuple[int, ...]) -> dict[
 
     lab = acq.labeling_type.lower()
     out: dict[str, Any] = {"labelling": lab, "tau": None, "ti1": None,
-                           "slice_times": acq.slice_timing, "slice_axis": acq.slice_axis}
+                           "slice_times": slice_times, "slice_axis": slice_axis}
     out["pld"] = single(acq.post_labeling_delay, "PostLabelingDelay",
                         "the white-paper model needs the " + ("inversion time TI" if lab == "pasl" else "PLD"))
     if lab == "pasl":
-        if acq.bolus_cutoff_delay is None:
+        cutoff = bolus_cutoff(acq)
+        if cutoff is None:
             raise BidsFieldError(f"{js}: field 'BolusCutOffFlag' is not true: PASL without a bolus cut-off "
                                  "has no known bolus duration TI1 for the white-paper model (use "
                                  "--quantification calibration)", file=js, field="BolusCutOffFlag")
-        out["ti1"] = acq.bolus_cutoff_delay[0]
+        out["ti1"] = cutoff[0]
     else:
         out["tau"] = single(acq.labeling_duration, "LabelingDuration", "the white-paper model needs τ")
     return out

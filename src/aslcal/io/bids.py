@@ -79,6 +79,8 @@ __all__ = [
     "AslRun",
     "BidsFieldError",
     "M0Source",
+    "asl_slice_timing",
+    "bolus_cutoff",
     "discover",
     "read_run",
 ]
@@ -437,16 +439,10 @@ class AslAcquisition:
     labeling_duration : tuple of float, seconds, or None
         Per volume, when given.
     background_suppression : bool or None
-    bolus_cutoff_delay : tuple of float, seconds, or None
-        ``BolusCutOffDelayTime`` when ``BolusCutOffFlag`` is true: the delay of each
-        bolus cut-off saturation pulse (Q2TIPS: the first and the last), increasing; the
-        first is the bolus duration TI1 of QUIPSS II / Q2TIPS.  None without cut-off.
-    slice_timing : tuple of float, seconds, or None
-        ``SliceTiming`` of the ASL volumes by slice index along ``slice_axis`` (2-D
-        readouts), None for a 3-D readout.
-    slice_axis : int
     metadata : dict
-        The sidecar as read.
+        The sidecar as read.  Fields only a kinetic model needs (bolus cut-off, the ASL
+        series' slice timing) are checked when asked for: :func:`bolus_cutoff`,
+        :func:`asl_slice_timing`.
     """
 
     run: AslRun
@@ -468,9 +464,6 @@ class AslAcquisition:
     labeling_duration: tuple[float, ...] | None
     background_suppression: bool | None
     metadata: dict = field(repr=False, compare=False)
-    bolus_cutoff_delay: tuple[float, ...] | None = None
-    slice_timing: tuple[float, ...] | None = None
-    slice_axis: int = 2
 
     def volumes_of(self, volume_type: str) -> tuple[int, ...]:
         """Indices (0-based) of the ASL volumes of one ``volume_type``."""
@@ -782,8 +775,6 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
     ti = _per_volume(meta, js, "InversionTime", n, required=False, high=MAX_DELAY_S, unit="s")
     ld = _per_volume(meta, js, "LabelingDuration", n, required=False, high=MAX_DELAY_S, unit="s")
     bs = _flag(meta, js, "BackgroundSuppression")
-    cutoff = _bolus_cutoff(meta, js) if _flag(meta, js, "BolusCutOffFlag") else None
-    asl_slices, asl_axis = _slice_timing(meta, js, shape)
 
     if m0_type == "Separate":
         m0 = _separate_m0(run)
@@ -844,9 +835,28 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
         alpha=alpha, m0_type=m0_type, m0=m0, tr=tr, te_ms=te_ms, field_strength=fs,
         magnetic_field_strength=fs_raw, look_locker=look_locker, flip_angle=flip,
         post_labeling_delay=pld, inversion_time=ti, labeling_duration=ld,
-        background_suppression=bs, metadata=meta, bolus_cutoff_delay=cutoff, slice_timing=asl_slices,
-        slice_axis=asl_axis,
+        background_suppression=bs, metadata=meta,
     )
+
+
+def bolus_cutoff(acq: AslAcquisition) -> tuple[float, ...] | None:
+    """``BolusCutOffDelayTime`` of a run whose ``BolusCutOffFlag`` is true, else None.
+
+    One delay per bolus cut-off saturation pulse (Q2TIPS: the first and the last),
+    non-negative and increasing; the first is the bolus duration TI1 of QUIPSS II /
+    Q2TIPS.  A :class:`BidsFieldError` names the sidecar and the field when they make no
+    sense.
+    """
+    js = acq.run.sidecar
+    if not _flag(acq.metadata, js, "BolusCutOffFlag"):
+        return None
+    return _bolus_cutoff(acq.metadata, js)
+
+
+def asl_slice_timing(acq: AslAcquisition) -> tuple[tuple[float, ...] | None, int]:
+    """``SliceTiming`` of the ASL series by slice index along its slice axis (None: a 3-D
+    readout), and that axis; a :class:`BidsFieldError` when it does not fit the image."""
+    return _slice_timing(acq.metadata, acq.run.sidecar, acq.shape)
 
 
 def _bolus_cutoff(meta: dict, js: Path) -> tuple[float, ...]:
