@@ -44,10 +44,13 @@ def _validate(key: str, value: Any) -> Any:
     raise InputError(f"unknown configuration key {key!r}: expected backend, dtype or progress")
 
 
-def _from_env() -> dict[str, Any]:
+def _from_env(skip: Any = ()) -> dict[str, Any]:
+    """The defaults with the environment's values; the keys in ``skip`` are not read."""
     cfg: dict[str, Any] = {"backend": "auto", "dtype": "auto", "progress": True}
     env = {"backend": "ASLCAL_BACKEND", "dtype": "ASLCAL_DTYPE"}
     for key, var in env.items():
+        if key in skip:
+            continue
         if os.environ.get(var):
             try:
                 cfg[key] = _validate(key, os.environ[var].strip().lower())
@@ -77,9 +80,20 @@ def get_config() -> Mapping[str, Any]:
         return _ENV_DEFAULTS
 
 
+def _base(changes: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The configuration ``changes`` start from: the current one; without one in this
+    context, the environment's, not reading the variables that ``changes`` override (an
+    invalid one of those does not matter then)."""
+    try:
+        return _CONFIG.get()
+    except LookupError:
+        overridden = {k for k, v in changes.items() if v is not None}
+        return get_config() if not overridden else _from_env(skip=overridden)
+
+
 def set_config(**changes: Any) -> None:
     """Change the configuration for the current context (prefer :func:`config_context`)."""
-    cfg = dict(get_config())
+    cfg = dict(_base(changes))
     for key, value in changes.items():
         if value is not None:
             cfg[key] = _validate(key, value)
@@ -97,7 +111,7 @@ def config_context(**changes: Any) -> Iterator[Mapping[str, Any]]:
     ...     get_config()["dtype"]
     'float32'
     """
-    cfg = dict(get_config())
+    cfg = dict(_base(changes))
     for key, value in changes.items():
         if value is not None:
             cfg[key] = _validate(key, value)

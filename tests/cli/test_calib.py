@@ -221,6 +221,8 @@ def test_image_names_without_extension_as_fsl(syn, cli):
     np.testing.assert_array_equal(read_nifti(syn.root / "short.nii.gz"), read_nifti(syn.root / "full.nii.gz"))
     np.testing.assert_array_equal(read_nifti(syn.root / "om_short.nii.gz"), read_nifti(syn.root / "om_full.nii.gz"))
     assert not (syn.root / "short").exists()
+    (syn.data / "calib").mkdir()  # a folder of the bare name: FSL still reads calib.nii.gz
+    assert cli("calib", "-c", syn.data / "calib", "-m", syn.mask_path).m0 == full.m0
     missing = cli("calib", "-c", syn.data / "nothere", "-m", syn.mask_path)
     assert missing.rc == 2 and "nothere" in missing.err and "does not exist" in missing.err
 

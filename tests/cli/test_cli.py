@@ -147,3 +147,21 @@ def test_debug_and_quiet_before_or_after_the_command(argv):
     args = build_parser().parse_args(argv)
     assert args.debug == ("--debug" in argv)
     assert args.quiet == any(a in argv for a in ("-q", "--quiet"))
+
+
+def test_config_context_overriding_a_bad_variable_works(monkeypatch):
+    """config_context(dtype=...) does not read ASLCAL_DTYPE, so an invalid one does not matter."""
+    from aslcal import config
+
+    monkeypatch.setattr(config, "_ENV_DEFAULTS", None)
+    monkeypatch.setenv("ASLCAL_DTYPE", "bogus")
+    with config.config_context(dtype="float64") as cfg:
+        assert cfg["dtype"] == "float64"
+    with pytest.raises(aslcal_errors().InputError, match="ASLCAL_DTYPE"):
+        config.get_config()
+
+
+def aslcal_errors():
+    import aslcal.errors
+
+    return aslcal.errors

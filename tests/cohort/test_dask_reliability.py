@@ -338,3 +338,22 @@ def test_gpus_without_dask_cuda_warn(monkeypatch, caplog):
     cluster.close()
     assert described.startswith("dask LocalCluster")
     assert any("dask_cuda is not installed" in r.message and "aslcal[dask-cuda]" in r.message for r in caplog.records)
+
+
+def test_memory_cap_reaches_the_tasks(tmp_path, monkeypatch):
+    """run_cohort(max_batch_bytes=) with Dask: every task's pipeline gets the cap."""
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=3, seed=8, shape=(32, 32, 12), broken=0)
+    seen = []
+    real = dask_executor.run_subjects
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("max_batch_bytes"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dask_executor, "run_subjects", spy)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                  dashboard_address=":0") as cluster:
+        report = run_cohort(truth.root, tmp_path / "out", dask=cluster.scheduler_address, batch_size=1,
+                            max_batch_bytes=12345)
+    assert report.exit_code == 0 and sorted(report.done) == sorted(truth.runs)
+    assert seen == [12345] * len(truth.runs)

@@ -52,13 +52,14 @@ def fsl_image_names(args: argparse.Namespace, inputs=(), outputs=()) -> None:
     """Complete image names the way FSL's tools do, in place on ``args``.
 
     An input given without an extension (``-c calib``) is ``calib.nii.gz``, else
-    ``calib.nii``, whichever exists (an existing file of the exact name wins); an output
+    ``calib.nii``, whichever exists (an existing file of the exact name wins, a folder
+    of that name does not); an output
     without ``.nii``/``.nii.gz`` gets ``.nii.gz`` (FSL's default output type).  Values
     that are numbers (``--t1r 4.3``) are left alone.
     """
     for dest in inputs:
         value = getattr(args, dest, None)
-        if not isinstance(value, str) or not value or _has_image_extension(value) or Path(value).exists():
+        if not isinstance(value, str) or not value or _has_image_extension(value) or Path(value).is_file():
             continue
         for ext in IMAGE_EXTENSIONS:
             if Path(value + ext).is_file():

@@ -50,7 +50,7 @@ from typing import Any
 from ..errors import BackendUnavailableError, InputError
 from ..io.bids import AslRun
 from ..io.derivatives import DerivativesWriter
-from .pipeline import BatchOutcome, run_subjects
+from .pipeline import BatchOutcome, auto_max_batch_bytes, run_subjects
 from .state import FailureLog
 from .subject import CohortOptions
 
@@ -71,7 +71,8 @@ WORKER_STAGE = "worker"
 
 
 def _batch_task(runs: list[AslRun], out_root: str, pipeline: str, version: str, options: CohortOptions,
-                log_path: str, bids_root: str | None, threads: int) -> dict[str, Any]:
+                log_path: str, bids_root: str | None, threads: int,
+                max_batch_bytes: int | None = None) -> dict[str, Any]:
     """Runs on a Dask worker: the pipeline over one batch; returns the outcome as JSON.
 
     Idempotent: a subject complete on disk (written by an earlier attempt of this task,
@@ -91,7 +92,7 @@ def _batch_task(runs: list[AslRun], out_root: str, pipeline: str, version: str, 
         todo.append(run)
     outcome = run_subjects(
         todo, writer, options, failure_log=FailureLog(log_path), workers=threads,
-        batch_size=max(1, len(todo)), bids_root=bids_root,
+        batch_size=max(1, len(todo)), max_batch_bytes=max_batch_bytes, bids_root=bids_root,
     ) if todo else BatchOutcome()
     out = outcome.to_json()
     # Their summaries are read back from disk by the run's summary.tsv.
@@ -272,6 +273,7 @@ def run_dask(
     scheduler: str,
     workers: int = 2,
     batch_size: int = 32,
+    max_batch_bytes: int | None = None,
     bids_root: str | Path | None = None,
     on_subject: Callable[[str, bool], None] | None = None,
     stop: threading.Event | None = None,
@@ -334,8 +336,11 @@ def run_dask(
             except (OSError, TimeoutError) as exc:
                 raise InputError(f"--dask-scheduler {scheduler!r}: cannot connect ({exc})") from None
             described = f"dask scheduler {scheduler}"
+        if max_batch_bytes is None and scheduler == "local":
+            # the local worker processes share this machine's memory
+            max_batch_bytes = auto_max_batch_bytes(processes=_worker_threads(client))
         args = (str(writer.out_root), writer.pipeline, writer.version, options, str(failure_log.path),
-                None if bids_root is None else str(bids_root), TASK_THREADS)
+                None if bids_root is None else str(bids_root), TASK_THREADS, max_batch_bytes)
         # Unique keys: runs that share a scheduler (shards) must not share tasks.
         token = uuid.uuid4().hex[:12]
         n_logged = len(_load_quietly(failure_log))  # records before this run: not this run's failures
