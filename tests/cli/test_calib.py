@@ -387,6 +387,23 @@ def test_satrecov_body_coil_sensitivity_with_cact(phantom_ds, cli):
     assert abs(res.m0 - ph.m0a) / ph.m0a < 5e-3
 
 
+def test_satrecov_dtype_option(phantom_ds, cli, tmp_path):
+    """--dtype float32 fits in single precision (as cohort --dtype); M0a within float32's
+    fit tolerance of the float64 one."""
+    root = phantom_ds.root
+    runs = {}
+    for dt in ("float32", "float64"):
+        od = tmp_path / dt
+        res = cli("calib", "-c", root / "calib_ll.nii.gz", "-m", phantom_ds.pure_vent_path, *phantom_ds.ll_args,
+                  "--isen", root / "truth" / "sensitivity.nii.gz", "--dtype", dt, "--outdir", od,
+                  "--bmask", root / "truth" / "brain_mask.nii.gz")
+        assert res.rc == 0, res.err
+        prov = json.loads((od / "provenance.json").read_text())
+        assert prov["calibration"]["ref_fit"]["dtype"] == dt
+        runs[dt] = res.m0
+    assert runs["float32"] == pytest.approx(runs["float64"], rel=1e-4)
+
+
 def test_satrecov_default_readout_scale(phantom_ds, cli):
     """Default --m0-scale readout (FSL asl_calib): M0t is left on the scale of the
     Look-Locker readout.  In a pure CSF voxel the fitted M0t, divided by the sensitivity

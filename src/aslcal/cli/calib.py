@@ -96,6 +96,7 @@ def add_parser(sub, common) -> None:
                    help="Look-Locker M0 scale: readout (asl_calib; ASL data share the readout, default) or "
                         "relaxed (divide by sin(g*FA); ASL data with their own readout)")
     s.add_argument("--backend", choices=("auto", "numpy", "numba", "cuda"), default=None, help="fitting backend")
+    s.add_argument("--dtype", choices=("float32", "float64"), help="fitting precision (default: the backend's)")
     o = p.add_argument_group("outputs")
     o.add_argument("-o", dest="outfile", metavar="OUT", help="calibrated perfusion image, ml/100g/min (with -i)")
     o.add_argument("--Mo", dest="mo", metavar="FILE", help="write M0a to this text file")
@@ -252,7 +253,7 @@ def _calibrate(args, out, outdir: Path | None) -> dict:
         res = m0_refregion_satrecov(
             calib.data, args.tis, refmask, bmask if outdir is not None else None, repeats=args.repeats, nphases=args.nphases, fa=args.fa,
             lfa=args.lfa, dt=args.dt, fix_a=args.fixa, priors=args.priors, m0_scale=args.m0_scale,
-            backend=args.backend, **tissue,
+            backend=args.backend, dtype=args.dtype, **tissue,
         )
         record = res.as_dict()
         m0a = res.m0a
