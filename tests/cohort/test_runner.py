@@ -516,3 +516,15 @@ def test_a_shard_with_other_options_is_refused_before_any_subject_exists(cohort,
     with pytest.raises(InputError, match="ref_masks .* None now"):
         run_cohort(cohort.root, out, shard_spec="2/2")  # voxelwise M0
     assert not any((out / "derivatives" / "aslcal").glob("sub-*"))
+
+
+def test_abandoned_cohort_says_how_to_finish(cohort, tmp_path, capsys, monkeypatch):
+    """A second signal (KeyboardInterrupt) abandons the run: exit 130 with the --resume hint."""
+    import aslcal.cohort
+
+    def abandoned(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(aslcal.cohort, "run_cohort", abandoned)
+    assert main(["cohort", str(cohort.root), str(tmp_path / "o"), "--no-progress"]) == 130
+    assert "interrupted: rerun with --resume to finish" in capsys.readouterr().err

@@ -97,5 +97,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"aslcal: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("aslcal: interrupted", file=sys.stderr)
+        hint = ": rerun with --resume to finish" if getattr(args, "command", None) == "cohort" else ""
+        print(f"aslcal: interrupted{hint}", file=sys.stderr)
         return 130

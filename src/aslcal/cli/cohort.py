@@ -161,19 +161,25 @@ def run(args) -> int:
     level = fit_log.level
     if not args.debug:
         fit_log.setLevel(max(logging.WARNING, fit_log.getEffectiveLevel()))
+    max_bytes = None if args.max_memory is None else max(1, int(args.max_memory * 2**30))
+    # The handlers stay while the report prints: a signal then is still a clean stop / 130.
     with _Signals() as sig:
         try:
             report = run_cohort(
                 args.bids_root, args.out_root, options=options, participant_label=args.participant_label,
                 workers=args.workers, resume=args.resume, shard_spec=args.shard, dask=dask,
-                batch_size=args.batch_size,
-                max_batch_bytes=None if args.max_memory is None else max(1, int(args.max_memory * 2**30)), on_start=on_start, on_subject=on_subject, stop=sig.stop,
+                batch_size=args.batch_size, max_batch_bytes=max_bytes, on_start=on_start,
+                on_subject=on_subject, stop=sig.stop,
             )
         finally:
             if bar["tqdm"] is not None:
                 bar["tqdm"].close()
             fit_log.setLevel(level)
+        _print_report(args, report)
+    return report.exit_code
 
+
+def _print_report(args, report) -> None:
     n_done, n_failed = len(report.done), len(report.failed)
     rate = n_done / report.seconds if report.seconds > 0 else 0.0
     n_vox = sum(int(launch["n_vox"]) for launch in report.launches)
@@ -200,4 +206,3 @@ def run(args) -> int:
             continue  # -q: failures, interruption and where the results are
         print(line if line.startswith(("FAILED", "interrupted")) else f"aslcal: {line}",
               file=sys.stderr if line.startswith(("FAILED", "interrupted")) else sys.stdout)
-    return report.exit_code
