@@ -167,7 +167,10 @@ def test_write_subject_contents_and_marker(writer):
         # float32 on disk: relative tolerance of single precision
         np.testing.assert_allclose(np.asarray(img.dataobj), images[name][0], rtol=1e-6)
         sidecar = json.loads(paths[f"{name}_json"].read_text())
-        assert sidecar["Units"] == deriv.IMAGE_OUTPUTS[name][2]
+        if name.endswith("mask"):  # BIDS masks: a Type, no units
+            assert "Units" not in sidecar and sidecar["Type"] == {"ref_mask": "ROI", "brain_mask": "Brain"}[name]
+        else:
+            assert sidecar["Units"] == deriv.IMAGE_OUTPUTS[name][2]
     assert nibabel.load(paths["ref_mask"]).get_data_dtype() == np.uint8
     assert json.loads(paths["m0_json"].read_text())["Sources"] == ["bids:raw:x"]
     assert json.loads(paths["summary"].read_text()) == {"M0a": 1234.5}

@@ -69,15 +69,17 @@ _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 _INDEX_RE = re.compile(r"^[0-9]+$")
 
 #: Image outputs: name -> (desc label, BIDS suffix, units, description).
-IMAGE_OUTPUTS: dict[str, tuple[str, str, str, str]] = {
+IMAGE_OUTPUTS: dict[str, tuple[str, str, str | None, str]] = {
     "m0": ("M0", "M0map", "arbitrary", "Equilibrium magnetisation M0 of tissue, voxelwise"),
     "t1": ("T1", "T1map", "s", "Longitudinal relaxation time T1 of tissue"),
     "facorr": ("facorr", "TB1map", "ratio",
                "Flip-angle correction: actual / nominal flip angle (Look-Locker fit)"),
     "cbf": ("cbf", "cbf", "mL/100g/min", "Calibrated cerebral blood flow"),
-    "ref_mask": ("ref", "mask", "arbitrary", "Reference-region mask used for M0a"),
-    "brain_mask": ("brain", "mask", "arbitrary", "Brain mask"),
+    "ref_mask": ("ref", "mask", None, "Reference-region mask used for M0a"),
+    "brain_mask": ("brain", "mask", None, "Brain mask"),
 }
+#: BIDS ``Type`` of the mask outputs (masks have no units).
+MASK_TYPES = {"ref_mask": "ROI", "brain_mask": "Brain"}
 
 #: JSON outputs (other than the image sidecars): name -> (desc label, suffix).
 JSON_OUTPUTS: dict[str, tuple[str, str]] = {
@@ -532,7 +534,8 @@ class DerivativesWriter:
                 data, affine, header = _image_parts(name, images[name])
                 stage(name, paths[name], encode_image(paths[name].name, data, affine, header=header))
                 _, _, units, description = IMAGE_OUTPUTS[name]
-                sidecar = {"Units": units, "Description": description, **dict(records.get(name, {}))}
+                sidecar = ({"Units": units} if units else {"Type": MASK_TYPES[name]}) | {
+                    "Description": description, **dict(records.get(name, {}))}
                 stage(f"{name}_json", paths[f"{name}_json"], json_text(sidecar).encode("utf-8"))
             if "summary" in records:
                 stage("summary", paths["summary"], json_text(records["summary"]).encode("utf-8"))
