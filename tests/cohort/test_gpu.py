@@ -46,3 +46,30 @@ def test_cuda_cohort_matches_truth_and_cpu(cohort, tmp_path, dtype):
             if pc.exists():
                 a, b = load_image(pg).data, load_image(pc).data
                 np.testing.assert_allclose(a, b, rtol=10 * rtol, atol=1e-3 if dtype == "float32" else 1e-6)
+
+
+def test_cuda_cohort_whitepaper_and_tissue_t1(tmp_path):
+    """GPU fitting with --quantification whitepaper and --anat (tissue T1 means on the
+    device): the CPU run's CBF maps and summaries."""
+    import json
+
+    from aslcal.testing.bids import ANAT_DIR
+
+    pytest.importorskip("cupy")
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=5, seed=4, shape=(64, 64, 24), broken=0,
+                             anat=True, ref_masks=False, kinetics="whitepaper", slicedt=0.04,
+                             phantom_options={"struct_voxel_size": (1.7, 1.7, 1.7), "struct_oversample": 1})
+    runs = {}
+    for backend in ("cuda", "numba"):
+        opts = CohortOptions(anat=str(truth.root / ANAT_DIR), quantification="whitepaper", backend=backend,
+                             dtype="float64")
+        report = run_cohort(truth.root, tmp_path / backend, options=opts)
+        assert report.exit_code == 0, report.failed
+        runs[backend] = DerivativesWriter(tmp_path / backend)
+    for key in truth.runs:
+        g, c = runs["cuda"].subject_paths(key), runs["numba"].subject_paths(key)
+        np.testing.assert_allclose(load_image(g["cbf"]).data, load_image(c["cbf"]).data, rtol=1e-6, atol=1e-6)
+        sg, sc = (json.loads(p["summary"].read_text()) for p in (g, c))
+        for name, value in sc.items():
+            if name.startswith("T1_mean_") and value is not None:
+                assert sg[name] == pytest.approx(value, rel=1e-6), (key, name)
