@@ -528,3 +528,24 @@ def test_abandoned_cohort_says_how_to_finish(cohort, tmp_path, capsys, monkeypat
     monkeypatch.setattr(aslcal.cohort, "run_cohort", abandoned)
     assert main(["cohort", str(cohort.root), str(tmp_path / "o"), "--no-progress"]) == 130
     assert "interrupted: rerun with --resume to finish" in capsys.readouterr().err
+
+
+def test_relative_folders_are_resolved(tmp_path, monkeypatch):
+    """--ref-masks given relative to the working directory: recorded absolute (the same
+    bytes from any directory), and the masks' Sources are BIDS URIs inside the dataset,
+    file:// URIs outside it."""
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=2, seed=9, shape=(32, 32, 12), broken=0)
+    shutil.copytree(truth.root / "derivatives" / "refmasks", tmp_path / "outside")
+    monkeypatch.chdir(tmp_path)
+    for masks, name in (("bids/derivatives/refmasks", "in"), ("outside", "out")):
+        report = run_cohort("bids", name, options=CohortOptions(ref_masks=masks))
+        assert report.exit_code == 0
+        for key, t in truth.runs.items():
+            perf = Path(name) / "derivatives" / "aslcal" / f"sub-{t.subject}" / (
+                f"ses-{t.session}" if t.session else "") / "perf"
+            prov = json.loads((perf / f"{key}_desc-aslcal_provenance.json").read_text())
+            assert prov["options"]["ref_masks"] == str((tmp_path / masks).resolve())
+            (source,) = json.loads((perf / f"{key}_desc-ref_mask.json").read_text())["Sources"]
+            rel = Path(t.ref_mask).relative_to("derivatives/refmasks")
+            expected = (f"bids:raw:{t.ref_mask}" if name == "in" else (tmp_path / "outside" / rel).resolve().as_uri())
+            assert source == expected, (name, key)

@@ -331,6 +331,15 @@ def test_summary_tsv(tmp_path):
         write_summary_tsv(rows, path, overwrite=False)
 
 
+def test_summary_tsv_tells_acquisitions_apart(tmp_path):
+    """Runs that differ by acq (or rec/dir) get that column, after session, before run."""
+    rows = [{"participant_id": "07", "status": "ok", "M0a": 2.0, "acq": "b"},
+            {"participant_id": "07", "status": "ok", "M0a": 1.0}]
+    table = [line.split("\t") for line in write_summary_tsv(rows, tmp_path / "s.tsv").read_text().splitlines()]
+    assert table[0][:4] == ["participant_id", "session", "acq", "run"]
+    assert [r[2] for r in table[1:]] == ["n/a", "b"] and [r[-1] for r in table[1:]] == ["1.0", "2.0"]
+
+
 @pytest.mark.parametrize(
     "row, match",
     [({"status": "ok"}, "participant_id"), ({"participant_id": "01", "status": "done"}, "status"),

@@ -23,6 +23,7 @@ Files of the run, besides the subjects' ``perf/`` folders::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -189,6 +190,11 @@ def run_cohort(
         from ..backend import resolve_backend
 
         resolve_backend(options.backend)  # an explicit backend that cannot run here: refuse now
+    # Folders named relative to here are made absolute: the same run from another working
+    # directory (a shard, --resume, a Dask worker) must find them and record the same bytes.
+    options = dataclasses.replace(options, **{
+        name: str(Path(value).resolve()) for name in ("ref_masks", "anat")
+        if (value := getattr(options, name)) is not None})
     bids_root = Path(bids_root)
     if dask is not None:
         # Dask workers run elsewhere (another working directory, another machine): they

@@ -360,9 +360,10 @@ class SubjectOutputs:
 
 
 def _bids_uri(rel: str) -> str:
-    """``bids:raw:<path>`` for a path inside the BIDS dataset (as :func:`_rel` gives it);
-    a path outside it (absolute) as it is."""
-    return rel if Path(rel).is_absolute() else f"bids:raw:{rel}"
+    """``bids:raw:<path>`` for a path inside the BIDS dataset (as :func:`_rel` gives it,
+    relative); a path outside it as a ``file://`` URI."""
+    path = Path(rel)
+    return path.resolve().as_uri() if path.is_absolute() else f"bids:raw:{rel}"
 
 
 def _rel(path: Path | None, root: Path | None) -> str | None:
@@ -370,10 +371,10 @@ def _rel(path: Path | None, root: Path | None) -> str | None:
         return None
     if root is not None:
         try:
-            return Path(path).relative_to(root).as_posix()
+            return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
         except ValueError:
             pass
-    return Path(path).as_posix()
+    return Path(path).resolve().as_posix()
 
 
 def _file_size(path: Path) -> int:

@@ -91,6 +91,8 @@ _MARKER = ("aslcal", "complete")
 _MARKER_NAME = "complete"
 
 _SUMMARY_LEADING = ("participant_id", "session", "run", "status", "stage", "message")
+#: Entities between ``session`` and ``run`` in the summary, as columns when some row has them.
+_SUMMARY_ENTITIES = ("acq", "rec", "dir")
 _STATUSES = ("ok", "failed")
 
 
@@ -607,9 +609,10 @@ def write_summary_tsv(
 
     Notes
     -----
-    Deterministic: columns are ``participant_id, session, run, status, stage,
-    message`` then the other columns sorted by name; rows are sorted by
-    (participant_id, session, run).  ``participant_id`` gets the ``sub-`` prefix and
+    Deterministic: columns are ``participant_id, session``, the ``acq``/``rec``/``dir``
+    entities when some row has them, ``run, status, stage, message``, then the other
+    columns sorted by name; rows are sorted by (participant_id, session, those entities,
+    run).  ``participant_id`` gets the ``sub-`` prefix and
     ``session`` the ``ses-`` prefix.  Missing, None, empty and non-finite values are
     written as ``n/a`` (BIDS); floats with ``repr`` (shortest round-trip form).  Tabs and
     newlines inside a value become spaces.
@@ -633,13 +636,15 @@ def write_summary_tsv(
             item["session"] = _prefixed(item["session"], "ses")
         normal.append(item)
 
-    extra = sorted({c for r in normal for c in r} - set(_SUMMARY_LEADING))
-    columns = list(_SUMMARY_LEADING) + extra
+    entities = [e for e in _SUMMARY_ENTITIES if any(r.get(e) is not None for r in normal)]
+    extra = sorted({c for r in normal for c in r} - set(_SUMMARY_LEADING) - set(_SUMMARY_ENTITIES))
+    columns = list(_SUMMARY_LEADING[:2]) + entities + list(_SUMMARY_LEADING[2:]) + extra
 
     def sort_key(r: Mapping[str, Any]):
         run = r.get("run")
         run_key = (0, int(run), "") if run is not None and _INDEX_RE.match(str(run)) else (1, 0, str(run or ""))
-        return (str(r["participant_id"]), str(r.get("session") or ""), run_key)
+        return (str(r["participant_id"]), str(r.get("session") or ""),
+                tuple(str(r.get(e) or "") for e in entities), run_key)
 
     normal.sort(key=sort_key)
     lines = ["\t".join(columns)]
