@@ -325,6 +325,13 @@ def test_automatic_reference_masks_from_anat(tmp_path):
             prov = json.loads(next((tmp_path / "out").rglob(f"{key}_desc-aslcal_provenance.json")).read_text())
             assert prov["reference_mask"]["source"] == "automatic"
             assert prov["reference_mask"]["transform"] == "FLIRT ASL->T1w"
+            # no timings (resumed runs are byte-identical); the transform is an input
+            assert "elapsed_s" not in json.dumps(prov)
+            assert any(p.endswith("_from-asl_to-T1w_mode-image_xfm.mat") for p in prov["inputs"]["files"])
+            ref_json = next((tmp_path / "out").rglob(f"{key}_desc-ref_mask.json"))
+            ref_sidecar = json.loads(ref_json.read_text())
+            assert "lateral ventricles" in ref_sidecar["Description"]
+            assert [u.rsplit("_", 1)[-1] for u in ref_sidecar["Sources"]] == ["T1w.nii.gz", "xfm.mat"]
 
 
 def test_cli_refuses_two_mask_sources_and_bad_shard(cohort, tmp_path, capsys):

@@ -359,6 +359,16 @@ class SubjectOutputs:
 # --------------------------------------------------------------------------- load
 
 
+def _without_timings(record: Any) -> Any:
+    """``record`` without its ``elapsed_s`` entries: provenance must be byte-identical
+    between runs (resume, shards)."""
+    if isinstance(record, dict):
+        return {k: _without_timings(v) for k, v in record.items() if k != "elapsed_s"}
+    if isinstance(record, list):
+        return [_without_timings(v) for v in record]
+    return record
+
+
 def _bids_uri(rel: str) -> str:
     """``bids:raw:<path>`` for a path inside the BIDS dataset (as :func:`_rel` gives it,
     relative); a path outside it as a ``file://`` URI."""
@@ -411,7 +421,8 @@ def load_subject(run: AslRun, options: CohortOptions, *, bids_root: Path | None 
 
     inputs = {_rel(p, bids_root): _file_size(p) for p in
               (run.asl, run.sidecar, run.aslcontext, acq.m0.path if acq.m0.kind == "separate" else None,
-               acq.m0.sidecar if acq.m0.kind == "separate" else None, ref_file) if p is not None}
+               acq.m0.sidecar if acq.m0.kind == "separate" else None, ref_file,
+               anat[2] if anat is not None else None) if p is not None}
     try:
         return _prepare(key, acq, asl, m0_img, ref, ref_file, inputs, options, bids_root, anat)
     except (AslcalError, OSError, ValueError, MemoryError, FloatingPointError) as exc:
@@ -420,7 +431,7 @@ def load_subject(run: AslRun, options: CohortOptions, *, bids_root: Path | None 
 
 def _load_reference(run: AslRun, asl, options: CohortOptions):
     """``(mask, file, anat)``: a given reference mask (checked on the ASL grid), or for
-    the automatic mask ``anat = (T1w image, FLIRT matrix or None)``."""
+    the automatic mask ``anat = (T1w image, FLIRT matrix or None, its file or None)``."""
     given = options.ref_masks is not None
     sub = f"sub-{run.subject}/" + (f"ses-{run.session}/" if run.session else "")
     if given:
@@ -437,7 +448,7 @@ def _load_reference(run: AslRun, asl, options: CohortOptions):
         return img.data, path, None
     from ..io.transforms import read_flirt_matrix
 
-    return None, path, (img, None if mat is None else read_flirt_matrix(mat))
+    return None, path, (img, None if mat is None else read_flirt_matrix(mat), mat)
 
 
 def _check_grid(shape: tuple, affine: np.ndarray, asl, path: Path) -> None:
@@ -523,7 +534,7 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, optio
         from ..geometry import flirt_to_world
         from ..masks import reference_mask_from_structural
 
-        t1w, mat = anat
+        t1w, mat, _ = anat
         world = np.eye(4) if mat is None else flirt_to_world(mat, asl.affine, shape, t1w.affine, t1w.shape[:3])
         auto = reference_mask_from_structural(
             t1w.data, t1w.affine, shape, asl.affine, world, tissref=options.tissref,
@@ -533,7 +544,7 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, optio
         tissue_pv = auto.tissue_pv
         ref = auto.mask
         ref_info = {"source": "automatic", "transform": "FLIRT ASL->T1w" if mat is not None else
-                    "world coordinates (no transform file)", **auto.as_dict()}
+                    "world coordinates (no transform file)", **_without_timings(auto.as_dict())}
     ref_bool = None if ref is None else np.asarray(ref) > 0.5
     if ref_bool is not None and not ref_bool.any():
         raise InputError(f"reference mask {str(ref_file)!r} is empty")
@@ -851,7 +862,13 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
                                         f"TR {prep.m0_tr} s, not TR-corrected"}
     elif "m0t" in maps:
         images["m0"] = (to_host(maps["m0t"]), aff)
-        records["m0"] = {"Description": "Fitted fully relaxed tissue M0t (readout scale for Look-Locker)"}
+        if design is not None and design.fa is not None:
+            what = ("Fitted tissue M0t on the readout scale of the Look-Locker series: M0 * sin(g * FA) "
+                    "times the coil sensitivity (divide by sin(g * FA), g the facorr map, for the "
+                    "equilibrium M0)")
+        else:
+            what = "Fitted fully relaxed tissue M0t of the saturation-recovery series (times the coil sensitivity)"
+        records["m0"] = {"Description": what}
     if "t1t" in maps:
         images["t1"] = (to_host(maps["t1t"]), aff)
     if design is not None and design.lfa is not None:
@@ -864,17 +881,21 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
                                          "(Alsop et al. 2015) with the calibrated M0")
     if prep.ref is not None:
         images["ref_mask"] = (prep.ref, aff)
-        records["ref_mask"] = {"Description": "Reference-region mask used for M0a" + (
-                                   " (automatic: segmentation of the T1w, lateral ventricles, resampled)"
-                                   if prep.ref_info else "")}
+        if prep.ref_info:
+            kept = ("lateral ventricles" if options.tissref == "csf" and not options.all_csf
+                    else "all CSF" if options.tissref == "csf" else options.tissref.upper())
+            how = f" (automatic: segmentation of the T1w, {kept}, resampled, >= {options.pve_threshold:g})"
+        else:
+            how = ""
+        records["ref_mask"] = {"Description": "Reference-region mask used for M0a" + how}
     images["brain_mask"] = (prep.brain, aff)
     # BIDS derivatives: every map names the raw images it comes from (BIDS URIs into the
     # dataset linked as "raw" in dataset_description.json); the reference mask its file
     sources = [_bids_uri(p) for p in prep.inputs if p.endswith((".nii", ".nii.gz")) and p != prep.ref_file]
     for name in images:
         rec = records.setdefault(name, {})
-        if name == "ref_mask":
-            rec["Sources"] = [_bids_uri(prep.ref_file)] if prep.ref_file else []
+        if name == "ref_mask":  # the mask given, or the T1w (and transform) it was made from
+            rec["Sources"] = [_bids_uri(p) for p in prep.inputs if p == prep.ref_file or p.endswith(".mat")]
         else:
             rec.setdefault("Sources", list(sources))
 
