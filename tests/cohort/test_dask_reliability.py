@@ -307,7 +307,7 @@ OutputSet.commit = _slow
     staged = len(_temp_files(out))
     assert staged, "no batch had staged files when abandoned; the test proves less than it says"
     os.killpg(proc.pid, signal.SIGINT)
-    time.sleep(0.3)
+    time.sleep(1.2)  # a second signal within 1 s would be the same request
     os.killpg(proc.pid, signal.SIGINT)
     code, seconds = _wait_exit(proc, log, 60)
     text = log.read_text()

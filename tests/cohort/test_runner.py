@@ -556,3 +556,53 @@ def test_relative_folders_are_resolved(tmp_path, monkeypatch):
             rel = Path(t.ref_mask).relative_to("derivatives/refmasks")
             expected = (f"bids:raw:{t.ref_mask}" if name == "in" else (tmp_path / "outside" / rel).resolve().as_uri())
             assert source == expected, (name, key)
+
+
+def test_unreliable_reference_fit_is_flagged_in_the_summary(tmp_path):
+    """A noisy Look-Locker reference fit without priors is 'ok' but doubtful: its warning
+    is in summary.tsv (not only on stderr and in the provenance)."""
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=6, seed=2, shape=(32, 32, 12), broken=0, snr=50)
+    ll = [k for k, t in truth.runs.items() if t.variant == "look_locker"]
+    assert ll
+    report = run_cohort(truth.root, tmp_path / "out",
+                        options=CohortOptions(ref_masks=str(truth.root / "derivatives" / "refmasks")),
+                        participant_label=[truth.runs[k].subject for k in ll])
+    assert report.exit_code == 0
+    rows = _summary_rows(tmp_path / "out")
+    for key in ll:
+        assert float(rows[key]["ref_m0t_rel_se"]) > 0.10
+        assert "reference-region fit unreliable" in rows[key]["warnings"] and "--priors" in rows[key]["warnings"]
+
+
+def test_a_run_that_fails_before_any_subject_leaves_no_options_record(cohort, tmp_path, monkeypatch):
+    """E.g. an unreachable scheduler: the next run, with other options, is not refused."""
+    from aslcal.cohort import runner
+
+    def broken(*args, **kwargs):
+        raise InputError("cannot connect")
+
+    monkeypatch.setattr(runner, "run_subjects", broken)
+    out = tmp_path / "o"
+    with pytest.raises(InputError, match="cannot connect"):
+        run_cohort(cohort.root, out, options=_options(cohort))
+    assert not (out / "derivatives" / "aslcal" / "logs" / "run_options.json").exists()
+    monkeypatch.undo()
+    good = sorted(t.subject for t in cohort.good.values() if t.variant == "separate")[:1]
+    assert run_cohort(cohort.root, out, participant_label=good).exit_code == 0  # voxelwise now: accepted
+
+
+def test_a_repeated_signal_within_a_second_is_the_same_request(monkeypatch):
+    """timeout(1) and schedulers signal the process and then its group: that is one stop,
+    not an abandon; a signal a second later abandons."""
+    from aslcal.cli import cohort as cli_cohort
+
+    clock = [100.0]
+    monkeypatch.setattr(cli_cohort.time, "monotonic", lambda: clock[0])
+    sig = cli_cohort._Signals()
+    sig._handle(signal.SIGINT, None)
+    assert sig.stop.is_set()
+    clock[0] += 0.2
+    sig._handle(signal.SIGINT, None)  # the same request: no exception
+    clock[0] += 1.0
+    with pytest.raises(KeyboardInterrupt):
+        sig._handle(signal.SIGTERM, None)

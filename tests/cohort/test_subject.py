@@ -488,3 +488,14 @@ def test_allow_control_m0_without_background_suppression_uses_mean_control(cohor
     np.testing.assert_allclose(prep.m0_image, data[..., control].mean(axis=-1), rtol=1e-6)
     trs = meta["RepetitionTimePreparation"]
     assert prep.m0_tr == pytest.approx(trs[control[0]] if isinstance(trs, list) else trs)
+
+
+def test_tissref_none_needs_its_values_up_front(tmp_path):
+    """--tissref none with reference masks: T1r and pc have no defaults, refused before any
+    subject is fitted (every subject used to fail at calibrate)."""
+    with pytest.raises(InputError, match=r"give t1r \(--t1r\), pc \(--pc\)"):
+        CohortOptions(ref_masks=str(tmp_path), tissref="none")
+    with pytest.raises(InputError, match=r"give pc \(--pc\)$"):
+        CohortOptions(ref_masks=str(tmp_path), tissref="none", t1r=4.0)
+    CohortOptions(ref_masks=str(tmp_path), tissref="none", t1r=4.0, pc=1.1)
+    CohortOptions(tissref="none")  # voxelwise M0: no reference tissue

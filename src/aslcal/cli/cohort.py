@@ -5,7 +5,7 @@ Exit status: 0 every selected subject is done (or was complete), 1 some subject 
 could not start (bad options, no dataset, outputs present without ``--resume``), 130
 interrupted (whether or not a subject failed: the run is unfinished, rerun it with
 ``--resume``).  The first SIGINT/SIGTERM finishes the batch in hand and stops; a second
-abandons it (every file is atomic; an unfinished subject has no completion marker and
+(at least a second later) abandons it (every file is atomic; an unfinished subject has no completion marker and
 ``--resume`` redoes it).
 """
 
@@ -15,10 +15,14 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 from ..errors import InputError
 
 log = logging.getLogger("aslcal")
+
+#: Seconds after the first signal during which another one is the same request.
+SECOND_SIGNAL_AFTER = 1.0
 
 
 def add_parser(sub, common) -> None:
@@ -87,15 +91,24 @@ def add_parser(sub, common) -> None:
 
 
 class _Signals:
-    """First SIGINT/SIGTERM: stop after the current batch; second: abandon it."""
+    """First SIGINT/SIGTERM: stop after the current batch; second: abandon it.
+
+    A signal within :data:`SECOND_SIGNAL_AFTER` seconds of the first is the same request
+    (``timeout`` and job schedulers signal the process and then its group; a terminal may
+    deliver one Ctrl-C twice), not the second.
+    """
 
     def __init__(self) -> None:
         self.stop = threading.Event()
         self._old: dict[int, object] = {}
+        self._first = 0.0
 
     def _handle(self, signum, frame) -> None:
         if self.stop.is_set():
+            if time.monotonic() - self._first < SECOND_SIGNAL_AFTER:
+                return
             raise KeyboardInterrupt
+        self._first = time.monotonic()
         self.stop.set()
         print(f"\naslcal: {signal.Signals(signum).name}: finishing the current batch, then stopping "
               "(again to abandon it)", file=sys.stderr)

@@ -214,6 +214,12 @@ class CohortOptions:
             raise InputError(f"anat={str(self.anat)!r}: the anatomical folder does not exist")
         if self.anat is not None and self.tissref == "none":
             raise InputError("tissref='none' cannot be segmented: the automatic mask needs csf, wm or gm")
+        if self.tissref == "none" and self.ref_masks is not None:
+            # no tissue defaults: the values every reference-region M0a needs (T2r only
+            # with TE > 0, known per run: checked there)
+            missing = [f"{name} (--{name})" for name in ("t1r", "pc") if getattr(self, name) is None]
+            if missing:
+                raise InputError(f"tissref='none' (--tissref none) has no tissue defaults: give {', '.join(missing)}")
         if not (is_number(self.pve_threshold) and 0 < self.pve_threshold <= 1):
             raise InputError(f"pve_threshold={self.pve_threshold!r}: expected a number in (0, 1]")
         if self.ref_masks is not None and (not str(self.ref_masks) or not Path(self.ref_masks).is_dir()):
@@ -774,6 +780,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
 
     m0a: float | None = None
     m0t_rel_se: float | None = None
+    warnings_out: list[str] = []  # for the summary row: a subject that is ok but doubtful
     m0_map = None
     # the M0 this subject used: its M0Estimate, whatever the run's mode
     m0_mode = "estimate" if prep.m0_kind == "estimate" else options.m0_mode
@@ -811,6 +818,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
             if warning:
                 log.warning("%s: %s", prep.key, warning)
                 calib_prov["warnings"] = [warning]
+                warnings_out.append(warning)
             calib_prov["refregion"] = res.as_dict()
             calib_prov.update(m0_scale=m0_scale, readout_factor=readout, priors=options.priors)
     else:  # voxelwise M0
@@ -912,6 +920,8 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     if m0t_rel_se is not None:
         # reliability of a fitted reference region (aslcal.calibration.satrecov)
         summary["ref_m0t_rel_se"] = m0t_rel_se
+    if warnings_out:
+        summary["warnings"] = "; ".join(warnings_out)
     if "t1t" in maps:
         t1 = maps["t1t"]
         summary["T1_median_brain"] = float(xp.median(t1[brain]))
