@@ -204,3 +204,36 @@ def test_run_options_record_refuses_other_calibrations(tmp_path):
     path.write_text("{not json")
     with pytest.raises(InputError, match="unreadable record"):
         check_run_options(tmp_path, CohortOptions(tissref="wm"))
+
+
+def test_folder_lock_refuses_runs_that_would_overlap(tmp_path):
+    """Unsharded runs take the folder exclusively, shards share it and hold their own shard:
+    an overlapping second run is refused, a disjoint shard is not, and release frees it."""
+    from aslcal.cohort.state import folder_lock
+
+    first = folder_lock(tmp_path, "1/2")
+    other = folder_lock(tmp_path, "2/2")  # another shard of the job array: fine
+    for spec, what in (("1/2", "shard 1/2"), (None, "this dataset")):
+        with pytest.raises(InputError, match=f"another aslcal cohort run is working on {what}"):
+            folder_lock(tmp_path, spec)
+    first()
+    other()
+    whole = folder_lock(tmp_path, None)
+    with pytest.raises(InputError, match="unsharded"):
+        folder_lock(tmp_path, "1/2")
+    whole()
+    folder_lock(tmp_path, "1/2")()
+
+
+def test_folder_lock_between_processes(tmp_path):
+    """The lock holds across processes (flock), as concurrent job-array tasks are."""
+    from aslcal.cohort.state import folder_lock
+
+    release = folder_lock(tmp_path, None)
+    code = ("import sys\nfrom aslcal.cohort.state import folder_lock\n"
+            "try:\n    folder_lock(sys.argv[1], None)\nexcept Exception as e:\n    print(type(e).__name__)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "InputError", out.stderr
+    release()
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "", out.stderr

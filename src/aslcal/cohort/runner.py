@@ -37,7 +37,9 @@ from ..errors import InputError
 from ..io.bids import AslRun, discover
 from ..io.derivatives import DerivativesWriter, entities_from_key, write_summary_tsv
 from .pipeline import DEFAULT_BATCH_SIZE, BatchOutcome, run_subjects
-from .state import RUN_OPTIONS_FILE, FailureLog, FailureRecord, check_run_options, parse_shard, plan_run, shard
+from .state import (
+    RUN_OPTIONS_FILE, FailureLog, FailureRecord, check_run_options, folder_lock, parse_shard, plan_run, shard,
+)
 from .subject import CohortOptions
 
 log = logging.getLogger("aslcal")
@@ -211,15 +213,23 @@ def run_cohort(
     writer = DerivativesWriter(out_root, source_datasets=[{"URL": uri}], dataset_links={"raw": uri})
     logs = writer.root / LOG_FOLDER
     logs.mkdir(exist_ok=True)
+    release = folder_lock(logs, shard_spec)
+    try:
+        return _recorded_run(runs, keys, selected, by_key, writer, logs, options, rejected, t0,
+                             participant_label=participant_label, workers=workers, resume=resume,
+                             shard_spec=shard_spec, dask=dask, batch_size=batch_size,
+                             max_batch_bytes=max_batch_bytes, bids_root=bids_root, on_start=on_start,
+                             on_subject=on_subject, stop=stop)
+    finally:
+        release()
+
+
+def _recorded_run(runs, keys, selected, by_key, writer, logs, options, rejected, t0, **kw) -> CohortReport:
+    """Check (or make) the run-options record, then :func:`_execute`."""
     record_existed = (logs / RUN_OPTIONS_FILE).exists()
     record = check_run_options(logs, options)
     try:
-        return _execute(
-            runs, keys, selected, by_key, writer, logs, options, rejected, t0, participant_label=participant_label,
-            workers=workers, resume=resume, shard_spec=shard_spec, dask=dask, batch_size=batch_size,
-            max_batch_bytes=max_batch_bytes, bids_root=bids_root, on_start=on_start, on_subject=on_subject,
-            stop=stop,
-        )
+        return _execute(runs, keys, selected, by_key, writer, logs, options, rejected, t0, **kw)
     except BaseException:
         # A run that failed before writing any subject does not bind the folder to its
         # options (e.g. an unreachable scheduler): its record goes with it.

@@ -21,8 +21,8 @@ from ..io.atomic import StrPath, json_text, write_json, write_text
 from ..io.derivatives import DerivativesWriter, subject_key
 
 __all__ = [
-    "RUN_OPTIONS_FILE", "FailureLog", "FailureRecord", "RunPlan", "check_run_options", "parse_shard", "plan_run",
-    "shard",
+    "RUN_OPTIONS_FILE", "FailureLog", "FailureRecord", "RunPlan", "check_run_options", "folder_lock", "parse_shard",
+    "plan_run", "shard",
 ]
 
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
@@ -359,3 +359,64 @@ def check_run_options(folder: StrPath, options: Any) -> Path:
             "folder (if the folder holds no subject yet, delete that file)"
         )
     return path
+
+
+# --------------------------------------------------------------------------- concurrent runs
+
+#: Lock file of an output folder (in its ``logs/``).
+LOCK_FILE = "run.lock"
+
+
+def folder_lock(folder: StrPath, shard_spec: str | None):
+    """Hold the output folder against concurrent runs that would do the same subjects.
+
+    A run of the whole dataset takes the folder exclusively; a shard takes it shared
+    (shards of one job array run side by side) and its own shard exclusively.  So two
+    unsharded runs, or a shard twice, or an unsharded run beside shards, are refused up
+    front instead of both doing (and failing on) the same subjects.  The locks are
+    ``flock`` locks on files in ``folder``: they end with the process, however it ends.
+    Where ``flock`` is missing (not POSIX) nothing is locked.
+
+    Returns
+    -------
+    callable
+        Releases the locks.
+
+    Raises
+    ------
+    InputError
+        Another run holds a conflicting lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return lambda: None
+    folder = Path(folder)
+    handles = []
+
+    def release() -> None:
+        for handle in handles:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+            finally:
+                handle.close()
+        handles.clear()
+
+    wanted = [(folder / LOCK_FILE, fcntl.LOCK_EX if shard_spec is None else fcntl.LOCK_SH)]
+    if shard_spec is not None:
+        i, n = parse_shard(shard_spec)
+        wanted.append((folder / f"run_shard-{i}-of-{n}.lock", fcntl.LOCK_EX))
+    for path, mode in wanted:
+        handle = open(path, "a+b")  # noqa: SIM115 - held until release()
+        handles.append(handle)
+        try:
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
+        except OSError:
+            release()
+            what = f"shard {shard_spec}" if shard_spec is not None and mode == fcntl.LOCK_EX else (
+                "this dataset" if shard_spec is None else "this dataset unsharded")
+            raise InputError(
+                f"another aslcal cohort run is working on {what} in {str(folder.parent)!r}: wait for it to "
+                "end (or stop it), then rerun with --resume"
+            ) from None
+    return release
