@@ -30,7 +30,8 @@ def add_parser(sub, common) -> None:
         "cohort", parents=[common], help="calibrate every ASL run of a BIDS dataset",
         description=(
             "Calibrate every ASL run of a BIDS dataset into OUT_ROOT/derivatives/aslcal: M0 "
-            "(reference region with --ref-masks, else voxelwise; M0Estimate; saturation-recovery "
+            "(reference region with --ref-masks, or with automatic masks from --anat T1w images, else "
+            "voxelwise; M0Estimate; saturation-recovery "
             "and Look-Locker M0 series fitted voxelwise), T1 and flip-angle-correction maps, "
             "calibrated CBF, masks, a provenance JSON per subject and summary.tsv.  A failing "
             "subject is recorded and the run goes on."
