@@ -23,6 +23,7 @@ Files of the run, besides the subjects' ``perf/`` folders::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -213,52 +214,23 @@ def run_cohort(
     writer = DerivativesWriter(out_root, source_datasets=[{"URL": uri}], dataset_links={"raw": uri})
     logs = writer.root / LOG_FOLDER
     logs.mkdir(exist_ok=True)
-    release = folder_lock(logs, shard_spec)
-    try:
-        return _recorded_run(runs, keys, selected, by_key, writer, logs, options, rejected, t0,
-                             participant_label=participant_label, workers=workers, resume=resume,
-                             shard_spec=shard_spec, dask=dask, batch_size=batch_size,
-                             max_batch_bytes=max_batch_bytes, bids_root=bids_root, on_start=on_start,
-                             on_subject=on_subject, stop=stop)
-    finally:
-        release()
+    with _holding(folder_lock(logs, shard_spec)), _options_record(logs, options, writer):
+        plan = plan_run(selected, writer, resume=resume)
+        failure_log = FailureLog.for_shard(logs, shard_spec)
+        if resume and plan.todo:
+            failure_log.discard(plan.todo)
+        todo: list[AslRun] = [by_key[k] for k in plan.todo]
 
-
-def _recorded_run(runs, keys, selected, by_key, writer, logs, options, rejected, t0, **kw) -> CohortReport:
-    """Check (or make) the run-options record, then :func:`_execute`."""
-    record_existed = (logs / RUN_OPTIONS_FILE).exists()
-    record = check_run_options(logs, options)
-    try:
-        return _execute(runs, keys, selected, by_key, writer, logs, options, rejected, t0, **kw)
-    except BaseException:
-        # A run that failed before writing any subject does not bind the folder to its
-        # options (e.g. an unreachable scheduler): its record goes with it.
-        if not record_existed and not any(writer.root.glob("sub-*")):
-            record.unlink(missing_ok=True)
-        raise
-
-
-def _execute(runs, keys, selected, by_key, writer, logs, options, rejected, t0, *, participant_label, workers,
-             resume, shard_spec, dask, batch_size, max_batch_bytes, bids_root, on_start, on_subject,
-             stop) -> CohortReport:
-    """The part of :func:`run_cohort` after the options are recorded: plan, execute, summarise."""
-    from ..io.nifti import gzip_backends
-
-    plan = plan_run(selected, writer, resume=resume)
-    failure_log = FailureLog.for_shard(logs, shard_spec)
-    if resume and plan.todo:
-        failure_log.discard(plan.todo)
-    todo: list[AslRun] = [by_key[k] for k in plan.todo]
-
-    report = CohortReport(
-        n_discovered=len(runs), selected=selected, skipped=plan.skipped, redo=plan.redo,
-        gzip=gzip_backends(), failure_log=failure_log.path,
-        executor="local" if dask is None else dask, rejected=[(str(p), why) for p, why in rejected],
-    )
-    if on_start is not None:
-        on_start(len(todo))
-    if todo:
-        if dask is None:
+        report = CohortReport(
+            n_discovered=len(runs), selected=selected, skipped=plan.skipped, redo=plan.redo,
+            gzip=gzip_backends(), failure_log=failure_log.path,
+            executor="local" if dask is None else dask, rejected=[(str(p), why) for p, why in rejected],
+        )
+        if on_start is not None:
+            on_start(len(todo))
+        if not todo:
+            outcome = BatchOutcome()
+        elif dask is None:
             outcome = run_subjects(
                 todo, writer, options, failure_log=failure_log, workers=workers, batch_size=batch_size,
                 max_batch_bytes=max_batch_bytes, bids_root=bids_root, on_subject=on_subject, stop=stop,
@@ -271,17 +243,39 @@ def _execute(runs, keys, selected, by_key, writer, logs, options, rejected, t0, 
                 batch_size=batch_size, max_batch_bytes=max_batch_bytes, bids_root=bids_root,
                 on_subject=on_subject, stop=stop,
             )
-    else:
-        outcome = BatchOutcome()
-    report.done = sorted(outcome.done)
-    report.failed = sorted(outcome.failed, key=lambda r: r["key"])
-    report.interrupted = outcome.interrupted
-    report.launches = outcome.launches
-    # summary.tsv covers the whole dataset: a run on some participants keeps the others' rows
-    every_key = keys if participant_label is None else [r.key for r in discover(bids_root, rejected=[])]
-    report.summary_tsv = rebuild_summary(writer, every_key, known=outcome.summaries)
+        report.done = sorted(outcome.done)
+        report.failed = sorted(outcome.failed, key=lambda r: r["key"])
+        report.interrupted = outcome.interrupted
+        report.launches = outcome.launches
+        # summary.tsv covers the whole dataset: a run on some participants keeps the others' rows
+        every_key = keys if participant_label is None else [r.key for r in discover(bids_root, rejected=[])]
+        report.summary_tsv = rebuild_summary(writer, every_key, known=outcome.summaries)
     report.seconds = time.perf_counter() - t0
     return report
+
+
+@contextlib.contextmanager
+def _holding(release: Callable[[], None]):
+    """Run the block, then ``release`` (the folder lock), however the block ends."""
+    try:
+        yield
+    finally:
+        release()
+
+
+@contextlib.contextmanager
+def _options_record(logs: Path, options: CohortOptions, writer: DerivativesWriter):
+    """Check (or make) the run-options record for the block.  A run that fails before
+    writing any subject does not bind the folder to its options (e.g. an unreachable
+    scheduler): the record it made goes with it."""
+    existed = (logs / RUN_OPTIONS_FILE).exists()
+    record = check_run_options(logs, options)
+    try:
+        yield
+    except BaseException:
+        if not existed and not any(writer.root.glob("sub-*")):
+            record.unlink(missing_ok=True)
+        raise
 
 
 def _latest_failures(log_folder: Path) -> dict[str, FailureRecord]:
