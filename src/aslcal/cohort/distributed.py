@@ -51,7 +51,7 @@ from ..errors import BackendUnavailableError, InputError
 from ..io.bids import AslRun
 from ..io.derivatives import DerivativesWriter
 from .pipeline import BatchOutcome, auto_max_batch_bytes, run_subjects
-from .state import FailureLog
+from .state import FailureLog, plan_run
 from .subject import CohortOptions
 
 __all__ = ["run_dask"]
@@ -80,23 +80,16 @@ def _batch_task(runs: list[AslRun], out_root: str, pipeline: str, version: str, 
     partial one is cleaned first, so a rescheduled task does not fail on its own files.
     """
     writer = DerivativesWriter(out_root, pipeline=pipeline, version=version)
-    todo: list[AslRun] = []
-    already: list[str] = []
-    for run in runs:
-        state = writer.status(run.key, check="size")
-        if state == "complete":
-            already.append(run.key)
-            continue
-        if state == "partial":
-            writer.remove_partial(run.key)
-        todo.append(run)
+    plan = plan_run([run.key for run in runs], writer, resume=True, check="size")  # what a resume does
+    pending = set(plan.todo)
+    todo = [run for run in runs if run.key in pending]
     outcome = run_subjects(
         todo, writer, options, failure_log=FailureLog(log_path), workers=threads,
         batch_size=max(1, len(todo)), max_batch_bytes=max_batch_bytes, bids_root=bids_root,
     ) if todo else BatchOutcome()
     out = outcome.to_json()
     # Their summaries are read back from disk by the run's summary.tsv.
-    out["done"] = already + list(out["done"])
+    out["done"] = plan.skipped + list(out["done"])
     return out
 
 
