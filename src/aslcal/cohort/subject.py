@@ -339,15 +339,16 @@ class PreparedSubject:
     jobs: list[FitJob]
     inputs: dict[str, int]
     ref_info: dict | None = None
-    #: CSF/GM/WM partial volumes in ASL space (``--anat`` with a fitted M0): tissue T1 means
-    tissue_pv: dict[str, np.ndarray] | None = field(default=None, repr=False)
+    #: CSF/GM/WM voxels in ASL space (segmentation partial volume >= pve_threshold; ``--anat``
+    #: with a fitted M0): tissue T1 means
+    tissue_masks: dict[str, np.ndarray] | None = field(default=None, repr=False)
     #: white-paper timing (quantification "whitepaper"): labelling, pld, tau, ti1, slice times
     kinetics: dict[str, Any] | None = None
 
     @property
     def nbytes(self) -> int:
         arrays = [self.perf, self.brain, self.ref, self.m0_image] + [j.series for j in self.jobs]
-        arrays += list((self.tissue_pv or {}).values())
+        arrays += list((self.tissue_masks or {}).values())
         return int(sum(a.nbytes for a in arrays if a is not None))
 
 
@@ -563,7 +564,8 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, optio
         perf_source=perf_source, brain=brain, brain_info=brain_info, ref=ref_bool,
         ref_file=_rel(ref_file, bids_root) if ref_file is not None else None, m0_kind=m0_kind,
         m0_image=m0_image, m0_tr=m0_tr, jobs=jobs, inputs=inputs, ref_info=ref_info,
-        tissue_pv=None if tissue_pv is None else {t: np.asarray(v, dtype=np.float32) for t, v in tissue_pv.items()},
+        tissue_masks=None if tissue_pv is None else {
+            t: np.asarray(v) >= options.pve_threshold for t, v in tissue_pv.items()},
         kinetics=kinetics,
     )
 
@@ -780,7 +782,6 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
 
     m0a: float | None = None
     m0t_rel_se: float | None = None
-    warnings_out: list[str] = []  # for the summary row: a subject that is ok but doubtful
     m0_map = None
     # the M0 this subject used: its M0Estimate, whatever the run's mode
     m0_mode = "estimate" if prep.m0_kind == "estimate" else options.m0_mode
@@ -818,7 +819,6 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
             if warning:
                 log.warning("%s: %s", prep.key, warning)
                 calib_prov["warnings"] = [warning]
-                warnings_out.append(warning)
             calib_prov["refregion"] = res.as_dict()
             calib_prov.update(m0_scale=m0_scale, readout_factor=readout, priors=options.priors)
     else:  # voxelwise M0
@@ -905,7 +905,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
         if name == "ref_mask":  # the mask given, or the T1w (and transform) it was made from
             rec["Sources"] = [_bids_uri(p) for p in prep.inputs if p == prep.ref_file or p.endswith(".mat")]
         else:
-            rec.setdefault("Sources", list(sources))
+            rec["Sources"] = list(sources)
 
     n_brain = int(prep.brain.sum())
     summary: dict[str, Any] = {
@@ -920,17 +920,17 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     if m0t_rel_se is not None:
         # reliability of a fitted reference region (aslcal.calibration.satrecov)
         summary["ref_m0t_rel_se"] = m0t_rel_se
-    if warnings_out:
-        summary["warnings"] = "; ".join(warnings_out)
+    if calib_prov.get("warnings"):  # a subject that is ok but doubtful
+        summary["warnings"] = "; ".join(calib_prov["warnings"])
     if "t1t" in maps:
         t1 = maps["t1t"]
         summary["T1_median_brain"] = float(xp.median(t1[brain]))
         if ref is not None:
             summary[f"T1_mean_ref_{options.tissref}"] = float(xp.mean(t1[ref]))
-        if prep.tissue_pv is not None:
+        if prep.tissue_masks is not None:
             # per tissue of the --anat segmentation: brain voxels at least pve_threshold pure
-            for tissue, pv in prep.tissue_pv.items():
-                sel = dev(pv >= options.pve_threshold) & brain
+            for tissue, tissue_mask in prep.tissue_masks.items():
+                sel = dev(tissue_mask) & brain
                 n_sel = int(xp.count_nonzero(sel))
                 summary[f"T1_mean_{tissue}"] = float(xp.mean(t1[sel])) if n_sel else None
                 summary[f"n_{tissue}_voxels"] = n_sel
