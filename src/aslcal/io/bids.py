@@ -847,20 +847,9 @@ def bolus_cutoff(acq: AslAcquisition) -> tuple[float, ...] | None:
     Q2TIPS.  A :class:`BidsFieldError` names the sidecar and the field when they make no
     sense.
     """
-    js = acq.run.sidecar
-    if not _flag(acq.metadata, js, "BolusCutOffFlag"):
+    js, meta = acq.run.sidecar, acq.metadata
+    if not _flag(meta, js, "BolusCutOffFlag"):
         return None
-    return _bolus_cutoff(acq.metadata, js)
-
-
-def asl_slice_timing(acq: AslAcquisition) -> tuple[tuple[float, ...] | None, int]:
-    """``SliceTiming`` of the ASL series by slice index along its slice axis (None: a 3-D
-    readout), and that axis; a :class:`BidsFieldError` when it does not fit the image."""
-    return _slice_timing(acq.metadata, acq.run.sidecar, acq.shape)
-
-
-def _bolus_cutoff(meta: dict, js: Path) -> tuple[float, ...]:
-    """``BolusCutOffDelayTime``: one delay per cut-off pulse, non-negative and increasing."""
     raw = _require(meta, js, "BolusCutOffDelayTime", " (required with BolusCutOffFlag true)")
     values = raw if isinstance(raw, list) and raw else [raw]
     out = tuple(_check_value(v, js, "BolusCutOffDelayTime", low=0.0, low_open=False, high=MAX_DELAY_S,
@@ -869,6 +858,12 @@ def _bolus_cutoff(meta: dict, js: Path) -> tuple[float, ...]:
         raise BidsFieldError(f"{js}: field 'BolusCutOffDelayTime' = {raw!r}: expected increasing delays (s), "
                              "one per bolus cut-off pulse", file=js, field="BolusCutOffDelayTime")
     return out
+
+
+def asl_slice_timing(acq: AslAcquisition) -> tuple[tuple[float, ...] | None, int]:
+    """``SliceTiming`` of the ASL series by slice index along its slice axis (None: a 3-D
+    readout), and that axis; a :class:`BidsFieldError` when it does not fit the image."""
+    return _slice_timing(acq.metadata, acq.run.sidecar, acq.shape)
 
 
 def _separate_m0(run: AslRun) -> M0Source:

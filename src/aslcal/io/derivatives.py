@@ -48,6 +48,7 @@ import numpy as np
 
 from ..errors import InputError
 from .atomic import _TEMP_MARKER, OutputSet, StrPath, json_text, write_json, write_text
+from .bids import ASL_ENTITIES
 from .nifti import encode_image
 
 __all__ = [
@@ -64,7 +65,7 @@ __all__ = [
 BIDS_VERSION = "1.10.0"
 
 #: Entities of the source ASL series kept in output names, in BIDS order.
-_ENTITY_ORDER = ("sub", "ses", "acq", "rec", "dir", "run")
+_ENTITY_ORDER = ASL_ENTITIES
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 _INDEX_RE = re.compile(r"^[0-9]+$")
 
