@@ -91,13 +91,18 @@ def _base(changes: Mapping[str, Any]) -> Mapping[str, Any]:
         return get_config() if not overridden else _from_env(skip=overridden)
 
 
-def set_config(**changes: Any) -> None:
-    """Change the configuration for the current context (prefer :func:`config_context`)."""
+def _merged(changes: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The configuration with ``changes`` (None values ignored) applied and validated."""
     cfg = dict(_base(changes))
     for key, value in changes.items():
         if value is not None:
             cfg[key] = _validate(key, value)
-    _CONFIG.set(MappingProxyType(cfg))
+    return MappingProxyType(cfg)
+
+
+def set_config(**changes: Any) -> None:
+    """Change the configuration for the current context (prefer :func:`config_context`)."""
+    _CONFIG.set(_merged(changes))
 
 
 @contextlib.contextmanager
@@ -111,11 +116,7 @@ def config_context(**changes: Any) -> Iterator[Mapping[str, Any]]:
     ...     get_config()["dtype"]
     'float32'
     """
-    cfg = dict(_base(changes))
-    for key, value in changes.items():
-        if value is not None:
-            cfg[key] = _validate(key, value)
-    token = _CONFIG.set(MappingProxyType(cfg))
+    token = _CONFIG.set(_merged(changes))
     try:
         yield _CONFIG.get()
     finally:

@@ -28,11 +28,9 @@ from typing import Any
 from ..backend import array_namespace
 from ..errors import InputError
 from ._common import as_array, as_float, number
-from .apply import CalibratedImage, apply_calibration
+from .apply import ALPHA_DEFAULTS, CalibratedImage, apply_calibration
 
 __all__ = ["WhitePaperCBF", "kinetic_factor", "quantify_whitepaper"]
-
-_LABELLINGS = ("pcasl", "casl", "pasl")
 
 
 def kinetic_factor(labelling: str, *, pld: float, t1b: float, tau: float | None = None,
@@ -56,8 +54,8 @@ def kinetic_factor(labelling: str, *, pld: float, t1b: float, tau: float | None 
 
 
 def _labelling(labelling: Any) -> str:
-    if not isinstance(labelling, str) or labelling.lower() not in _LABELLINGS:
-        raise InputError(f"labelling={labelling!r}: expected one of {', '.join(_LABELLINGS)}")
+    if not isinstance(labelling, str) or labelling.lower() not in ALPHA_DEFAULTS:
+        raise InputError(f"labelling={labelling!r}: expected one of {', '.join(ALPHA_DEFAULTS)}")
     return labelling.lower()
 
 
