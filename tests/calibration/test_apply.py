@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 
+from aslcal.io.bids import DEFAULT_ALPHA
 from aslcal.calibration import ALPHA_DEFAULTS, CalibratedImage, CalibrationWarning, apply_calibration
 from aslcal.errors import InputError
 
@@ -40,6 +41,8 @@ def test_alpha_defaults_by_labelling(perf, labelling, alpha):
     np.testing.assert_allclose(res.image, 6000.0 * perf / (1000.0 * alpha), rtol=REL)
     assert res.alpha == alpha and res.alpha_source == "labelling" and res.labelling == labelling.lower()
     assert ALPHA_DEFAULTS[labelling.lower()] == alpha
+    # the BIDS reader's default (io keeps its own copy: io does not import calibration)
+    assert DEFAULT_ALPHA[labelling.upper()] == alpha
 
 
 def test_user_alpha_wins_over_labelling(perf):

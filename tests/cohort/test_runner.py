@@ -606,3 +606,30 @@ def test_a_repeated_signal_within_a_second_is_the_same_request(monkeypatch):
     clock[0] += 1.0
     with pytest.raises(KeyboardInterrupt):
         sig._handle(signal.SIGTERM, None)
+
+
+def test_labelling_efficiency_from_the_sidecar_scales_cbf(tmp_path):
+    """CBF = 6000·ΔM/(M0a·α): a sidecar LabelingEfficiency of 0.7 instead of the PCASL
+    default 0.85 multiplies CBF by 0.85/0.7 (same M0a), and the provenance says which α
+    was used and where it came from."""
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=2, seed=9, shape=(32, 32, 12), broken=0)
+    key = sorted(truth.runs)[0]
+    run_cohort(truth.root, tmp_path / "default")
+    (asl_json,) = truth.root.rglob(f"{key}_asl.json")
+    meta = json.loads(asl_json.read_text())
+    assert meta["ArterialSpinLabelingType"] == "PCASL" and "LabelingEfficiency" not in meta
+    meta["LabelingEfficiency"] = 0.7
+    asl_json.write_text(json.dumps(meta))
+    run_cohort(truth.root, tmp_path / "given")
+
+    def outputs(out):
+        perf = next(out.rglob(f"{key}_desc-aslcal_provenance.json")).parent
+        prov = json.loads((perf / f"{key}_desc-aslcal_provenance.json").read_text())
+        return prov["calibration"]["cbf"], load_image(next(perf.glob(f"{key}_desc-cbf_cbf.nii*"))).data
+
+    (p_default, cbf_default), (p_given, cbf_given) = outputs(tmp_path / "default"), outputs(tmp_path / "given")
+    assert (p_default["alpha"], p_default["alpha_source"]) == (0.85, "ArterialSpinLabelingType default")
+    assert (p_given["alpha"], p_given["alpha_source"]) == (0.7, "LabelingEfficiency")
+    inside = cbf_default != 0
+    assert inside.sum() > 100
+    np.testing.assert_allclose(cbf_given[inside], cbf_default[inside] * (0.85 / 0.7), rtol=1e-6)

@@ -835,20 +835,24 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
         calib_prov["voxelwise"] = vox.as_dict()
 
     m0_used = m0_map if m0_map is not None else m0a
+    # alpha: the sidecar's LabelingEfficiency, else the labelling type's default (recorded as such)
+    alpha_given = acq.metadata.get("LabelingEfficiency") is not None
+    alpha_arg = acq.alpha if alpha_given else None
     if prep.kinetics is not None:
         k = prep.kinetics
         wp = quantify_whitepaper(dev(prep.perf), m0_used, labelling=k["labelling"], pld=k["pld"], tau=k["tau"],
-                                 ti1=k["ti1"], alpha=acq.alpha, field_strength=acq.field_strength,
+                                 ti1=k["ti1"], alpha=alpha_arg, field_strength=acq.field_strength,
                                  tissue_table=table, slice_times=k["slice_times"], slice_axis=k["slice_axis"])
         cbf = wp.image
         cbf_prov = wp.as_dict()
     else:
-        cbf = apply_calibration(dev(prep.perf), m0_used, alpha=acq.alpha).image
+        cbf = apply_calibration(dev(prep.perf), m0_used, alpha=alpha_arg, labelling=acq.labeling_type).image
         cbf_prov = {"model": "calibration only (the perfusion image taken as quantified)",
                     "formula": "6000 * perfusion / (M0a * alpha)"}
     if m0_map is None:
         cbf = xp.where(brain, cbf, 0)
     calib_prov["cbf"] = {"alpha": acq.alpha, "labeling_type": acq.labeling_type,
+                         "alpha_source": "LabelingEfficiency" if alpha_given else "ArterialSpinLabelingType default",
                          "perfusion": prep.perf_source, "units": "ml/100g/min", **cbf_prov}
 
     # --- images (host) and summary values
