@@ -37,6 +37,22 @@ def test_usage_error_exits_2(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_info_names_each_gpu_with_its_cuda_versions(monkeypatch):
+    """GPU entries carry name, memory, compute capability and the CUDA driver/runtime
+    versions (CUDA encodes 13.0 as 13000 and 12.8 as 12080), from CuPy's runtime API."""
+    import types
+
+    from aslcal.cli.info import _gpus
+
+    runtime = types.SimpleNamespace(
+        driverGetVersion=lambda: 13000, runtimeGetVersion=lambda: 12080, getDeviceCount=lambda: 1,
+        getDeviceProperties=lambda i: {"name": b"NVIDIA H200", "totalGlobalMem": 141 * 2**30, "major": 9, "minor": 0},
+    )
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=runtime)))
+    assert _gpus() == [{"index": 0, "name": "NVIDIA H200", "memory_gib": 141.0, "compute_capability": "9.0",
+                        "cuda_driver": "13.0", "cuda_runtime": "12.8"}]
+
+
 def test_info_reports_versions_and_backends(capsys):
     assert main(["info", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)

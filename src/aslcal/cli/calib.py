@@ -95,7 +95,8 @@ def add_parser(sub, common) -> None:
     s.add_argument("--m0-scale", choices=("readout", "relaxed"), default="readout",
                    help="Look-Locker M0 scale: readout (asl_calib; ASL data share the readout, default) or "
                         "relaxed (divide by sin(g*FA); ASL data with their own readout)")
-    s.add_argument("--backend", choices=("auto", "numpy", "numba", "cuda"), default=None, help="fitting backend")
+    s.add_argument("--backend", choices=("auto", "numpy", "numba", "cuda"), default=None,
+                   help="fitting backend (default: $ASLCAL_BACKEND, else auto)")
     s.add_argument("--dtype", choices=("float32", "float64"), help="fitting precision (default: the backend's)")
     o = p.add_argument_group("outputs")
     o.add_argument("-o", dest="outfile", metavar="OUT", help="calibrated perfusion image, ml/100g/min (with -i)")

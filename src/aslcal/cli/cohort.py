@@ -43,7 +43,7 @@ def add_parser(sub, common) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--ref-masks", metavar="DIR",
                    help="reference masks in ASL space: DIR/sub-X/[ses-Y/]perf/<run>_desc-ref_mask.nii[.gz] "
-                        "(reference-region M0a); without it the M0 is voxelwise")
+                        "(reference-region M0a); not with --anat; without either the M0 is voxelwise")
     g.add_argument("--anat", metavar="DIR",
                    help="automatic reference masks from brain-extracted T1w images: "
                         "DIR/sub-X/[ses-Y/]anat/sub-X[_ses-Y]_desc-brain_T1w.nii[.gz] (+ optional "
@@ -74,7 +74,8 @@ def add_parser(sub, common) -> None:
                         "(asl_calib -i/-o; default); 'whitepaper' = the single-PLD white-paper model from "
                         "PostLabelingDelay, LabelingDuration (PASL: BolusCutOffDelayTime) and SliceTiming")
     x = p.add_argument_group("execution")
-    x.add_argument("--backend", choices=("auto", "numpy", "numba", "cuda"), default=None, help="fitting backend")
+    x.add_argument("--backend", choices=("auto", "numpy", "numba", "cuda"), default=None,
+                   help="fitting backend (default: $ASLCAL_BACKEND, else auto)")
     x.add_argument("--dtype", choices=("float32", "float64"), help="fitting precision (default: the backend's)")
     x.add_argument("--workers", type=int, default=2,
                    help="reader and writer threads (default 2); with --dask local: worker processes")

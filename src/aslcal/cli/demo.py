@@ -40,7 +40,7 @@ def add_parser(sub, common) -> None:
     p.add_argument("--snr", type=float, default=100.0,
                    help="SNR of a fully relaxed grey-matter voxel (default 100; 0 = noise-free)")
     p.add_argument("--backend", default=None, choices=("auto", "numpy", "numba", "cuda"),
-                   help="fitting backend (default: auto)")
+                   help="fitting backend (default: $ASLCAL_BACKEND, else auto)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in OUTDIR")
     p.set_defaults(func=run)
 

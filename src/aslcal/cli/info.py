@@ -31,18 +31,24 @@ def _package_version(name: str) -> str | None:
 
 
 def _gpus() -> list[dict]:
-    """GPUs seen by CuPy (name, memory); empty without CuPy or a device."""
+    """GPUs seen by CuPy (name, memory, CUDA driver and runtime versions); empty without CuPy or a device."""
     try:
         import cupy
     except Exception:
         return []
+    def version(v: int) -> str:  # CUDA's 1000·major + 10·minor
+        return f"{v // 1000}.{v % 1000 // 10}"
+
     out = []
     try:
-        for i in range(cupy.cuda.runtime.getDeviceCount()):
-            props = cupy.cuda.runtime.getDeviceProperties(i)
+        rt = cupy.cuda.runtime
+        driver, runtime = version(rt.driverGetVersion()), version(rt.runtimeGetVersion())
+        for i in range(rt.getDeviceCount()):
+            props = rt.getDeviceProperties(i)
             name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
             out.append({"index": i, "name": name, "memory_gib": round(props["totalGlobalMem"] / 2**30, 1),
-                        "compute_capability": f"{props['major']}.{props['minor']}"})
+                        "compute_capability": f"{props['major']}.{props['minor']}",
+                        "cuda_driver": driver, "cuda_runtime": runtime})
     except Exception:  # no driver / no device
         return []
     return out
