@@ -511,6 +511,32 @@ def test_sidecars_name_their_sources_as_bids_uris(cohort, reference_run):
     assert ref == [f"bids:raw:{t.ref_mask}"] and (cohort.root / t.ref_mask).is_file()
 
 
+def test_symlinked_inputs_are_named_as_in_the_dataset(tmp_path):
+    """DataLad/git-annex datasets hold symbolic links into .git/annex/objects, and a
+    subject folder may itself be a link: Sources and the provenance name the files by
+    their dataset paths, not by the link targets."""
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=2, seed=9, shape=(32, 32, 12), broken=0)
+    root = truth.root
+    key1, key2 = sorted(truth.runs)
+    (asl,) = root.rglob(f"{key1}_asl.nii.gz")
+    store = root / ".git" / "annex" / "objects" / "Xy" / "SHA256E-s1--abc.nii.gz"
+    store.parent.mkdir(parents=True)
+    asl.rename(store)
+    asl.symlink_to(os.path.relpath(store, asl.parent))
+    sub2 = root / f"sub-{truth.runs[key2].subject}"
+    shutil.move(sub2, tmp_path / "elsewhere")
+    sub2.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    report = run_cohort(root, tmp_path / "out")
+    assert report.exit_code == 0
+    for key in (key1, key2):
+        (cbf_json,) = (tmp_path / "out").rglob(f"{key}_desc-cbf_cbf.json")
+        perf = Path(f"sub-{truth.runs[key].subject}") / "perf"
+        assert json.loads(cbf_json.read_text())["Sources"][0] == f"bids:raw:{(perf / f'{key}_asl.nii.gz').as_posix()}"
+        prov = json.loads(next((tmp_path / "out").rglob(f"{key}_desc-aslcal_provenance.json")).read_text())
+        assert (perf / f"{key}_asl.nii.gz").as_posix() in prov["inputs"]["files"]
+        assert not any("annex" in f or "elsewhere" in f for f in prov["inputs"]["files"])
+
+
 def test_a_shard_with_other_options_is_refused_before_any_subject_exists(cohort, tmp_path):
     """Job-array shards start together: the first one's record stands even while the
     folder holds no subject yet (a second shard with other options used to replace it)."""

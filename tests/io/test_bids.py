@@ -114,7 +114,37 @@ def test_discover_skips_non_bids_names_without_stopping(tmp_path, caplog):
     assert "index" in reasons["sub-01_run-a_asl.nii.gz"]
     with caplog.at_level(logging.WARNING, logger="aslcal"):
         assert len(discover(tmp_path)) == 2
-    assert sum("not a BIDS ASL file name" in r.message for r in caplog.records) == 3
+    assert sum("not a usable BIDS ASL file" in r.message for r in caplog.records) == 3
+
+
+def test_discover_rejects_files_that_cannot_be_runs(tmp_path):
+    """Labels that are not alphanumeric (sub-0-1, sub-ü3), files whose sub/ses entities
+    disagree with their folders, and dangling symbolic links (git-annex content not
+    fetched) are listed in ``rejected``, never silently dropped; the good run is found."""
+    _write_run(tmp_path, "01")
+    bad = tmp_path / "sub-0-1" / "perf"
+    bad.mkdir(parents=True)
+    shutil.copy(tmp_path / "sub-01" / "perf" / "sub-01_asl.nii.gz", bad / "sub-0-1_asl.nii.gz")
+    uni = tmp_path / "sub-\u00fc3" / "perf"
+    uni.mkdir(parents=True)
+    shutil.copy(tmp_path / "sub-01" / "perf" / "sub-01_asl.nii.gz", uni / "sub-\u00fc3_asl.nii.gz")
+    ses = tmp_path / "sub-01" / "ses-1" / "perf"
+    ses.mkdir(parents=True)
+    shutil.copy(tmp_path / "sub-01" / "perf" / "sub-01_asl.nii.gz", ses / "sub-01_asl.nii.gz")  # no ses entity
+    shutil.copy(tmp_path / "sub-01" / "perf" / "sub-01_asl.nii.gz", ses / "sub-09_ses-1_asl.nii.gz")  # other subject
+    (tmp_path / "sub-01" / "perf" / "sub-01_run-2_asl.nii.gz").symlink_to("../.git/annex/objects/missing.nii.gz")
+    rejected = []
+    runs = discover(tmp_path, rejected=rejected)
+    assert [r.key for r in runs] == ["sub-01"]
+    reasons = {str(p.relative_to(tmp_path)): why for p, why in rejected}
+    assert sorted(reasons) == sorted([
+        "sub-0-1/perf/sub-0-1_asl.nii.gz", "sub-\u00fc3/perf/sub-\u00fc3_asl.nii.gz",
+        "sub-01/ses-1/perf/sub-01_asl.nii.gz", "sub-01/ses-1/perf/sub-09_ses-1_asl.nii.gz",
+        "sub-01/perf/sub-01_run-2_asl.nii.gz"])
+    assert "letters and digits" in reasons["sub-0-1/perf/sub-0-1_asl.nii.gz"]
+    assert "does not match ses-1" in reasons["sub-01/ses-1/perf/sub-01_asl.nii.gz"]
+    assert "not the folder's sub-01" in reasons["sub-01/ses-1/perf/sub-09_ses-1_asl.nii.gz"]
+    assert "missing file" in reasons["sub-01/perf/sub-01_run-2_asl.nii.gz"]
 
 
 def test_two_images_of_one_run_are_a_per_run_error(tmp_path):

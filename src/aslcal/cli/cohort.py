@@ -200,7 +200,7 @@ def _print_report(args, report) -> None:
     n_vox = sum(int(launch["n_vox"]) for launch in report.launches)
     lines = [
         f"{report.n_discovered} ASL runs found"
-        + (f" ({len(report.rejected)} files with non-BIDS names skipped, see the warnings)" if report.rejected else "")
+        + (f" ({len(report.rejected)} ASL files skipped (not usable as BIDS runs), see the warnings)" if report.rejected else "")
         + f", {len(report.selected)} selected"
         + (f" (shard {args.shard})" if args.shard else "")
         + (f", {len(report.skipped)} already complete" if report.skipped else "")

@@ -206,7 +206,7 @@ def run_cohort(
     rejected: list[tuple[Path, str]] = []
     runs = discover(bids_root, participant_label=participant_label, rejected=rejected)
     for path, reason in rejected:
-        log.warning("%s: not a BIDS ASL file name (%s): skipped", path, reason)
+        log.warning("%s: not a usable BIDS ASL file (%s): skipped", path, reason)
     by_key = {r.key: r for r in runs}
     keys = [r.key for r in runs]
     selected = shard(keys, shard_spec) if shard_spec else sorted(keys)

@@ -384,14 +384,21 @@ def _bids_uri(rel: str) -> str:
 
 
 def _rel(path: Path | None, root: Path | None) -> str | None:
+    """``path`` relative to ``root`` as named in the dataset, else absolute.
+
+    Symbolic links inside the dataset are not followed: a DataLad/git-annex file is
+    ``sub-01/perf/sub-01_asl.nii.gz``, not the annex object it points to.
+    """
     if path is None:
         return None
+    absolute = Path(os.path.abspath(path))
     if root is not None:
-        try:
-            return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
-        except ValueError:
-            pass
-    return Path(path).resolve().as_posix()
+        for p, r in ((absolute, Path(os.path.abspath(root))), (Path(path).resolve(), Path(root).resolve())):
+            try:
+                return p.relative_to(r).as_posix()
+            except ValueError:
+                pass
+    return absolute.as_posix()
 
 
 def _file_size(path: Path) -> int:

@@ -99,6 +99,7 @@ _FIELD_TOLERANCE = 0.15  # tesla: vendors write e.g. 2.89 for a 3 T magnet
 
 _ASL_NAME = re.compile(r"^(?P<prefix>sub-[A-Za-z0-9]+(?:_[A-Za-z]+-[A-Za-z0-9]+)*)_asl\.nii(?:\.gz)?$")
 _ENTITY = re.compile(r"([A-Za-z]+)-([A-Za-z0-9]+)")
+_ASL_SUFFIXES = ("_asl.nii", "_asl.nii.gz")
 
 
 # --------------------------------------------------------------------------- errors
@@ -197,6 +198,16 @@ class AslRun:
 ASL_ENTITIES = ("sub", "ses", "acq", "rec", "dir", "run")
 
 
+def _folder_problem(entities: dict[str, str], subject: str, session: str | None) -> str | None:
+    """Why a ``*_asl`` file does not belong in its folder (its sub/ses entities disagree), or None."""
+    if entities.get("sub") != subject:
+        return f"its sub-{entities.get('sub')} is not the folder's sub-{subject}"
+    if entities.get("ses") != session:
+        where = f"ses-{session}" if session is not None else "a subject folder without session"
+        return f"its {'ses-' + entities['ses'] if 'ses' in entities else 'missing session entity'} does not match {where}"
+    return None
+
+
 def _name_problem(entities: list[tuple[str, str]]) -> str | None:
     """Why a ``*_asl`` file name is not a BIDS ASL name, or None."""
     names = [k for k, _ in entities]
@@ -239,11 +250,12 @@ def discover(
     participant_label : str or sequence of str, optional
         Keep only these subjects; labels with or without ``sub-``.
     rejected : list, optional
-        ``*_asl.nii[.gz]`` files whose names are not BIDS ASL names (an unknown entity
-        such as ``task``, entities out of order) are left out and appended here as
-        ``(path, reason)``; without a list they are logged as warnings.  They cannot
-        be named in BIDS outputs, so they are no runs; one bad name never stops the
-        others.
+        ``*_asl.nii[.gz]`` files that cannot be runs are left out and appended here as
+        ``(path, reason)``; without a list they are logged as warnings: names that are
+        not BIDS ASL names (labels not alphanumeric, an unknown entity such as ``task``,
+        entities out of order), files whose ``sub``/``ses`` entities disagree with
+        their folders, and symbolic links to missing files (DataLad/git-annex content
+        not fetched).  One bad file never stops the others.
 
     Returns
     -------
@@ -290,14 +302,22 @@ def discover(
             if not perf.is_dir():
                 continue
             by_prefix: dict[str, list[Path]] = {}
+            session = perf.parent.name[4:] if perf.parent != sub_dir else None
             for asl in sorted(perf.iterdir()):
-                match = _ASL_NAME.match(asl.name)
-                if match is None or not asl.is_file():
+                if not asl.name.endswith(_ASL_SUFFIXES) or asl.is_dir():
                     continue
-                problem = _name_problem(_ENTITY.findall(match.group("prefix")))
+                match = _ASL_NAME.match(asl.name)
+                if match is None:
+                    problem = "labels are letters and digits only, as sub-<label>[_<entity>-<label>...]_asl.nii[.gz]"
+                else:
+                    entities = _ENTITY.findall(match.group("prefix"))
+                    problem = _name_problem(entities) or _folder_problem(dict(entities), subject, session)
+                if problem is None and not asl.is_file():
+                    problem = ("a symbolic link to a missing file (a DataLad/git-annex file not fetched?)"
+                               if asl.is_symlink() else "not a regular file")
                 if problem is not None:
                     if rejected is None:
-                        log.warning("%s: not a BIDS ASL file name (%s): skipped", asl, problem)
+                        log.warning("%s: not a usable BIDS ASL file (%s): skipped", asl, problem)
                     else:
                         rejected.append((asl, problem))
                     continue
