@@ -545,3 +545,61 @@ def test_read_run_rejects_non_run():
     with pytest.raises(InputError, match="AslRun"):
         read_run("sub-01")  # type: ignore[arg-type]
     assert AslRun.__dataclass_params__.frozen
+
+
+# ------------------------------------------------------------------ BIDS inheritance
+
+
+def test_sidecars_are_inherited_from_the_root_down(tmp_path):
+    """BIDS inheritance: root asl.json < sub-level < ses-level < the run's own sidecar,
+    each applying only when its entities are a subset of the run's; the nearer wins,
+    and a field's error names the file that gave it."""
+    shared = _base_meta()
+    _write_run(tmp_path, "01", ses="1", meta={"EchoTime": 0.02}, m0=1, m0_meta={"EchoTime": 0.012})
+    _write_run(tmp_path, "01", ses="2", run="1", meta={}, m0=1, m0_meta={})
+    _write_run(tmp_path, "02", meta={"M0Type": "Separate"}, m0=1, m0_meta={})
+    (tmp_path / "asl.json").write_text(json.dumps(shared))
+    (tmp_path / "m0scan.json").write_text(json.dumps({"RepetitionTimePreparation": 6.0, "EchoTime": 0.012}))
+    (tmp_path / "sub-01" / "sub-01_asl.json").write_text(json.dumps({"LabelingEfficiency": 0.7}))
+    (tmp_path / "sub-01" / "ses-2" / "sub-01_ses-2_asl.json").write_text(json.dumps({"PostLabelingDelay": 2.0}))
+    # applies to run-2 only: not to run-1
+    (tmp_path / "sub-01" / "ses-2" / "sub-01_ses-2_run-2_asl.json").write_text(json.dumps({"PostLabelingDelay": 9.0}))
+    acq = {r.key: read_run(r) for r in discover(tmp_path)}
+
+    a = acq["sub-01_ses-1"]
+    assert a.te_ms == pytest.approx(20.0) and a.alpha == 0.7 and a.post_labeling_delay[0] == 1.8
+    assert [p.relative_to(tmp_path).as_posix() for p in a.sidecar_files] == [
+        "asl.json", "sub-01/sub-01_asl.json", "sub-01/ses-1/perf/sub-01_ses-1_asl.json"]
+    assert a.source_of("EchoTime").name == "sub-01_ses-1_asl.json" and a.source_of("M0Type").name == "asl.json"
+    b = acq["sub-01_ses-2_run-1"]
+    assert b.te_ms == pytest.approx(12.0) and b.alpha == 0.7 and b.post_labeling_delay[0] == 2.0
+    assert b.m0.trs == (6.0,) and [p.name for p in b.m0.sidecar_files] == ["m0scan.json", "sub-01_ses-2_run-1_m0scan.json"]
+    c = acq["sub-02"]
+    assert c.alpha == 0.85 and c.post_labeling_delay[0] == 1.8  # sub-01's files do not apply
+
+    # an error names the file that gave the field
+    (tmp_path / "sub-01" / "sub-01_asl.json").write_text(json.dumps({"LabelingEfficiency": 7}))
+    (run,) = [r for r in discover(tmp_path) if r.key == "sub-01_ses-1"]
+    with pytest.raises(BidsFieldError) as info:
+        read_run(run)
+    assert info.value.file == str(tmp_path / "sub-01" / "sub-01_asl.json") and info.value.field == "LabelingEfficiency"
+
+
+def test_two_sidecars_at_one_level_are_an_error(tmp_path):
+    _write_run(tmp_path, "01", run="1")
+    perf = tmp_path / "sub-01" / "perf"
+    (perf / "sub-01_asl.json").write_text(json.dumps({"EchoTime": 0.02}))  # also applies to run-1
+    (run,) = discover(tmp_path)
+    with pytest.raises(BidsFieldError, match="both apply"):
+        read_run(run)
+
+
+def test_only_inherited_sidecars_are_enough(tmp_path):
+    perf = _write_run(tmp_path, "01", m0=1)
+    (perf / "sub-01_asl.json").unlink()
+    (tmp_path / "sub-01" / "sub-01_asl.json").write_text(json.dumps(_base_meta()))
+    acq = read_run(_only(tmp_path))
+    assert acq.te_ms == pytest.approx(12.0) and acq.sidecar_files == (tmp_path / "sub-01" / "sub-01_asl.json",)
+    (tmp_path / "sub-01" / "sub-01_asl.json").unlink()
+    with pytest.raises(BidsFieldError, match="ASL sidecar is missing"):
+        read_run(_only(tmp_path))

@@ -433,9 +433,9 @@ def load_subject(run: AslRun, options: CohortOptions, *, bids_root: Path | None 
     except (AslcalError, OSError, ValueError, MemoryError) as exc:
         raise _fail(key, "load", exc) from exc
 
+    m0_files = (acq.m0.path, *acq.m0.sidecar_files) if acq.m0.kind == "separate" else ()
     inputs = {_rel(p, bids_root): _file_size(p) for p in
-              (run.asl, run.sidecar, run.aslcontext, acq.m0.path if acq.m0.kind == "separate" else None,
-               acq.m0.sidecar if acq.m0.kind == "separate" else None, ref_file,
+              (run.asl, *acq.sidecar_files, run.aslcontext, *m0_files, ref_file,
                anat[2] if anat is not None else None) if p is not None}
     try:
         return _prepare(key, acq, asl, m0_img, ref, ref_file, inputs, options, bids_root, anat)
@@ -594,9 +594,10 @@ def _whitepaper_kinetics(acq: AslAcquisition, volumes: tuple[int, ...]) -> dict[
                                  "--quantification calibration)", file=js, field=name)
         distinct = sorted({float(values[i]) for i in volumes})
         if len(distinct) != 1:
-            raise BidsFieldError(f"{js}: field {name!r} has several values {distinct} over the perfusion "
+            where = acq.source_of(name)
+            raise BidsFieldError(f"{where}: field {name!r} has several values {distinct} over the perfusion "
                                  "volumes: the white-paper model is single-PLD (use --quantification "
-                                 "calibration)", file=js, field=name)
+                                 "calibration)", file=where, field=name)
         return distinct[0]
 
     lab = acq.labeling_type.lower()
@@ -607,9 +608,10 @@ def _whitepaper_kinetics(acq: AslAcquisition, volumes: tuple[int, ...]) -> dict[
     if lab == "pasl":
         cutoff = bolus_cutoff(acq)
         if cutoff is None:
-            raise BidsFieldError(f"{js}: field 'BolusCutOffFlag' is not true: PASL without a bolus cut-off "
+            flag_js = acq.source_of("BolusCutOffFlag")
+            raise BidsFieldError(f"{flag_js}: field 'BolusCutOffFlag' is not true: PASL without a bolus cut-off "
                                  "has no known bolus duration TI1 for the white-paper model (use "
-                                 "--quantification calibration)", file=js, field="BolusCutOffFlag")
+                                 "--quantification calibration)", file=flag_js, field="BolusCutOffFlag")
         out["ti1"] = cutoff[0]
     else:
         out["tau"] = single(acq.labeling_duration, "LabelingDuration", "the white-paper model needs τ")

@@ -46,8 +46,13 @@ of the M0 volumes (the m0scan's, or the ASL one for "Included") marks a 2-D mult
 readout: each slice is read that much after the volume's recovery time, and the M0
 series fit adds it (``M0Source.slice_timing``).
 
-Not supported: the BIDS inheritance principle (sidecars above the ``perf`` folder are
-not merged), multi-echo ASL, and ``M0Type`` "Separate" with the M0 scan linked only by
+Sidecars follow the BIDS inheritance principle: every ``*_asl.json`` (``*_m0scan.json``)
+from the dataset root down to the ``perf`` folder whose entities are a subset of the
+run's applies, the nearer overriding the farther (e.g. ``asl.json`` at the root with
+the fields shared by all subjects); two applicable files at one level are an error.  A
+field's error names the file that gave it.
+
+Not supported: multi-echo ASL, and ``M0Type`` "Separate" with the M0 scan linked only by
 ``IntendedFor`` under another name (the m0scan must share the ASL file's entities).
 """
 
@@ -391,7 +396,9 @@ class M0Source:
     estimate : float or None, signal units
         ``M0Estimate`` (the M0 of blood, BIDS) for "estimate".
     sidecar : pathlib.Path
-        The JSON the values came from.
+        The run's own JSON (where a field without another source is reported).
+    sidecar_files : tuple of pathlib.Path
+        Every JSON the values came from (BIDS inheritance), most general first.
     slice_timing : tuple of float, seconds, or None
         ``SliceTiming`` of a 2-D multi-slice readout: the acquisition time of each slice
         along ``slice_axis``, indexed by slice (ascending array index, whatever the sign of
@@ -412,6 +419,7 @@ class M0Source:
     sidecar: Path
     slice_timing: tuple[float, ...] | None = None
     slice_axis: int = 2
+    sidecar_files: tuple[Path, ...] = ()
 
     @property
     def distinct_trs(self) -> tuple[float, ...]:
@@ -485,6 +493,15 @@ class AslAcquisition:
     background_suppression: bool | None
     metadata: dict = field(repr=False, compare=False)
 
+    @property
+    def sidecar_files(self) -> tuple[Path, ...]:
+        """The ASL JSON files the metadata was merged from (BIDS inheritance), most general first."""
+        return self.metadata.files if isinstance(self.metadata, Sidecar) else (self.run.sidecar,)
+
+    def source_of(self, name: str) -> Path:
+        """The JSON file that gave field ``name`` (the run's own sidecar when none has it)."""
+        return _src(self.metadata, self.run.sidecar, name)
+
     def volumes_of(self, volume_type: str) -> tuple[int, ...]:
         """Indices (0-based) of the ASL volumes of one ``volume_type``."""
         if volume_type not in ASL_VOLUME_TYPES:
@@ -529,6 +546,73 @@ class AslAcquisition:
 # ---------------------------------------------------------------------- validation
 
 
+class Sidecar(dict):
+    """Sidecar metadata merged over the BIDS inheritance levels.
+
+    A ``dict`` of the fields; ``files`` are the JSON files it was merged from (most
+    general first) and ``origin`` maps each field to the file that gave it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.files: tuple[Path, ...] = ()
+        self.origin: dict[str, Path] = {}
+
+    def source(self, name: str, default: Path) -> Path:
+        """The file that gave field ``name`` (``default`` when no file has it)."""
+        return self.origin.get(name, default)
+
+
+def _src(meta: dict, path: Path, name: str) -> Path:
+    """Where field ``name`` of ``meta`` came from (``path`` for a plain dict)."""
+    return meta.source(name, path) if isinstance(meta, Sidecar) else path
+
+
+def _applicable_sidecars(own: Path, run: "AslRun") -> list[Path]:
+    """The JSON files that apply to ``own`` (the run's sidecar name) by the BIDS
+    inheritance principle, most general first; two at one level are an error."""
+    suffix = own.name.rsplit("_", 1)[-1]  # "asl.json", "m0scan.json"
+    perf = own.parent
+    top = perf.parent.parent.parent if run.session is not None else perf.parent.parent
+    levels = [top, top / f"sub-{run.subject}"]
+    if run.session is not None:
+        levels.append(top / f"sub-{run.subject}" / f"ses-{run.session}")
+    levels.append(perf)
+    out: list[Path] = []
+    for level in levels:
+        found = []
+        for cand in sorted(level.glob(f"*{suffix}")):
+            prefix = cand.name[: -len(suffix)]
+            if prefix and not prefix.endswith("_"):
+                continue  # e.g. "sub-01_fooasl.json"
+            entities = _ENTITY.findall(prefix[:-1]) if prefix else []
+            if prefix and "_".join(f"{k}-{v}" for k, v in entities) != prefix[:-1]:
+                continue
+            if cand.is_file() and all(run.entities.get(k) == v for k, v in entities):
+                found.append(cand)
+        if len(found) > 1:
+            raise BidsFieldError(
+                f"{found[0]} and {found[1].name} both apply to {own.name} at one level "
+                "(BIDS inheritance principle); keep one", file=found[1],
+            )
+        out += found
+    return out
+
+
+def _read_sidecar(own: Path, run: "AslRun", what: str) -> Sidecar:
+    """The run's sidecar ``own`` merged with the ones it inherits (module docstring)."""
+    files = _applicable_sidecars(own, run)
+    if not files:
+        return _read_json(own, what)  # raises: the run's sidecar is missing
+    meta = Sidecar()
+    for f in files:
+        obj = _read_json(f, what)
+        meta.update(obj)
+        meta.origin.update(dict.fromkeys(obj, f))
+    meta.files = tuple(files)
+    return meta
+
+
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise BidsFieldError(f"{path}: {what} sidecar is missing; expected a JSON file",
@@ -552,6 +636,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _require(meta: dict, path: Path, name: str, why: str = "") -> Any:
+    path = _src(meta, path, name)
     if name not in meta or meta[name] is None:
         raise BidsFieldError(f"{path}: required field {name!r} is missing{why}",
                              file=path, field=name)
@@ -595,6 +680,7 @@ def _scalar(meta: dict, path: Path, name: str, *, required: bool, low: float = 0
     value = _field(meta, path, name, required=required, why=why)
     if value is None:
         return None
+    path = _src(meta, path, name)
     return _check_value(value, path, name, low=low, low_open=low_open, high=high, unit=unit)
 
 
@@ -605,6 +691,7 @@ def _per_volume(meta: dict, path: Path, name: str, n: int, *, required: bool,
     value = _field(meta, path, name, required=required, why=why)
     if value is None:
         return None
+    path = _src(meta, path, name)
     if isinstance(value, list):
         if len(value) != n:
             raise BidsFieldError(
@@ -625,6 +712,7 @@ def _flag(meta: dict, path: Path, name: str, *, required: bool = False, why: str
     value = _field(meta, path, name, required=required, why=why)
     if value is None:
         return None
+    path = _src(meta, path, name)
     if not isinstance(value, bool):
         raise BidsFieldError(f"{path}: field {name!r} = {value!r}: expected true or false",
                              file=path, field=name)
@@ -634,6 +722,7 @@ def _flag(meta: dict, path: Path, name: str, *, required: bool = False, why: str
 def _echo_time_ms(meta: dict, path: Path, n: int) -> float:
     values = _per_volume(meta, path, "EchoTime", n, required=True, high=MAX_ECHO_TIME_S, unit="s")
     assert values is not None
+    path = _src(meta, path, "EchoTime")
     if len(set(values)) > 1:
         raise BidsFieldError(
             f"{path}: field 'EchoTime' has several values {sorted(set(values))}; "
@@ -647,6 +736,7 @@ def _field_strength(meta: dict, path: Path) -> tuple[float, float]:
     raw = _scalar(meta, path, "MagneticFieldStrength", required=True, low=0.0,
                   low_open=True, unit="T")
     assert raw is not None
+    path = _src(meta, path, "MagneticFieldStrength")
     for fs in _FIELD_STRENGTHS:
         if abs(raw - fs) <= _FIELD_TOLERANCE:
             return fs, raw
@@ -761,15 +851,17 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
             "keep one", file=run.duplicate,
         )
     js = run.sidecar
-    meta = _read_json(js, "ASL")
+    meta = _read_sidecar(js, run, "ASL")
+    files = meta.files if isinstance(meta, Sidecar) else (js,)
     shape, n = _n_volumes(run.asl, "ASL")
     volume_types = _read_aslcontext(run.aslcontext, n, run.asl)
 
     lab = _require(meta, js, "ArterialSpinLabelingType")
     if not isinstance(lab, str) or lab.upper() not in DEFAULT_ALPHA:
+        where = _src(meta, js, "ArterialSpinLabelingType")
         raise BidsFieldError(
-            f"{js}: field 'ArterialSpinLabelingType' = {lab!r}: expected PCASL, CASL or PASL",
-            file=js, field="ArterialSpinLabelingType",
+            f"{where}: field 'ArterialSpinLabelingType' = {lab!r}: expected PCASL, CASL or PASL",
+            file=where, field="ArterialSpinLabelingType",
         )
     lab = lab.upper()
     eff = _scalar(meta, js, "LabelingEfficiency", required=False, low=0.0, low_open=True,
@@ -777,10 +869,11 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
     alpha = DEFAULT_ALPHA[lab] if eff is None else eff
 
     m0_type = _require(meta, js, "M0Type")
+    m0js = _src(meta, js, "M0Type")
     if m0_type not in _M0_TYPES:
         raise BidsFieldError(
-            f"{js}: field 'M0Type' = {m0_type!r}: expected one of {', '.join(_M0_TYPES)}",
-            file=js, field="M0Type",
+            f"{m0js}: field 'M0Type' = {m0_type!r}: expected one of {', '.join(_M0_TYPES)}",
+            file=m0js, field="M0Type",
         )
 
     tr = _per_volume(meta, js, "RepetitionTimePreparation", n, required=True, low=0.0,
@@ -803,7 +896,7 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
         if not idx:
             raise BidsFieldError(
                 f"{run.aslcontext}: column 'volume_type' has no 'm0scan' volume but "
-                f"{js.name} says M0Type 'Included'",
+                f"{m0js.name} says M0Type 'Included'",
                 file=run.aslcontext, field="volume_type",
             )
         times = ti if ti is not None else pld
@@ -813,20 +906,20 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
             tis=None if times is None else tuple(times[i] for i in idx), te_ms=te_ms,
             look_locker=look_locker,
             flip_angle=None if flip is None else tuple(flip[i] for i in idx),
-            estimate=None, sidecar=js, slice_timing=slices, slice_axis=axis,
+            estimate=None, sidecar=js, slice_timing=slices, slice_axis=axis, sidecar_files=files,
         )
     elif m0_type == "Estimate":
         est = _scalar(meta, js, "M0Estimate", required=True, low=0.0, low_open=True,
                       unit="signal units", why=" (required with M0Type 'Estimate')")
         m0 = M0Source(kind="estimate", path=None, volumes=(), trs=(), tis=None, te_ms=te_ms,
-                      look_locker=False, flip_angle=None, estimate=est, sidecar=js)
+                      look_locker=False, flip_angle=None, estimate=est, sidecar=js, sidecar_files=files)
     else:  # Absent
         if not allow_control_m0:
             raise BidsFieldError(
-                f"{js}: field 'M0Type' = 'Absent': no M0 for calibration; provide an M0 "
+                f"{m0js}: field 'M0Type' = 'Absent': no M0 for calibration; provide an M0 "
                 "scan, or allow the mean control image as M0 (allow_control_m0, "
                 "--allow-control-m0; only without background suppression)",
-                file=js, field="M0Type",
+                file=m0js, field="M0Type",
             )
         bs_req = _flag(meta, js, "BackgroundSuppression", required=True,
                        why=" (needed to use the control images as M0 with M0Type 'Absent')")
@@ -834,9 +927,9 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
             # The run has no usable M0: 'M0Type' Absent is what is wrong (as without
             # allow_control_m0); BackgroundSuppression only rules out the fallback.
             raise BidsFieldError(
-                f"{js}: field 'BackgroundSuppression' = true with field 'M0Type' = 'Absent': "
+                f"{m0js}: field 'BackgroundSuppression' = true with field 'M0Type' = 'Absent': "
                 "background-suppressed control images are not an M0",
-                file=js, field="M0Type",
+                file=m0js, field="M0Type",
             )
         idx = tuple(i for i, v in enumerate(volume_types) if v == "control")
         if not idx:
@@ -848,7 +941,7 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
         m0 = M0Source(kind="control", path=run.asl, volumes=idx, trs=tuple(tr[i] for i in idx),
                       tis=None, te_ms=te_ms, look_locker=look_locker,
                       flip_angle=None if flip is None else tuple(flip[i] for i in idx),
-                      estimate=None, sidecar=js)
+                      estimate=None, sidecar=js, sidecar_files=files)
 
     return AslAcquisition(
         run=run, shape=shape, n_volumes=n, volume_types=volume_types, labeling_type=lab,
@@ -872,9 +965,10 @@ def bolus_cutoff(acq: AslAcquisition) -> tuple[float, ...] | None:
         return None
     raw = _require(meta, js, "BolusCutOffDelayTime", " (required with BolusCutOffFlag true)")
     values = raw if isinstance(raw, list) and raw else [raw]
-    out = tuple(_check_value(v, js, "BolusCutOffDelayTime", low=0.0, low_open=False, high=MAX_DELAY_S,
+    out = tuple(_check_value(v, _src(meta, js, "BolusCutOffDelayTime"), "BolusCutOffDelayTime", low=0.0, low_open=False, high=MAX_DELAY_S,
                              unit="s") for v in values)
     if any(b < a for a, b in zip(out, out[1:])):
+        js = _src(meta, js, "BolusCutOffDelayTime")
         raise BidsFieldError(f"{js}: field 'BolusCutOffDelayTime' = {raw!r}: expected increasing delays (s), "
                              "one per bolus cut-off pulse", file=js, field="BolusCutOffDelayTime")
     return out
@@ -894,7 +988,7 @@ def _separate_m0(run: AslRun) -> M0Source:
             file=run.sidecar, field="M0Type",
         )
     js = run.m0scan_sidecar
-    meta = _read_json(js, "m0scan")
+    meta = _read_sidecar(js, run, "m0scan")
     shape, n = _n_volumes(run.m0scan, "m0scan")
     trs = _per_volume(meta, js, "RepetitionTimePreparation", n, required=True, low=0.0,
                       low_open=True, high=MAX_TR_S, unit="s")
@@ -908,7 +1002,8 @@ def _separate_m0(run: AslRun) -> M0Source:
     slices, axis = _slice_timing(meta, js, shape)
     return M0Source(kind="separate", path=run.m0scan, volumes=tuple(range(n)), trs=trs,
                     tis=tis, te_ms=te_ms, look_locker=look_locker, flip_angle=flip,
-                    estimate=None, sidecar=js, slice_timing=slices, slice_axis=axis)
+                    estimate=None, sidecar=js, slice_timing=slices, slice_axis=axis,
+                    sidecar_files=meta.files if isinstance(meta, Sidecar) else (js,))
 
 
 _SLICE_DIRECTIONS = ("i", "j", "k", "i-", "j-", "k-")
@@ -918,6 +1013,7 @@ def _slice_timing(meta: dict, js: Path, shape: tuple[int, ...]) -> tuple[tuple[f
     """``SliceTiming`` by slice index along the slice axis, and that axis (module docstring)."""
     direction = meta.get("SliceEncodingDirection", "k")
     if direction not in _SLICE_DIRECTIONS:
+        js = _src(meta, js, "SliceEncodingDirection")
         raise BidsFieldError(
             f"{js}: field 'SliceEncodingDirection' = {direction!r}: expected one of "
             f"{', '.join(_SLICE_DIRECTIONS)}", file=js, field="SliceEncodingDirection",
@@ -926,6 +1022,7 @@ def _slice_timing(meta: dict, js: Path, shape: tuple[int, ...]) -> tuple[tuple[f
     raw = meta.get("SliceTiming")
     if raw is None:
         return None, axis
+    js = _src(meta, js, "SliceTiming")
     ok = isinstance(raw, list) and all(
         isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and t >= 0 for t in raw)
     if not ok:
