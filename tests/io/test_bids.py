@@ -603,3 +603,37 @@ def test_only_inherited_sidecars_are_enough(tmp_path):
     (tmp_path / "sub-01" / "sub-01_asl.json").unlink()
     with pytest.raises(BidsFieldError, match="ASL sidecar is missing"):
         read_run(_only(tmp_path))
+
+
+def test_numbers_too_large_for_a_float_name_file_and_field(tmp_path):
+    """A 401-digit integer (no float can hold it) and a 5000-digit one (beyond Python's
+    int-parsing limit) are field errors naming the file, not OverflowError/ValueError."""
+    perf = _write_run(tmp_path, "01", m0=1)
+    js = perf / "sub-01_asl.json"
+    text = json.dumps(_base_meta())
+    js.write_text(text.replace('"RepetitionTimePreparation": 4.0', '"RepetitionTimePreparation": 1' + "0" * 400))
+    with pytest.raises(BidsFieldError, match="RepetitionTimePreparation") as info:
+        read_run(_only(tmp_path))
+    assert info.value.file == str(js) and info.value.field == "RepetitionTimePreparation"
+    js.write_text(text.replace('"EchoTime": 0.012', '"EchoTime": 1' + "0" * 5000))
+    with pytest.raises(BidsFieldError, match="cannot read the ASL JSON") as info:
+        read_run(_only(tmp_path))
+    assert info.value.file == str(js)
+    js.write_text(text.replace('"EchoTime": 0.012', '"EchoTime": 0.012, "SliceTiming": [0, 1' + "0" * 400 + "]"))
+    acq = read_run(_only(tmp_path))
+    with pytest.raises(BidsFieldError, match="SliceTiming"):
+        bids.asl_slice_timing(acq)
+
+
+def test_byte_order_marks_and_blank_lines(tmp_path):
+    """UTF-8 files written with a byte-order mark are read; an aslcontext error cites the
+    line as an editor shows it (blank lines counted)."""
+    perf = _write_run(tmp_path, "01", m0=1)
+    js = perf / "sub-01_asl.json"
+    js.write_bytes(b"\xef\xbb\xbf" + js.read_bytes())
+    tsv = perf / "sub-01_aslcontext.tsv"
+    tsv.write_bytes(b"\xef\xbb\xbf" + tsv.read_bytes())
+    assert read_run(_only(tmp_path)).volume_types == ("control", "label") * 2
+    tsv.write_text("volume_type\ncontrol\n\nlabel\ncontrl\nlabel\n")
+    with pytest.raises(BidsFieldError, match=r"line 5 = 'contrl'"):
+        read_run(_only(tmp_path))

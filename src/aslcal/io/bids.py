@@ -618,8 +618,8 @@ def _read_json(path: Path, what: str) -> dict:
         raise BidsFieldError(f"{path}: {what} sidecar is missing; expected a JSON file",
                              file=path)
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        obj = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: bad JSON, or an int of > 4300 digits
         raise BidsFieldError(f"{path}: cannot read the {what} JSON ({exc})", file=path) from exc
     if not isinstance(obj, dict):
         raise BidsFieldError(f"{path}: expected a JSON object, got {type(obj).__name__}",
@@ -628,11 +628,13 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def _is_number(value: Any) -> bool:
-    return (
-        isinstance(value, int | float)
-        and not isinstance(value, bool)
-        and math.isfinite(float(value))
-    )
+    """A finite JSON number (not a boolean; an integer too large for a float is not)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _require(meta: dict, path: Path, name: str, why: str = "") -> Any:
@@ -772,20 +774,22 @@ def _read_aslcontext(path: Path, n: int, image: Path) -> tuple[str, ...]:
             f"{path}: aslcontext file is missing; expected a TSV with 'volume_type'", file=path
         )
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no part of the header
     except (OSError, UnicodeDecodeError) as exc:
         raise BidsFieldError(f"{path}: cannot read the aslcontext TSV ({exc})", file=path) from exc
-    rows = [r for r in csv.reader(text.splitlines(), delimiter="\t") if r and any(c.strip() for c in r)]
+    # (physical line number, cells) of the non-blank lines: errors cite the line as in an editor
+    rows = [(i, r) for i, r in enumerate(csv.reader(text.splitlines(), delimiter="\t"), start=1)
+            if r and any(c.strip() for c in r)]
     if not rows:
         raise BidsFieldError(f"{path}: aslcontext is empty; expected a header 'volume_type'",
                              file=path, field="volume_type")
-    header = [c.strip() for c in rows[0]]
+    header = [c.strip() for c in rows[0][1]]
     if "volume_type" not in header:
         raise BidsFieldError(f"{path}: column 'volume_type' is missing (header {header})",
                              file=path, field="volume_type")
     col = header.index("volume_type")
     types = []
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in rows[1:]:
         raw = row[col].strip() if col < len(row) else ""
         canon = _VOLUME_TYPE_LOOKUP.get(raw.lower())
         if canon is None:
@@ -1023,8 +1027,7 @@ def _slice_timing(meta: dict, js: Path, shape: tuple[int, ...]) -> tuple[tuple[f
     if raw is None:
         return None, axis
     js = _src(meta, js, "SliceTiming")
-    ok = isinstance(raw, list) and all(
-        isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and t >= 0 for t in raw)
+    ok = isinstance(raw, list) and all(_is_number(t) and t >= 0 for t in raw)
     if not ok:
         raise BidsFieldError(
             f"{js}: field 'SliceTiming' = {raw!r}: expected a list of slice times in seconds (>= 0)",
