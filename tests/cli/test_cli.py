@@ -181,3 +181,20 @@ def aslcal_errors():
     import aslcal.errors
 
     return aslcal.errors
+
+
+def test_file_system_errors_are_one_line_and_exit_2(monkeypatch, tmp_path, capsys):
+    """A refusal of the file system (read-only, full) is no traceback and not exit 1
+    (which means 'some subject failed'): one line naming the file, exit 2."""
+    import errno
+
+    import aslcal.cohort
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "o" / "logs" / "run.lock"))
+
+    monkeypatch.setattr(aslcal.cohort, "run_cohort", refuse)
+    (tmp_path / "bids").mkdir()
+    assert main(["cohort", str(tmp_path / "bids"), str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"aslcal: error: Read-only file system: {tmp_path / 'o' / 'logs' / 'run.lock'}"

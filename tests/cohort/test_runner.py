@@ -659,3 +659,20 @@ def test_labelling_efficiency_from_the_sidecar_scales_cbf(tmp_path):
     inside = cbf_default != 0
     assert inside.sum() > 100
     np.testing.assert_allclose(cbf_given[inside], cbf_default[inside] * (0.85 / 0.7), rtol=1e-6)
+
+
+def test_a_writer_that_cannot_record_its_failure_stops_the_run(tmp_path, monkeypatch):
+    """Disk full: a subject's outputs fail to write, and so does its failure record.  The
+    run must stop with that OSError (the CLI's one-line exit 2), not finish as if the
+    subject had never existed."""
+    import errno
+
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=2, seed=9, shape=(32, 32, 12), broken=0)
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(DerivativesWriter, "write_subject", full)
+    monkeypatch.setattr(FailureLog, "record", full)
+    with pytest.raises(OSError, match="No space left"):
+        run_cohort(truth.root, tmp_path / "out")

@@ -225,6 +225,27 @@ def test_folder_lock_refuses_runs_that_would_overlap(tmp_path):
     folder_lock(tmp_path, "1/2")()
 
 
+def test_folder_lock_refuses_shards_of_another_split(tmp_path):
+    """--shard 1/2 and --shard 1/3 at once would both do some subjects (shard 1/3 holds
+    subjects of 1/2 and of 2/2): the second split is refused while the first runs, in
+    either order, and allowed once it has ended."""
+    from aslcal.cohort.state import folder_lock, shard
+
+    keys = [f"sub-{i:02d}" for i in range(12)]
+    assert set(shard(keys, "1/3")) & set(shard(keys, "2/2"))  # the overlap the lock prevents
+    halves = [folder_lock(tmp_path, "1/2"), folder_lock(tmp_path, "2/2")]
+    for spec in ("1/3", "3/3", "1/1"):
+        with pytest.raises(InputError, match="another split"):
+            folder_lock(tmp_path, spec)
+    for release in halves:
+        release()
+    third = folder_lock(tmp_path, "1/3")
+    with pytest.raises(InputError, match=r"--shard I/3"):
+        folder_lock(tmp_path, "2/2")
+    third()
+    folder_lock(tmp_path, "2/2")()
+
+
 def test_folder_lock_between_processes(tmp_path):
     """The lock holds across processes (flock), as concurrent job-array tasks are."""
     from aslcal.cohort.state import folder_lock

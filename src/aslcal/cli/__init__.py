@@ -96,6 +96,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"aslcal: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as exc:  # the file system refused (read-only, full, permissions): one line
+        if args.debug:
+            raise
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"aslcal: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         hint = ": rerun with --resume to finish" if getattr(args, "command", None) == "cohort" else ""
         print(f"aslcal: interrupted{hint}", file=sys.stderr)

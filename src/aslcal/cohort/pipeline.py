@@ -225,6 +225,8 @@ def run_subjects(
                 while len(pending_writes) >= 2 * workers:
                     finished, _ = wait(pending_writes, return_when=FIRST_COMPLETED)
                     pending_writes.difference_update(finished)
+                    for f in finished:
+                        f.result()  # a writer that could not even record its failure (disk full) stops the run
                 pending_writes.add(writers.submit(write, key, outputs))
 
         fill()
@@ -270,6 +272,8 @@ def run_subjects(
                 batch, batch_bytes = [], 0
         flush(batch)
         wait(pending_writes)
+        for f in pending_writes:
+            f.result()
         out.interrupted = stop.is_set() and (dropped or next_run < len(queue))
     except BaseException:
         abandoned = True

@@ -405,6 +405,9 @@ def folder_lock(folder: StrPath, shard_spec: str | None):
     wanted = [(folder / LOCK_FILE, fcntl.LOCK_EX if shard_spec is None else fcntl.LOCK_SH)]
     if shard_spec is not None:
         i, n = parse_shard(shard_spec)
+        # shards of one split share their count's lock; a split into another count
+        # would redo subjects of this one (a shard checks the other counts' locks below)
+        wanted.append((folder / f"run_shards-of-{n}.lock", fcntl.LOCK_SH))
         wanted.append((folder / f"run_shard-{i}-of-{n}.lock", fcntl.LOCK_EX))
     for path, mode in wanted:
         handle = open(path, "a+b")  # noqa: SIM115 - held until release()
@@ -419,4 +422,20 @@ def folder_lock(folder: StrPath, shard_spec: str | None):
                 f"another aslcal cohort run is working on {what} in {str(folder.parent)!r}: wait for it to "
                 "end (or stop it), then rerun with --resume"
             ) from None
+    if shard_spec is not None:
+        for other in sorted(folder.glob("run_shards-of-*.lock")):
+            if other.name == f"run_shards-of-{n}.lock":
+                continue
+            with open(other, "a+b") as probe:
+                try:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    release()
+                    count = other.name.removeprefix("run_shards-of-").removesuffix(".lock")
+                    raise InputError(
+                        f"shards of another split (--shard I/{count}) are working in {str(folder.parent)!r}: "
+                        f"a split into {n} would redo their subjects; use --shard I/{count}, or wait for "
+                        "them to end, then rerun with --resume"
+                    ) from None
+                fcntl.flock(probe, fcntl.LOCK_UN)
     return release
