@@ -676,3 +676,51 @@ def test_a_writer_that_cannot_record_its_failure_stops_the_run(tmp_path, monkeyp
     monkeypatch.setattr(FailureLog, "record", full)
     with pytest.raises(OSError, match="No space left"):
         run_cohort(truth.root, tmp_path / "out")
+
+
+def test_resume_redoes_subjects_whose_inputs_changed(tmp_path):
+    """--resume skips complete subjects, unless an input changed since: an edited sidecar
+    field of the same length (LabelingEfficiency 0.8 -> 0.5: CBF x 0.8/0.5) or a
+    replaced image.  Unchanged subjects stay byte-identical and are skipped."""
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=3, seed=9, shape=(32, 32, 12), broken=0)
+    keys = sorted(truth.runs)
+    for key in keys:
+        (js,) = truth.root.rglob(f"{key}_asl.json")
+        meta = json.loads(js.read_text())
+        meta["LabelingEfficiency"] = 0.8
+        js.write_text(json.dumps(meta))
+    out = tmp_path / "out"
+    assert run_cohort(truth.root, out).exit_code == 0
+
+    def cbf(key):
+        return load_image(next(out.rglob(f"{key}_desc-cbf_cbf.nii*"))).data
+
+    before = {k: cbf(k) for k in keys}
+    untouched = {p: p.read_bytes() for p in out.rglob(f"{keys[2]}_*")}
+    (js,) = truth.root.rglob(f"{keys[0]}_asl.json")
+    js.write_text(js.read_text().replace('"LabelingEfficiency": 0.8', '"LabelingEfficiency": 0.5'))
+    (aslcontext,) = truth.root.rglob(f"{keys[1]}_aslcontext.tsv")
+    aslcontext.write_text(aslcontext.read_text() + "\n")  # same content, one byte more: a change
+    report = run_cohort(truth.root, out, resume=True)
+    assert report.exit_code == 0
+    assert sorted(report.redo) == keys[:2] and report.skipped == [keys[2]]
+    inside = before[keys[0]] != 0
+    np.testing.assert_allclose(cbf(keys[0])[inside], before[keys[0]][inside] * (0.8 / 0.5), rtol=1e-6)
+    np.testing.assert_array_equal(cbf(keys[1]), before[keys[1]])
+    assert {p: p.read_bytes() for p in out.rglob(f"{keys[2]}_*")} == untouched
+    # nothing changed since: everything skipped
+    again = run_cohort(truth.root, out, resume=True)
+    assert again.redo == [] and sorted(again.skipped) == keys
+
+
+def test_an_output_folder_of_another_dataset_is_refused(tmp_path):
+    """Sources are bids:raw:<path> against the folder's one raw dataset: resuming into it
+    from another dataset is refused before any subject is touched."""
+    first = make_bids_cohort(tmp_path / "a", n_subjects=2, seed=9, shape=(32, 32, 12), broken=0)
+    other = make_bids_cohort(tmp_path / "b", n_subjects=2, seed=9, shape=(32, 32, 12), broken=0)
+    out = tmp_path / "out"
+    assert run_cohort(first.root, out).exit_code == 0
+    listing = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(InputError, match="another dataset"):
+        run_cohort(other.root, out, resume=True)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == listing

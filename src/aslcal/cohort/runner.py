@@ -39,7 +39,7 @@ from ..io.bids import AslRun, discover
 from ..io.derivatives import DerivativesWriter, entities_from_key, write_summary_tsv
 from .pipeline import DEFAULT_BATCH_SIZE, BatchOutcome, run_subjects
 from .state import (
-    RUN_OPTIONS_FILE, FailureLog, FailureRecord, check_run_options, folder_lock, parse_shard, plan_run, shard,
+    RUN_OPTIONS_FILE, FailureLog, FailureRecord, changed_inputs, check_run_options, folder_lock, parse_shard, plan_run, shard,
 )
 from .subject import CohortOptions
 
@@ -215,7 +215,10 @@ def run_cohort(
     logs = writer.root / LOG_FOLDER
     logs.mkdir(exist_ok=True)
     with _holding(folder_lock(logs, shard_spec)), _options_record(logs, options, writer):
-        plan = plan_run(selected, writer, resume=resume)
+        plan = plan_run(selected, writer, resume=resume,
+                        stale=lambda key: changed_inputs(writer.subject_paths(key)["provenance"], bids_root))
+        for key, reason in plan.changed:
+            log.warning("%s: its inputs changed since it was done (%s): redone", key, reason)
         failure_log = FailureLog.for_shard(logs, shard_spec)
         if resume and plan.todo:
             failure_log.discard(plan.todo)

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -211,12 +211,48 @@ class RunPlan:
         The partial subjects among ``todo`` (their leftovers were removed).
     removed : list of pathlib.Path
         Files of partial subjects deleted while planning.
+    changed : list of (str, str)
+        Complete subjects whose inputs changed since they were done, with the reason:
+        their outputs were removed and they are among ``todo`` and ``redo``.
     """
 
     todo: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     redo: list[str] = field(default_factory=list)
     removed: list[Path] = field(default_factory=list)
+    changed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def changed_inputs(provenance: StrPath, bids_root: StrPath) -> str | None:
+    """Why a complete subject's recorded inputs no longer match the dataset, or None.
+
+    The provenance records every input's size and the SHA-256 of the text inputs
+    (sidecars, aslcontext, transforms): a file that is gone, has another size or other
+    text is a change.  Paths are relative to ``bids_root`` (absolute ones outside it).
+    A provenance without such a record (or unreadable) is no evidence of change.
+    """
+    try:
+        inputs = json.loads(Path(provenance).read_text(encoding="utf-8"))["inputs"]
+        sizes, digests = dict(inputs["files"]), dict(inputs.get("sha256") or {})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    root = Path(bids_root)
+    for rel, size in sizes.items():
+        path = Path(rel) if Path(rel).is_absolute() else root / rel
+        try:
+            now = path.stat().st_size
+        except OSError:
+            return f"{rel} is gone"
+        if now != size:
+            return f"{rel} changed ({size} -> {now} bytes)"
+    for rel, digest in digests.items():
+        path = Path(rel) if Path(rel).is_absolute() else root / rel
+        try:
+            if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+                return f"{rel} changed"
+        except OSError:
+            return f"{rel} is gone"
+    return None
 
 
 def plan_run(
@@ -225,6 +261,7 @@ def plan_run(
     *,
     resume: bool,
     check: Literal["sha256", "size"] = "sha256",
+    stale: Callable[[str], str | None] | None = None,
 ) -> RunPlan:
     """Decide which subjects to process; remove partial leftovers when resuming.
 
@@ -242,6 +279,10 @@ def plan_run(
         any computation (the message lists them).
     check : {"sha256", "size"}, optional
         How completeness is verified (see :meth:`DerivativesWriter.is_complete`).
+    stale : callable, optional
+        ``stale(key)``: why a complete subject's inputs changed since it was done
+        (e.g. :func:`changed_inputs`), or None.  A changed subject's outputs are removed
+        and it is redone (``changed``).
 
     Raises
     ------
@@ -269,6 +310,13 @@ def plan_run(
         return plan
     for key in canonical:
         state = writer.status(key, check=check)
+        reason = stale(key) if (state == "complete" and stale is not None) else None
+        if reason is not None:
+            plan.changed.append((key, reason))
+            plan.removed.extend(writer.remove_subject(key))
+            plan.redo.append(key)
+            plan.todo.append(key)
+            continue
         if state == "complete":
             plan.skipped.append(key)
             continue

@@ -42,6 +42,7 @@ Calibration choices for BIDS inputs (documented in the README):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -339,6 +340,8 @@ class PreparedSubject:
     jobs: list[FitJob]
     inputs: dict[str, int]
     ref_info: dict | None = None
+    #: SHA-256 of the text inputs (sidecars, aslcontext, transforms), by dataset path
+    input_digests: dict[str, str] = field(default_factory=dict)
     #: CSF/GM/WM voxels in ASL space (segmentation partial volume >= pve_threshold; ``--anat``
     #: with a fitted M0): tissue T1 means
     tissue_masks: dict[str, np.ndarray] | None = field(default=None, repr=False)
@@ -434,13 +437,25 @@ def load_subject(run: AslRun, options: CohortOptions, *, bids_root: Path | None 
         raise _fail(key, "load", exc) from exc
 
     m0_files = (acq.m0.path, *acq.m0.sidecar_files) if acq.m0.kind == "separate" else ()
-    inputs = {_rel(p, bids_root): _file_size(p) for p in
-              (run.asl, *acq.sidecar_files, run.aslcontext, *m0_files, ref_file,
-               anat[2] if anat is not None else None) if p is not None}
+    paths = [p for p in (run.asl, *acq.sidecar_files, run.aslcontext, *m0_files, ref_file,
+                         anat[2] if anat is not None else None) if p is not None]
+    inputs = {_rel(p, bids_root): _file_size(p) for p in paths}
+    # the small text inputs (sidecars, aslcontext, transforms) by content: an edited
+    # field of the same length is a change a resume must see (state.changed_inputs)
+    digests = {_rel(p, bids_root): _sha256(p) for p in paths if not str(p).endswith((".nii", ".nii.gz"))}
     try:
-        return _prepare(key, acq, asl, m0_img, ref, ref_file, inputs, options, bids_root, anat)
+        prep = _prepare(key, acq, asl, m0_img, ref, ref_file, inputs, options, bids_root, anat)
     except (AslcalError, OSError, ValueError, MemoryError, FloatingPointError) as exc:
         raise _fail(key, "prepare", exc) from exc
+    prep.input_digests = digests
+    return prep
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return ""
 
 
 def _load_reference(run: AslRun, asl, options: CohortOptions):
@@ -953,7 +968,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     provenance = {
         "aslcal": __version__,
         "subject": prep.key,
-        "inputs": {"files": prep.inputs, "m0_type": acq.m0_type, "labeling_type": acq.labeling_type,
+        "inputs": {"files": prep.inputs, "sha256": prep.input_digests, "m0_type": acq.m0_type, "labeling_type": acq.labeling_type,
                    "field_strength": acq.field_strength, "te_ms": acq.te_ms,
                    "m0_trs": list(acq.m0.trs)},
         "options": options.as_dict(),

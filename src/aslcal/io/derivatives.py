@@ -335,6 +335,15 @@ class DerivativesWriter:
                 f"{str(path)!r}: GeneratedBy Name is {first.get('Name')!r}, expected "
                 f"{self.pipeline!r}; this folder belongs to another pipeline"
             )
+        links = self.description.get("DatasetLinks")
+        if links is not None and existing.get("DatasetLinks") not in (None, links):
+            # Sources name inputs as bids:raw:<path>: one folder, one raw dataset
+            raise InputError(
+                f"{str(path)!r}: made from {existing['DatasetLinks'].get('raw', existing['DatasetLinks'])!r}"
+                f", not {links.get('raw', links)!r}; use another output folder for another dataset"
+                if isinstance(existing.get("DatasetLinks"), dict) else
+                f"{str(path)!r}: DatasetLinks {existing.get('DatasetLinks')!r} is not {links!r}"
+            )
         if first.get("Version") != self.version:
             if not self.overwrite:
                 raise InputError(
@@ -437,6 +446,10 @@ class DerivativesWriter:
         """
         if self.is_complete(entities):
             return []
+        return self._remove_all(entities)
+
+    def remove_subject(self, entities: Mapping[str, Any] | str) -> list[Path]:
+        """Delete every file of a subject, complete or not (its inputs changed); returns them."""
         return self._remove_all(entities)
 
     def _remove_all(self, entities) -> list[Path]:
