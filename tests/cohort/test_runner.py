@@ -23,6 +23,7 @@ import pytest
 
 from aslcal.cli import main
 from aslcal.cohort import CohortOptions, CohortReport, FailureLog, run_cohort
+from aslcal.cohort.state import shard
 from aslcal.errors import InputError
 from aslcal.io import load_image
 from aslcal.io.derivatives import DerivativesWriter
@@ -724,3 +725,35 @@ def test_an_output_folder_of_another_dataset_is_refused(tmp_path):
     with pytest.raises(InputError, match="another dataset"):
         run_cohort(other.root, out, resume=True)
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == listing
+
+
+def test_failure_records_follow_the_latest_attempt(tmp_path):
+    """A subject that failed, then is fixed and rerun (without --resume, by participant
+    label) has no failure record left; a subject that failed in a shard and fails
+    differently in a later unsharded --resume shows the new failure in summary.tsv."""
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=3, seed=9, shape=(32, 32, 12), broken=0)
+    keys = sorted(truth.runs)
+    out = tmp_path / "out"
+    logs = out / "derivatives" / "aslcal" / "logs"
+    (js,) = truth.root.rglob(f"{keys[0]}_asl.json")
+    good = js.read_text()
+    meta = json.loads(good)
+    js.write_text(json.dumps({**meta, "RepetitionTimePreparation": 0}))
+    assert run_cohort(truth.root, out).exit_code == 1
+    js.write_text(good)
+    subject = truth.runs[keys[0]].subject
+    assert run_cohort(truth.root, out, participant_label=subject).exit_code == 0
+    assert all(r.key != keys[0] for p in logs.glob("failures*.jsonl") for r in FailureLog(p).load())
+    assert _summary_rows(out)[keys[0]]["status"] == "ok"
+
+    out2 = tmp_path / "out2"
+    js.write_text(json.dumps({**meta, "RepetitionTimePreparation": 0}))
+    owner = next(s for s in ("1/2", "2/2") if keys[0] in shard(keys, s))
+    run_cohort(truth.root, out2, shard_spec=owner)
+    js.write_text(json.dumps({**meta, "EchoTime": 11}))
+    assert run_cohort(truth.root, out2, resume=True).exit_code == 1
+    row = _summary_rows(out2)[keys[0]]
+    assert row["status"] == "failed" and "EchoTime" in row["message"], row
+    records = [r for p in (out2 / "derivatives" / "aslcal" / "logs").glob("failures*.jsonl")
+               for r in FailureLog(p).load() if r.key == keys[0]]
+    assert len(records) == 1 and "EchoTime" in records[0].message

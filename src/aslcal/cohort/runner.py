@@ -220,8 +220,12 @@ def run_cohort(
         for key, reason in plan.changed:
             log.warning("%s: its inputs changed since it was done (%s): redone", key, reason)
         failure_log = FailureLog.for_shard(logs, shard_spec)
-        if resume and plan.todo:
-            failure_log.discard(plan.todo)
+        if plan.todo:
+            # the subjects about to be (re)done have no failure until they fail again: their
+            # old records go from every log of the folder (an earlier unsharded run's, another
+            # split's), with or without --resume; concurrent shards' logs hold other subjects
+            for path in sorted(logs.glob("failures*.jsonl")):
+                FailureLog(path).discard(plan.todo)
         todo: list[AslRun] = [by_key[k] for k in plan.todo]
 
         report = CohortReport(
