@@ -757,3 +757,26 @@ def test_failure_records_follow_the_latest_attempt(tmp_path):
     records = [r for p in (out2 / "derivatives" / "aslcal" / "logs").glob("failures*.jsonl")
                for r in FailureLog(p).load() if r.key == keys[0]]
     assert len(records) == 1 and "EchoTime" in records[0].message
+
+
+def test_a_nan_voxel_does_not_hide_the_mean_cbf(tmp_path):
+    """One NaN in the ASL data: the subject is ok, cbf_mean_brain is the mean over the
+    other brain voxels (computed here from the CBF map), the count and a warning say so."""
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=1, seed=9, shape=(32, 32, 12), broken=0)
+    (key,) = truth.runs
+    (asl,) = truth.root.rglob(f"{key}_asl.nii.gz")
+    img = load_image(asl)
+    data = np.array(img.data, dtype=np.float32)
+    brain_voxel = np.unravel_index(np.argmax(data[..., 0]), data.shape[:3])
+    data[brain_voxel + (1,)] = np.nan
+    from aslcal.io import save_image
+
+    save_image(asl, data, img.affine, overwrite=True)
+    assert run_cohort(truth.root, tmp_path / "out").exit_code == 0
+    row = _summary_rows(tmp_path / "out")[key]
+    cbf = load_image(next((tmp_path / "out").rglob(f"{key}_desc-cbf_cbf.nii*"))).data
+    brain = load_image(next((tmp_path / "out").rglob(f"{key}_desc-brain_mask.nii*"))).data > 0
+    assert brain[brain_voxel] and not np.isfinite(cbf[brain_voxel])
+    vals = cbf[brain]
+    assert float(row["cbf_mean_brain"]) == pytest.approx(float(np.mean(vals[np.isfinite(vals)], dtype=np.float64)), rel=1e-5)
+    assert row["n_brain_nonfinite_cbf"] == "1" and "non-finite CBF" in row["warnings"]

@@ -936,6 +936,14 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
             rec["Sources"] = list(sources)
 
     n_brain = int(prep.brain.sum())
+    cbf_brain = cbf[brain]
+    finite = xp.isfinite(cbf_brain)
+    n_finite = int(xp.count_nonzero(finite))
+    if n_finite < n_brain:  # non-finite input voxels (NaN/Inf in the data): left out of the mean
+        warning = (f"{n_brain - n_finite} brain voxels have a non-finite CBF (non-finite input data); "
+                   "cbf_mean_brain is over the other voxels")
+        log.warning("%s: %s", prep.key, warning)
+        calib_prov.setdefault("warnings", []).append(warning)
     summary: dict[str, Any] = {
         "M0a": m0a,
         "m0_mode": m0_mode,
@@ -943,7 +951,8 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
         "field_strength": acq.field_strength,
         "n_brain_voxels": n_brain,
         "n_ref_voxels": None if prep.ref is None else int(prep.ref.sum()),
-        "cbf_mean_brain": float(xp.mean(cbf[brain])) if n_brain else None,
+        "cbf_mean_brain": float(xp.mean(cbf_brain[finite])) if n_finite else None,
+        "n_brain_nonfinite_cbf": n_brain - n_finite,
     }
     if m0t_rel_se is not None:
         # reliability of a fitted reference region (aslcal.calibration.satrecov)
