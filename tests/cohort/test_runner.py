@@ -26,6 +26,7 @@ from aslcal.cohort import CohortOptions, CohortReport, FailureLog, run_cohort
 from aslcal.cohort.state import shard
 from aslcal.errors import InputError
 from aslcal.io import load_image
+from aslcal.io.bids import discover
 from aslcal.io.derivatives import DerivativesWriter
 from aslcal.io.atomic import _TEMP_MARKER
 from aslcal.testing import make_phantom
@@ -780,3 +781,19 @@ def test_a_nan_voxel_does_not_hide_the_mean_cbf(tmp_path):
     vals = cbf[brain]
     assert float(row["cbf_mean_brain"]) == pytest.approx(float(np.mean(vals[np.isfinite(vals)], dtype=np.float64)), rel=1e-5)
     assert row["n_brain_nonfinite_cbf"] == "1" and "non-finite CBF" in row["warnings"]
+
+
+def test_two_reference_masks_of_one_run_fail_that_subject(tmp_path):
+    from aslcal.cohort.subject import ref_mask_path
+
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=2, seed=9, shape=(32, 32, 12), broken=0)
+    masks = truth.root / "derivatives" / "refmasks"
+    key = sorted(truth.runs)[0]
+    (mask,) = masks.rglob(f"{key}_desc-ref_mask.nii*")
+    assert mask.name.endswith(".nii.gz")
+    shutil.copy(mask, mask.with_name(mask.name.removesuffix(".gz")))
+    (run,) = [r for r in discover(truth.root) if r.key == key]
+    with pytest.raises(InputError, match="two reference masks"):
+        ref_mask_path(masks, run)
+    report = run_cohort(truth.root, tmp_path / "out", options=CohortOptions(ref_masks=str(masks)))
+    assert report.exit_code == 1 and [f["key"] for f in report.failed] == [key]

@@ -637,3 +637,15 @@ def test_byte_order_marks_and_blank_lines(tmp_path):
     tsv.write_text("volume_type\ncontrol\n\nlabel\ncontrl\nlabel\n")
     with pytest.raises(BidsFieldError, match=r"line 5 = 'contrl'"):
         read_run(_only(tmp_path))
+
+
+def test_two_m0scan_images_are_a_per_run_error(tmp_path):
+    """sub-01_m0scan.nii beside sub-01_m0scan.nii.gz: which is the M0 is unknown; the run
+    is refused naming both (as for two ASL images), other runs are unaffected."""
+    perf = _write_run(tmp_path, "01", m0=1)
+    _write_run(tmp_path, "02", m0=1)
+    shutil.copy(perf / "sub-01_m0scan.nii", perf / "sub-01_m0scan.nii.gz")
+    (first, second) = discover(tmp_path)
+    with pytest.raises(BidsFieldError, match="two m0scan images, sub-01_m0scan.nii.gz and sub-01_m0scan.nii"):
+        read_run(first)
+    assert read_run(second).m0.kind == "separate"

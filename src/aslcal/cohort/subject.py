@@ -241,16 +241,18 @@ class CohortOptions:
 
 
 def ref_mask_path(folder: str | os.PathLike, run: AslRun) -> Path | None:
-    """The run's reference mask in ``folder`` (``.nii.gz`` or ``.nii``), None if absent."""
+    """The run's reference mask in ``folder`` (``.nii.gz`` or ``.nii``), None if absent;
+    both present is an :class:`~aslcal.errors.InputError` (which one is meant is unknown)."""
     base = Path(folder) / f"sub-{run.subject}"
     if run.session:
         base = base / f"ses-{run.session}"
     base = base / "perf"
-    for ext in (".nii.gz", ".nii"):
-        path = base / f"{run.key}_desc-ref_mask{ext}"
-        if path.is_file():
-            return path
-    return None
+    found = [p for p in (base / f"{run.key}_desc-ref_mask.nii.gz", base / f"{run.key}_desc-ref_mask.nii")
+             if p.is_file()]
+    if len(found) > 1:
+        raise InputError(f"{found[0]}: two reference masks for {run.key}, {found[0].name} and "
+                         f"{found[1].name}; keep one")
+    return found[0] if found else None
 
 
 def anat_paths(folder: str | os.PathLike, run: AslRun) -> tuple[Path | None, Path | None]:

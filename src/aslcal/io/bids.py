@@ -184,6 +184,8 @@ class AslRun:
     duplicate : pathlib.Path or None
         A second image of the same run (``.nii`` beside ``.nii.gz``): :func:`read_run`
         refuses the run, since which one is meant is unknown.
+    m0scan_duplicate : pathlib.Path or None
+        The same for the m0scan (refused when the run's M0 is that m0scan).
     """
 
     subject: str
@@ -197,6 +199,7 @@ class AslRun:
     m0scan: Path | None = None
     m0scan_sidecar: Path | None = None
     duplicate: Path | None = None
+    m0scan_duplicate: Path | None = None
 
 
 #: Entities of a BIDS ASL file name (perf datatype), in their order.
@@ -345,12 +348,8 @@ def discover(
 
 def _make_run(perf: Path, asl: Path, prefix: str) -> AslRun:
     entities = dict(_ENTITY.findall(prefix))
-    m0scan = None
-    for ext in (".nii.gz", ".nii"):
-        cand = perf / f"{prefix}_m0scan{ext}"
-        if cand.is_file():
-            m0scan = cand
-            break
+    found = [c for c in (perf / f"{prefix}_m0scan.nii.gz", perf / f"{prefix}_m0scan.nii") if c.is_file()]
+    m0scan = found[0] if found else None
     return AslRun(
         subject=entities["sub"],
         session=entities.get("ses"),
@@ -362,6 +361,7 @@ def _make_run(perf: Path, asl: Path, prefix: str) -> AslRun:
         aslcontext=perf / f"{prefix}_aslcontext.tsv",
         m0scan=m0scan,
         m0scan_sidecar=None if m0scan is None else perf / f"{prefix}_m0scan.json",
+        m0scan_duplicate=found[1] if len(found) > 1 else None,
     )
 
 
@@ -990,6 +990,11 @@ def _separate_m0(run: AslRun) -> M0Source:
             f"{run.sidecar}: field 'M0Type' = 'Separate' but the m0scan image "
             f"{run.key}_m0scan.nii[.gz] is missing in {run.asl.parent}",
             file=run.sidecar, field="M0Type",
+        )
+    if run.m0scan_duplicate is not None:
+        raise BidsFieldError(
+            f"{run.m0scan}: the run has two m0scan images, {run.m0scan.name} and "
+            f"{run.m0scan_duplicate.name}; keep one", file=run.m0scan_duplicate,
         )
     js = run.m0scan_sidecar
     meta = _read_sidecar(js, run, "m0scan")
