@@ -797,3 +797,25 @@ def test_two_reference_masks_of_one_run_fail_that_subject(tmp_path):
         ref_mask_path(masks, run)
     report = run_cohort(truth.root, tmp_path / "out", options=CohortOptions(ref_masks=str(masks)))
     assert report.exit_code == 1 and [f["key"] for f in report.failed] == [key]
+
+
+def test_m0_series_with_too_few_distinct_times_fail_with_the_field(tmp_path):
+    """A saturation-recovery M0 with 2 distinct TRs (3 parameters: M0, T1, A) and a
+    Look-Locker M0 with one InversionTime for all readouts fail up front, naming the
+    m0scan sidecar and the field, instead of failing voxel by voxel."""
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=6, seed=2, shape=(24, 24, 8), broken=0)
+    sr = next(k for k, t in truth.runs.items() if t.variant == "satrecov")
+    ll = next(k for k, t in truth.runs.items() if t.variant == "look_locker")
+    for key, field_name in ((sr, "RepetitionTimePreparation"), (ll, "InversionTime")):
+        (js,) = truth.root.rglob(f"{key}_m0scan.json")
+        meta = json.loads(js.read_text())
+        values = meta[field_name]
+        assert isinstance(values, list) and len(set(values)) >= 3
+        meta[field_name] = [values[0] if i % 2 else values[1] for i in range(len(values))] if key == sr else values[0]
+        js.write_text(json.dumps(meta))
+    report = run_cohort(truth.root, tmp_path / "out")
+    failed = {f["key"]: f for f in report.failed}
+    assert sorted(failed) == sorted([sr, ll])
+    for key, field_name in ((sr, "RepetitionTimePreparation"), (ll, "InversionTime")):
+        assert failed[key]["details"]["field"] == field_name
+        assert failed[key]["details"]["file"].endswith(f"{key}_m0scan.json")

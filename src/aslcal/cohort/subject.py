@@ -671,7 +671,25 @@ def _design_of(acq: AslAcquisition) -> tuple[tuple[float, ...], float | None, fl
 
 def _fit_jobs(acq, series: np.ndarray, brain: np.ndarray, ref: np.ndarray | None,
               options: CohortOptions) -> list[FitJob]:
+    from ..io.bids import BidsFieldError
+
     tis, fa, lfa = _design_of(acq)
+    # enough distinct times for the model (M0, T1 and A; A fixed with --fixa), said up
+    # front with the field instead of every voxel failing as underdetermined
+    where = acq.m0.sidecar
+    distinct = sorted(set(tis))
+    if acq.m0.look_locker and len(distinct) < 2:
+        raise BidsFieldError(f"{acq.m0.source_of('InversionTime')}: field 'InversionTime' has {len(distinct)} "
+                             "distinct value(s); a Look-Locker series needs the readout time of every "
+                             "volume (at least two distinct)", file=acq.m0.source_of("InversionTime"),
+                             field="InversionTime")
+    need = 2 if options.fix_a else 3
+    if not acq.m0.look_locker and len(distinct) < need:
+        raise BidsFieldError(
+            f"{acq.m0.source_of('RepetitionTimePreparation')}: field 'RepetitionTimePreparation' has "
+            f"{len(distinct)} distinct values {distinct}: a saturation-recovery fit of M0, T1 and A needs "
+            "at least 3 (2 with --fixa)", file=acq.m0.source_of("RepetitionTimePreparation"),
+            field="RepetitionTimePreparation")
     if len(tis) != series.shape[-1]:
         raise InputError(
             f"{acq.m0.sidecar}: {len(tis)} recovery times for {series.shape[-1]} M0 volumes"

@@ -399,6 +399,8 @@ class M0Source:
         The run's own JSON (where a field without another source is reported).
     sidecar_files : tuple of pathlib.Path
         Every JSON the values came from (BIDS inheritance), most general first.
+    field_sources : dict
+        Field name -> the JSON file that gave it (:meth:`source_of`).
     slice_timing : tuple of float, seconds, or None
         ``SliceTiming`` of a 2-D multi-slice readout: the acquisition time of each slice
         along ``slice_axis``, indexed by slice (ascending array index, whatever the sign of
@@ -420,6 +422,11 @@ class M0Source:
     slice_timing: tuple[float, ...] | None = None
     slice_axis: int = 2
     sidecar_files: tuple[Path, ...] = ()
+    field_sources: dict[str, Path] = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def source_of(self, name: str) -> Path:
+        """The JSON file that gave field ``name`` (``sidecar`` when none has it)."""
+        return self.field_sources.get(name, self.sidecar)
 
     @property
     def distinct_trs(self) -> tuple[float, ...]:
@@ -857,6 +864,7 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
     js = run.sidecar
     meta = _read_sidecar(js, run, "ASL")
     files = meta.files if isinstance(meta, Sidecar) else (js,)
+    origin = dict(meta.origin) if isinstance(meta, Sidecar) else {}
     shape, n = _n_volumes(run.asl, "ASL")
     volume_types = _read_aslcontext(run.aslcontext, n, run.asl)
 
@@ -911,6 +919,7 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
             look_locker=look_locker,
             flip_angle=None if flip is None else tuple(flip[i] for i in idx),
             estimate=None, sidecar=js, slice_timing=slices, slice_axis=axis, sidecar_files=files,
+            field_sources=origin,
         )
     elif m0_type == "Estimate":
         est = _scalar(meta, js, "M0Estimate", required=True, low=0.0, low_open=True,
@@ -1012,7 +1021,8 @@ def _separate_m0(run: AslRun) -> M0Source:
     return M0Source(kind="separate", path=run.m0scan, volumes=tuple(range(n)), trs=trs,
                     tis=tis, te_ms=te_ms, look_locker=look_locker, flip_angle=flip,
                     estimate=None, sidecar=js, slice_timing=slices, slice_axis=axis,
-                    sidecar_files=meta.files if isinstance(meta, Sidecar) else (js,))
+                    sidecar_files=meta.files if isinstance(meta, Sidecar) else (js,),
+                    field_sources=dict(meta.origin) if isinstance(meta, Sidecar) else {})
 
 
 _SLICE_DIRECTIONS = ("i", "j", "k", "i-", "j-", "k-")
