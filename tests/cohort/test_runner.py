@@ -490,6 +490,19 @@ def test_whitepaper_needs_its_timing_fields(tmp_path):
     assert sorted(report.done) == sorted(set(truth.runs) - set(pasl))
 
 
+def test_whitepaper_refuses_a_zero_labelling_duration_naming_the_field(tmp_path):
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=2, seed=9, shape=(32, 32, 12), broken=0)
+    key = sorted(truth.runs)[0]
+    (js,) = truth.root.rglob(f"{key}_asl.json")
+    meta = json.loads(js.read_text())
+    assert meta["ArterialSpinLabelingType"] == "PCASL"
+    js.write_text(json.dumps({**meta, "LabelingDuration": 0}))
+    report = run_cohort(truth.root, tmp_path / "out", options=CohortOptions(quantification="whitepaper"))
+    (failure,) = report.failed
+    assert failure["key"] == key and failure["details"]["field"] == "LabelingDuration"
+    assert failure["details"]["file"] == str(js)
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "inf"])
 def test_bad_max_memory_is_refused(cohort, tmp_path, capsys, value):
     assert main(["cohort", str(cohort.root), str(tmp_path / "o"), "--max-memory", value]) == 2

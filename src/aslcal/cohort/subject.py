@@ -632,6 +632,11 @@ def _whitepaper_kinetics(acq: AslAcquisition, volumes: tuple[int, ...]) -> dict[
         out["ti1"] = cutoff[0]
     else:
         out["tau"] = single(acq.labeling_duration, "LabelingDuration", "the white-paper model needs τ")
+        if not out["tau"] > 0:
+            where = acq.source_of("LabelingDuration")
+            raise BidsFieldError(f"{where}: field 'LabelingDuration' = {out['tau']!r}: the white-paper model "
+                                 "needs the labelling duration τ > 0 s (or use --quantification calibration)",
+                                 file=where, field="LabelingDuration")
     return out
 
 
