@@ -832,3 +832,25 @@ def test_m0_series_with_too_few_distinct_times_fail_with_the_field(tmp_path):
     for key, field_name in ((sr, "RepetitionTimePreparation"), (ll, "InversionTime")):
         assert failed[key]["details"]["field"] == field_name
         assert failed[key]["details"]["file"].endswith(f"{key}_m0scan.json")
+
+
+def test_a_nan_in_the_m0_series_does_not_pull_the_t1_summary_to_zero(tmp_path):
+    """A voxel whose Look-Locker data hold a NaN is not fitted (T1 written as 0): the T1
+    summary is the median over the other brain voxels, from the written T1 map."""
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=6, seed=2, shape=(24, 24, 8), broken=0)
+    key = next(k for k, t in truth.runs.items() if t.variant == "look_locker")
+    (m0scan,) = truth.root.rglob(f"{key}_m0scan.nii*")
+    img = load_image(m0scan)
+    data = np.array(img.data, dtype=np.float32)
+    voxel = np.unravel_index(np.argmax(data[..., -1]), data.shape[:3])
+    data[voxel + (3,)] = np.nan
+    from aslcal.io import save_image
+
+    save_image(m0scan, data, img.affine, overwrite=True)
+    assert run_cohort(truth.root, tmp_path / "out", participant_label=truth.runs[key].subject).exit_code == 0
+    t1 = load_image(next((tmp_path / "out").rglob(f"{key}_desc-T1_*.nii*"))).data
+    brain = load_image(next((tmp_path / "out").rglob(f"{key}_desc-brain_mask.nii*"))).data > 0
+    assert brain[voxel] and t1[voxel] == 0
+    others = brain.copy()
+    others[voxel] = False
+    assert float(_summary_rows(tmp_path / "out")[key]["T1_median_brain"]) == pytest.approx(float(np.median(t1[others])), rel=1e-6)

@@ -986,16 +986,20 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
         summary["warnings"] = "; ".join(calib_prov["warnings"])
     if "t1t" in maps:
         t1 = maps["t1t"]
-        summary["T1_median_brain"] = float(xp.median(t1[brain]))
+        # a fitted T1 is > 0 (its lower bound); 0 marks a voxel whose data were not finite
+        fitted = t1 > 0
+        n_fit = int(xp.count_nonzero(brain & fitted))
+        summary["T1_median_brain"] = float(xp.median(t1[brain & fitted])) if n_fit else None
         if ref is not None:
-            summary[f"T1_mean_ref_{options.tissref}"] = float(xp.mean(t1[ref]))
+            n_ref = int(xp.count_nonzero(ref & fitted))
+            summary[f"T1_mean_ref_{options.tissref}"] = float(xp.mean(t1[ref & fitted])) if n_ref else None
         if prep.tissue_masks is not None:
             # per tissue of the --anat segmentation: brain voxels at least pve_threshold pure
             for tissue, tissue_mask in prep.tissue_masks.items():
                 sel = dev(tissue_mask) & brain
-                n_sel = int(xp.count_nonzero(sel))
-                summary[f"T1_mean_{tissue}"] = float(xp.mean(t1[sel])) if n_sel else None
-                summary[f"n_{tissue}_voxels"] = n_sel
+                n_sel = int(xp.count_nonzero(sel & fitted))
+                summary[f"T1_mean_{tissue}"] = float(xp.mean(t1[sel & fitted])) if n_sel else None
+                summary[f"n_{tissue}_voxels"] = int(xp.count_nonzero(sel))
     records["summary"] = summary
 
     # write_json makes NumPy values, paths and non-finite floats JSON-safe.
