@@ -133,6 +133,8 @@ def test_load_tissue_file_accepts_a_builtin_table(tmp_path):
         ('{"tissues": {"csf": {"t1": 4}}, "extra": 1}', "unknown keys"),
         ('{"tissues": {"csf": {"t2": 0.75}}, "units": {"t2": "s"}}', "units"),
         ('{"tissues": {"csf": {"t1": -4}}}', "csf.t1"),
+        # an integer beyond Python's int-parsing limit: named like any bad value
+        ('{"tissues": {"csf": {"t1": ' + "7" * 5000 + "}}}", "csf.t1"),
     ],
 )
 def test_load_tissue_file_bad_content(tmp_path, content, match):
@@ -140,6 +142,12 @@ def test_load_tissue_file_bad_content(tmp_path, content, match):
     path.write_text(content)
     with pytest.raises(InputError, match=match):
         load_tissue_file(path)
+
+
+def test_load_tissue_file_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"tissues": {"csf": {"t1": 3.9}}}')
+    assert load_tissue_file(path) == {"csf": {"t1": 3.9}}
 
 
 def test_load_tissue_file_missing(tmp_path):

@@ -695,11 +695,12 @@ def test_a_writer_that_cannot_record_its_failure_stops_the_run(tmp_path, monkeyp
 
 def test_resume_redoes_subjects_whose_inputs_changed(tmp_path):
     """--resume skips complete subjects, unless an input changed since: an edited sidecar
-    field of the same length (LabelingEfficiency 0.8 -> 0.5: CBF x 0.8/0.5) or a
-    replaced image.  Unchanged subjects stay byte-identical and are skipped."""
+    field of the same length (LabelingEfficiency 0.8 -> 0.5: CBF x 0.8/0.5), a sidecar
+    added where inheritance applies it, an image replaced (even by one of the same size).
+    Unchanged subjects stay byte-identical and are skipped."""
     truth = make_bids_cohort(tmp_path / "bids", n_subjects=3, seed=9, shape=(32, 32, 12), broken=0)
     keys = sorted(truth.runs)
-    for key in keys:
+    for key in keys[:2]:
         (js,) = truth.root.rglob(f"{key}_asl.json")
         meta = json.loads(js.read_text())
         meta["LabelingEfficiency"] = 0.8
@@ -726,6 +727,35 @@ def test_resume_redoes_subjects_whose_inputs_changed(tmp_path):
     # nothing changed since: everything skipped
     again = run_cohort(truth.root, out, resume=True)
     assert again.redo == [] and sorted(again.skipped) == keys
+
+    # a sidecar added where BIDS inheritance applies it to one subject (alpha 0.4 there)
+    subject_dir = truth.root / f"sub-{truth.runs[keys[2]].subject}"
+    (subject_dir / f"sub-{truth.runs[keys[2]].subject}_asl.json").write_text('{"LabelingEfficiency": 0.4}')
+    before2 = cbf(keys[2])
+    third = run_cohort(truth.root, out, resume=True)
+    assert third.redo == [keys[2]]
+    inside = before2 != 0
+    own = next(p for p in truth.root.rglob(f"{keys[2]}_asl.json") if p.parent.name == "perf")
+    labelling = json.loads(own.read_text())["ArterialSpinLabelingType"]
+    default_alpha = {"PCASL": 0.85, "CASL": 0.85, "PASL": 0.98}[labelling]  # white paper
+    np.testing.assert_allclose(cbf(keys[2])[inside], before2[inside] * (default_alpha / 0.4), rtol=1e-6)
+
+    # an image replaced by one of the same size (uncompressed: every same-grid .nii is)
+    (asl,) = truth.root.rglob(f"{keys[1]}_asl.nii.gz")
+    img = load_image(asl)
+    from aslcal.io import save_image
+
+    plain = asl.with_name(asl.name.removesuffix(".gz"))
+    asl.unlink()
+    save_image(plain, np.asarray(img.data, dtype=np.float32), img.affine)
+    fourth = run_cohort(truth.root, out, resume=True)
+    assert fourth.redo == [keys[1]]
+    size = plain.stat().st_size
+    save_image(plain, np.asarray(img.data, dtype=np.float32) * 2, img.affine, overwrite=True)
+    assert plain.stat().st_size == size
+    fifth = run_cohort(truth.root, out, resume=True)
+    assert fifth.redo == [keys[1]]  # same size, other content
+    assert run_cohort(truth.root, out, resume=True).redo == []  # and recorded as such
 
 
 def test_an_output_folder_of_another_dataset_is_refused(tmp_path):
@@ -854,3 +884,18 @@ def test_a_nan_in_the_m0_series_does_not_pull_the_t1_summary_to_zero(tmp_path):
     others = brain.copy()
     others[voxel] = False
     assert float(_summary_rows(tmp_path / "out")[key]["T1_median_brain"]) == pytest.approx(float(np.median(t1[others])), rel=1e-6)
+
+
+def test_linked_reference_masks_outside_the_dataset_are_named_by_their_links(tmp_path):
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=2, seed=9, shape=(32, 32, 12), broken=0)
+    masks = tmp_path / "masks"
+    shutil.move(truth.root / "derivatives" / "refmasks", masks)
+    key = sorted(truth.runs)[0]
+    (mask,) = masks.rglob(f"{key}_desc-ref_mask.nii*")
+    store = masks / ".git" / "annex" / "objects" / "k" / "mask.nii.gz"
+    store.parent.mkdir(parents=True)
+    mask.rename(store)
+    mask.symlink_to(os.path.relpath(store, mask.parent))
+    assert run_cohort(truth.root, tmp_path / "out", options=CohortOptions(ref_masks=str(masks))).exit_code == 0
+    (sidecar,) = (tmp_path / "out").rglob(f"{key}_desc-ref_mask.json")
+    assert json.loads(sidecar.read_text())["Sources"] == [mask.absolute().as_uri()]

@@ -216,7 +216,8 @@ def run_cohort(
     logs.mkdir(exist_ok=True)
     with _holding(folder_lock(logs, shard_spec)), _options_record(logs, options, writer):
         plan = plan_run(selected, writer, resume=resume,
-                        stale=lambda key: changed_inputs(writer.subject_paths(key)["provenance"], bids_root))
+                        stale=lambda key: changed_inputs(writer.subject_paths(key)["provenance"], bids_root,
+                                                         by_key[key]))
         for key, reason in plan.changed:
             log.warning("%s: its inputs changed since it was done (%s): redone", key, reason)
         failure_log = FailureLog.for_shard(logs, shard_spec)

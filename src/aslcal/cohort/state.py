@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from ..errors import InputError
 from ..io.atomic import StrPath, json_text, write_json, write_text
+from ..io.bids import AslRun, run_sidecars
 from ..io.derivatives import DerivativesWriter, subject_key
 
 __all__ = [
@@ -223,17 +224,22 @@ class RunPlan:
     changed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def changed_inputs(provenance: StrPath, bids_root: StrPath) -> str | None:
+def changed_inputs(provenance: StrPath, bids_root: StrPath, run: AslRun | None = None) -> str | None:
     """Why a complete subject's recorded inputs no longer match the dataset, or None.
 
-    The provenance records every input's size and the SHA-256 of the text inputs
-    (sidecars, aslcontext, transforms): a file that is gone, has another size or other
-    text is a change.  Paths are relative to ``bids_root`` (absolute ones outside it).
-    A provenance without such a record (or unreadable) is no evidence of change.
+    The provenance records every input's size and checksum (the CRC-32 of an image's
+    NIfTI bytes, the SHA-256 of a sidecar, aslcontext or transform): a file that is gone,
+    has another size or other content is a change.  With ``run`` (the run as discovered
+    now), a sidecar that applies to it but was not read then (an ``asl.json`` added at
+    the root, say) or a second image beside its ASL or m0scan image is one too.  Paths
+    are relative to ``bids_root`` (absolute ones outside it).  A provenance without such
+    a record (or unreadable) is no evidence of change.
     """
+    from .subject import _rel, input_checksum
+
     try:
         inputs = json.loads(Path(provenance).read_text(encoding="utf-8"))["inputs"]
-        sizes, digests = dict(inputs["files"]), dict(inputs.get("sha256") or {})
+        sizes, checksums = dict(inputs["files"]), dict(inputs.get("checksums") or {})
     except (OSError, ValueError, KeyError, TypeError):
         return None
     root = Path(bids_root)
@@ -245,13 +251,19 @@ def changed_inputs(provenance: StrPath, bids_root: StrPath) -> str | None:
             return f"{rel} is gone"
         if now != size:
             return f"{rel} changed ({size} -> {now} bytes)"
-    for rel, digest in digests.items():
+    for rel, checksum in checksums.items():
         path = Path(rel) if Path(rel).is_absolute() else root / rel
-        try:
-            if hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-                return f"{rel} changed"
-        except OSError:
-            return f"{rel} is gone"
+        if input_checksum(path) != checksum:
+            return f"{rel} changed"
+    if run is not None:
+        asl_sidecars, m0_sidecars = run_sidecars(run)
+        m0_read = run.m0scan is not None and _rel(run.m0scan, root) in sizes
+        for path in asl_sidecars + (m0_sidecars if m0_read else []):
+            if _rel(path, root) not in sizes:
+                return f"{_rel(path, root)} applies to it now (BIDS inheritance)"
+        for second in (run.duplicate, run.m0scan_duplicate if m0_read else None):
+            if second is not None:
+                return f"{_rel(second, root)} is a second image beside the one read"
     return None
 
 

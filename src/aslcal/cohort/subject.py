@@ -54,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AslcalError, InputError
-from ..io.bids import AslAcquisition, AslRun, read_run
+from ..io.bids import AslAcquisition, AslRun, nifti_crc32, read_run, run_sidecars
 from ..io.nifti import load_image
 
 __all__ = [
@@ -342,8 +342,8 @@ class PreparedSubject:
     jobs: list[FitJob]
     inputs: dict[str, int]
     ref_info: dict | None = None
-    #: SHA-256 of the text inputs (sidecars, aslcontext, transforms), by dataset path
-    input_digests: dict[str, str] = field(default_factory=dict)
+    #: :func:`input_checksum` of every input, by dataset path
+    input_checksums: dict[str, str] = field(default_factory=dict)
     #: CSF/GM/WM voxels in ASL space (segmentation partial volume >= pve_threshold; ``--anat``
     #: with a fitted M0): tissue T1 means
     tissue_masks: dict[str, np.ndarray] | None = field(default=None, repr=False)
@@ -385,7 +385,7 @@ def _bids_uri(rel: str) -> str:
     """``bids:raw:<path>`` for a path inside the BIDS dataset (as :func:`_rel` gives it,
     relative); a path outside it as a ``file://`` URI."""
     path = Path(rel)
-    return path.resolve().as_uri() if path.is_absolute() else f"bids:raw:{rel}"
+    return path.as_uri() if path.is_absolute() else f"bids:raw:{rel}"  # as named: links not followed
 
 
 def _rel(path: Path | None, root: Path | None) -> str | None:
@@ -398,7 +398,9 @@ def _rel(path: Path | None, root: Path | None) -> str | None:
         return None
     absolute = Path(os.path.abspath(path))
     if root is not None:
-        for p, r in ((absolute, Path(os.path.abspath(root))), (Path(path).resolve(), Path(root).resolve())):
+        # then with the folders' links followed (a root given through a link), never the file's
+        folder_real = Path(os.path.realpath(absolute.parent)) / absolute.name
+        for p, r in ((absolute, Path(os.path.abspath(root))), (folder_real, Path(root).resolve())):
             try:
                 return p.relative_to(r).as_posix()
             except ValueError:
@@ -442,20 +444,25 @@ def load_subject(run: AslRun, options: CohortOptions, *, bids_root: Path | None 
     paths = [p for p in (run.asl, *acq.sidecar_files, run.aslcontext, *m0_files, ref_file,
                          anat[2] if anat is not None else None) if p is not None]
     inputs = {_rel(p, bids_root): _file_size(p) for p in paths}
-    # the small text inputs (sidecars, aslcontext, transforms) by content: an edited
-    # field of the same length is a change a resume must see (state.changed_inputs)
-    digests = {_rel(p, bids_root): _sha256(p) for p in paths if not str(p).endswith((".nii", ".nii.gz"))}
+    # every input by content (an edited field of the same length, an image replaced by one
+    # of the same size are changes a resume must see: state.changed_inputs)
+    checksums = {_rel(p, bids_root): input_checksum(p) for p in paths}
     try:
         prep = _prepare(key, acq, asl, m0_img, ref, ref_file, inputs, options, bids_root, anat)
     except (AslcalError, OSError, ValueError, MemoryError, FloatingPointError) as exc:
         raise _fail(key, "prepare", exc) from exc
-    prep.input_digests = digests
+    prep.input_checksums = checksums
     return prep
 
 
-def _sha256(path: Path) -> str:
+def input_checksum(path: Path) -> str:
+    """``crc32:<hex>`` of a NIfTI image's uncompressed bytes (a ``.nii.gz`` records it in its
+    gzip trailer: nothing to decompress), ``sha256:<hex>`` of any other (small) input;
+    ``""`` when unreadable."""
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        if str(path).endswith((".nii", ".nii.gz")):
+            return "crc32:" + nifti_crc32(path)
+        return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError:
         return ""
 
@@ -1006,7 +1013,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     provenance = {
         "aslcal": __version__,
         "subject": prep.key,
-        "inputs": {"files": prep.inputs, "sha256": prep.input_digests, "m0_type": acq.m0_type, "labeling_type": acq.labeling_type,
+        "inputs": {"files": prep.inputs, "checksums": prep.input_checksums, "m0_type": acq.m0_type, "labeling_type": acq.labeling_type,
                    "field_strength": acq.field_strength, "te_ms": acq.te_ms,
                    "m0_trs": list(acq.m0.trs)},
         "options": options.as_dict(),

@@ -87,7 +87,9 @@ __all__ = [
     "asl_slice_timing",
     "bolus_cutoff",
     "discover",
+    "nifti_crc32",
     "read_run",
+    "run_sidecars",
 ]
 
 #: Labelling efficiency used when the sidecar gives no ``LabelingEfficiency``
@@ -606,6 +608,31 @@ def _applicable_sidecars(own: Path, run: "AslRun") -> list[Path]:
     return out
 
 
+def run_sidecars(run: "AslRun") -> tuple[list[Path], list[Path]]:
+    """The JSON files that apply to the run's ASL image and to its m0scan (none without
+    one), by the inheritance principle, most general first; as :func:`read_run` reads them."""
+    asl = _applicable_sidecars(run.sidecar, run)
+    m0 = _applicable_sidecars(run.m0scan_sidecar, run) if run.m0scan_sidecar is not None else []
+    return asl, m0
+
+
+def nifti_crc32(path: Path) -> str:
+    """CRC-32 of a NIfTI file's uncompressed bytes, as 8 hex digits: for ``.nii.gz`` the one
+    its gzip trailer records (of the last member: no decompression), else computed.  A
+    cheap fingerprint of an image's content (a resume's change check)."""
+    import zlib
+
+    path = Path(path)
+    with open(path, "rb") as fh:
+        if path.name.endswith(".gz"):
+            fh.seek(-8, os.SEEK_END)
+            return fh.read(4)[::-1].hex()  # little-endian CRC32, then ISIZE
+        crc = 0
+        while chunk := fh.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc & 0xFFFFFFFF:08x}"
+
+
 def _read_sidecar(own: Path, run: "AslRun", what: str) -> Sidecar:
     """The run's sidecar ``own`` merged with the ones it inherits (module docstring)."""
     files = _applicable_sidecars(own, run)
@@ -625,13 +652,22 @@ def _read_json(path: Path, what: str) -> dict:
         raise BidsFieldError(f"{path}: {what} sidecar is missing; expected a JSON file",
                              file=path)
     try:
-        obj = json.loads(path.read_text(encoding="utf-8-sig"))
+        # an integer too long for Python's int parsing becomes a float (inf): the field's
+        # check then names it, instead of a parser error without a field
+        obj = json.loads(path.read_text(encoding="utf-8-sig"),
+                         parse_int=lambda s: int(s) if len(s) <= 4000 else float(s))
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: bad JSON, or an int of > 4300 digits
         raise BidsFieldError(f"{path}: cannot read the {what} JSON ({exc})", file=path) from exc
     if not isinstance(obj, dict):
         raise BidsFieldError(f"{path}: expected a JSON object, got {type(obj).__name__}",
                              file=path)
     return obj
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, shortened when long (a 400-digit number is no message)."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:24]}...{text[-8:]} ({len(text)} characters)"
 
 
 def _is_number(value: Any) -> bool:
@@ -674,11 +710,11 @@ def _check_value(value: Any, path: Path, name: str, *, low: float, low_open: boo
     if unit == "s" and high is not None and _is_number(value) and float(value) >= high:
         expected += "; BIDS times are in seconds, not milliseconds"
     if not _is_number(value):
-        raise BidsFieldError(f"{path}: field {name!r} = {value!r}: expected {expected}",
+        raise BidsFieldError(f"{path}: field {name!r} = {_shown(value)}: expected {expected}",
                              file=path, field=key)
     v = float(value)
     if (v <= low if low_open else v < low) or (high is not None and v >= high):
-        raise BidsFieldError(f"{path}: field {name!r} = {value!r}: expected {expected}",
+        raise BidsFieldError(f"{path}: field {name!r} = {_shown(value)}: expected {expected}",
                              file=path, field=key)
     return v
 

@@ -205,11 +205,13 @@ def load_tissue_file(path: str | os.PathLike) -> dict[str, dict[str, float]]:
     """
     where = f"tissue table {os.fspath(path)!r}"
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+        with open(path, encoding="utf-8-sig") as fh:  # a byte-order mark is no part of the JSON
+            # an integer too long for Python's int parsing is kept as a float (inf): the value
+            # checks below then name it, instead of a parser error without a key
+            data = json.load(fh, parse_int=lambda s: int(s) if len(s) <= 4000 else float(s))
     except OSError as exc:
         raise InputError(f"{where}: cannot read ({exc.strerror or exc})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:  # ValueError: json.JSONDecodeError
         raise InputError(f"{where}: not valid JSON ({exc})") from None
     if not isinstance(data, Mapping) or "tissues" not in data:
         raise InputError(
