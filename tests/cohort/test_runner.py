@@ -416,6 +416,14 @@ def test_bad_file_names_do_not_stop_the_cohort(tmp_path):
     assert "two images" in report.failed[0]["message"]
     assert sorted(report.done) == sorted(k for k in keys if k != keys[1])
     assert report.exit_code == 1
+    # the finished run still says what it left out, in its logs
+    rejected = tmp_path / "out" / "derivatives" / "aslcal" / "logs" / "rejected.tsv"
+    lines = rejected.read_text().splitlines()
+    bad = first.with_name(first.name.replace("_asl", "_task-rest_asl")).relative_to(truth.root).as_posix()
+    assert lines[0] == "path\treason" and len(lines) == 2 and lines[1].startswith(bad + "\tentity 'task'")
+    first.with_name(first.name.replace("_asl", "_task-rest_asl")).unlink()
+    run_cohort(truth.root, tmp_path / "out", resume=True)
+    assert not rejected.exists()  # nothing left out any more
 
 
 def test_participant_label_keeps_the_other_rows_of_the_summary(tmp_path):

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
+from ..io.atomic import write_text
 from ..io.bids import AslRun, discover
 from ..io.derivatives import DerivativesWriter, entities_from_key, write_summary_tsv
 from .pipeline import DEFAULT_BATCH_SIZE, BatchOutcome, run_subjects
@@ -220,6 +221,7 @@ def run_cohort(
                                                          by_key[key]))
         for key, reason in plan.changed:
             log.warning("%s: its inputs changed since it was done (%s): redone", key, reason)
+        _record_rejected(logs, bids_root, rejected)
         failure_log = FailureLog.for_shard(logs, shard_spec)
         if plan.todo:
             # the subjects about to be (re)done have no failure until they fail again: their
@@ -284,6 +286,28 @@ def _options_record(logs: Path, options: CohortOptions, writer: DerivativesWrite
         if not existed and not any(writer.root.glob("sub-*")):
             record.unlink(missing_ok=True)
         raise
+
+
+#: The *_asl files of the dataset that are no runs, with the reason (rewritten by every run).
+REJECTED_FILE = "rejected.tsv"
+
+
+def _record_rejected(logs: Path, bids_root: Path, rejected: Sequence[tuple[Path, str]]) -> None:
+    """``logs/rejected.tsv`` (path in the dataset, reason) of the files discovery could not
+    use, so that a finished run still says what it left out; removed when there are none."""
+    path = logs / REJECTED_FILE
+    if not rejected:
+        path.unlink(missing_ok=True)
+        return
+
+    def shown(p: Path) -> str:
+        try:
+            return Path(p).relative_to(bids_root).as_posix()
+        except ValueError:
+            return str(p)
+
+    rows = sorted((shown(p), " ".join(why.split())) for p, why in rejected)
+    write_text(path, "path\treason\n" + "".join(f"{p}\t{why}\n" for p, why in rows), overwrite=True)
 
 
 def _latest_failures(log_folder: Path) -> dict[str, FailureRecord]:
