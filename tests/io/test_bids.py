@@ -650,3 +650,18 @@ def test_two_m0scan_images_are_a_per_run_error(tmp_path):
     with pytest.raises(BidsFieldError, match="two m0scan images, sub-01_m0scan.nii.gz and sub-01_m0scan.nii"):
         read_run(first)
     assert read_run(second).m0.kind == "separate"
+
+
+def test_unfetched_annex_links_say_so(tmp_path):
+    """Sidecars, aslcontext and m0scan images that are links to missing files (DataLad /
+    git-annex content not fetched) are reported as such, naming the file."""
+    for what, name in (("sidecar", "sub-01_asl.json"), ("aslcontext", "sub-01_aslcontext.tsv"),
+                       ("m0scan", "sub-01_m0scan.nii"), ("inherited", "asl.json")):
+        root = tmp_path / what
+        perf = _write_run(root, "01", m0=1)
+        link = (root if what == "inherited" else perf) / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(".git/annex/objects/missing")
+        with pytest.raises(BidsFieldError, match="DataLad/git-annex content not fetched") as info:
+            read_run(_only(root))
+        assert info.value.file == str(link), what

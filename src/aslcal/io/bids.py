@@ -350,7 +350,9 @@ def discover(
 
 def _make_run(perf: Path, asl: Path, prefix: str) -> AslRun:
     entities = dict(_ENTITY.findall(prefix))
-    found = [c for c in (perf / f"{prefix}_m0scan.nii.gz", perf / f"{prefix}_m0scan.nii") if c.is_file()]
+    # a link whose content is not fetched counts as present: reading it then says so
+    found = [c for c in (perf / f"{prefix}_m0scan.nii.gz", perf / f"{prefix}_m0scan.nii")
+             if c.is_file() or c.is_symlink()]
     m0scan = found[0] if found else None
     return AslRun(
         subject=entities["sub"],
@@ -597,7 +599,7 @@ def _applicable_sidecars(own: Path, run: "AslRun") -> list[Path]:
             entities = _ENTITY.findall(prefix[:-1]) if prefix else []
             if prefix and "_".join(f"{k}-{v}" for k, v in entities) != prefix[:-1]:
                 continue
-            if cand.is_file() and all(run.entities.get(k) == v for k, v in entities):
+            if (cand.is_file() or cand.is_symlink()) and all(run.entities.get(k) == v for k, v in entities):
                 found.append(cand)
         if len(found) > 1:
             raise BidsFieldError(
@@ -647,9 +649,15 @@ def _read_sidecar(own: Path, run: "AslRun", what: str) -> Sidecar:
     return meta
 
 
+def _dangling(path: Path) -> str:
+    """The hint for a missing file that is a symbolic link (content not fetched), or ''."""
+    return (" (a symbolic link to a missing file: DataLad/git-annex content not fetched?)"
+            if Path(path).is_symlink() else "")
+
+
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
-        raise BidsFieldError(f"{path}: {what} sidecar is missing; expected a JSON file",
+        raise BidsFieldError(f"{path}: {what} sidecar is missing{_dangling(path)}; expected a JSON file",
                              file=path)
     try:
         # an integer too long for Python's int parsing becomes a float (inf): the field's
@@ -795,7 +803,7 @@ def _field_strength(meta: dict, path: Path) -> tuple[float, float]:
 def _n_volumes(image: Path, what: str) -> tuple[tuple[int, ...], int]:
     """Shape and volume count from the NIfTI header only (nibabel proxies are lazy)."""
     if not image.is_file():
-        raise BidsFieldError(f"{image}: {what} image is missing", file=image)
+        raise BidsFieldError(f"{image}: {what} image is missing{_dangling(image)}", file=image)
     try:
         shape = tuple(int(s) for s in nibabel.load(os.fspath(image)).shape)
     except Exception as exc:  # noqa: BLE001 - nibabel raises many kinds for bad headers
@@ -814,7 +822,7 @@ def _n_volumes(image: Path, what: str) -> tuple[tuple[int, ...], int]:
 def _read_aslcontext(path: Path, n: int, image: Path) -> tuple[str, ...]:
     if not path.is_file():
         raise BidsFieldError(
-            f"{path}: aslcontext file is missing; expected a TSV with 'volume_type'", file=path
+            f"{path}: aslcontext file is missing{_dangling(path)}; expected a TSV with 'volume_type'", file=path
         )
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no part of the header
