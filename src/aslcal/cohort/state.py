@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from ..errors import InputError
 from ..io.atomic import StrPath, json_text, write_json, write_text
-from ..io.bids import AslRun, run_sidecars
+from ..io.bids import AslRun, dataset_path, input_checksum, run_sidecars
 from ..io.derivatives import DerivativesWriter, subject_key
 
 __all__ = [
@@ -235,8 +235,6 @@ def changed_inputs(provenance: StrPath, bids_root: StrPath, run: AslRun | None =
     are relative to ``bids_root`` (absolute ones outside it).  A provenance without such
     a record (or unreadable) is no evidence of change.
     """
-    from .subject import _rel, input_checksum
-
     try:
         inputs = json.loads(Path(provenance).read_text(encoding="utf-8"))["inputs"]
         sizes, checksums = dict(inputs["files"]), dict(inputs.get("checksums") or {})
@@ -244,7 +242,7 @@ def changed_inputs(provenance: StrPath, bids_root: StrPath, run: AslRun | None =
         return None
     root = Path(bids_root)
     for rel, size in sizes.items():
-        path = Path(rel) if Path(rel).is_absolute() else root / rel
+        path = root / rel  # an absolute rel stays itself
         try:
             now = path.stat().st_size
         except OSError:
@@ -252,18 +250,18 @@ def changed_inputs(provenance: StrPath, bids_root: StrPath, run: AslRun | None =
         if now != size:
             return f"{rel} changed ({size} -> {now} bytes)"
     for rel, checksum in checksums.items():
-        path = Path(rel) if Path(rel).is_absolute() else root / rel
+        path = root / rel  # an absolute rel stays itself
         if input_checksum(path) != checksum:
             return f"{rel} changed"
     if run is not None:
         asl_sidecars, m0_sidecars = run_sidecars(run)
-        m0_read = run.m0scan is not None and _rel(run.m0scan, root) in sizes
+        m0_read = run.m0scan is not None and dataset_path(run.m0scan, root) in sizes
         for path in asl_sidecars + (m0_sidecars if m0_read else []):
-            if _rel(path, root) not in sizes:
-                return f"{_rel(path, root)} applies to it now (BIDS inheritance)"
+            if dataset_path(path, root) not in sizes:
+                return f"{dataset_path(path, root)} applies to it now (BIDS inheritance)"
         for second in (run.duplicate, run.m0scan_duplicate if m0_read else None):
             if second is not None:
-                return f"{_rel(second, root)} is a second image beside the one read"
+                return f"{dataset_path(second, root)} is a second image beside the one read"
     return None
 
 

@@ -42,7 +42,6 @@ Calibration choices for BIDS inputs (documented in the README):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -54,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import AslcalError, InputError
-from ..io.bids import AslAcquisition, AslRun, nifti_crc32, read_run, run_sidecars
+from ..io.bids import AslAcquisition, AslRun, dataset_path, input_checksum, read_run
 from ..io.nifti import load_image
 
 __all__ = [
@@ -342,7 +341,7 @@ class PreparedSubject:
     jobs: list[FitJob]
     inputs: dict[str, int]
     ref_info: dict | None = None
-    #: :func:`input_checksum` of every input, by dataset path
+    #: :func:`~aslcal.io.bids.input_checksum` of every input, by dataset path
     input_checksums: dict[str, str] = field(default_factory=dict)
     #: CSF/GM/WM voxels in ASL space (segmentation partial volume >= pve_threshold; ``--anat``
     #: with a fitted M0): tissue T1 means
@@ -382,30 +381,10 @@ def _without_timings(record: Any) -> Any:
 
 
 def _bids_uri(rel: str) -> str:
-    """``bids:raw:<path>`` for a path inside the BIDS dataset (as :func:`_rel` gives it,
+    """``bids:raw:<path>`` for a path inside the BIDS dataset (as :func:`dataset_path` gives it,
     relative); a path outside it as a ``file://`` URI."""
     path = Path(rel)
     return path.as_uri() if path.is_absolute() else f"bids:raw:{rel}"  # as named: links not followed
-
-
-def _rel(path: Path | None, root: Path | None) -> str | None:
-    """``path`` relative to ``root`` as named in the dataset, else absolute.
-
-    Symbolic links inside the dataset are not followed: a DataLad/git-annex file is
-    ``sub-01/perf/sub-01_asl.nii.gz``, not the annex object it points to.
-    """
-    if path is None:
-        return None
-    absolute = Path(os.path.abspath(path))
-    if root is not None:
-        # then with the folders' links followed (a root given through a link), never the file's
-        folder_real = Path(os.path.realpath(absolute.parent)) / absolute.name
-        for p, r in ((absolute, Path(os.path.abspath(root))), (folder_real, Path(root).resolve())):
-            try:
-                return p.relative_to(r).as_posix()
-            except ValueError:
-                pass
-    return absolute.as_posix()
 
 
 def _file_size(path: Path) -> int:
@@ -443,28 +422,16 @@ def load_subject(run: AslRun, options: CohortOptions, *, bids_root: Path | None 
     m0_files = (acq.m0.path, *acq.m0.sidecar_files) if acq.m0.kind == "separate" else ()
     paths = [p for p in (run.asl, *acq.sidecar_files, run.aslcontext, *m0_files, ref_file,
                          anat[2] if anat is not None else None) if p is not None]
-    inputs = {_rel(p, bids_root): _file_size(p) for p in paths}
+    inputs = {dataset_path(p, bids_root): _file_size(p) for p in paths}
     # every input by content (an edited field of the same length, an image replaced by one
     # of the same size are changes a resume must see: state.changed_inputs)
-    checksums = {_rel(p, bids_root): input_checksum(p) for p in paths}
+    checksums = {dataset_path(p, bids_root): input_checksum(p) for p in paths}
     try:
         prep = _prepare(key, acq, asl, m0_img, ref, ref_file, inputs, options, bids_root, anat)
     except (AslcalError, OSError, ValueError, MemoryError, FloatingPointError) as exc:
         raise _fail(key, "prepare", exc) from exc
     prep.input_checksums = checksums
     return prep
-
-
-def input_checksum(path: Path) -> str:
-    """``crc32:<hex>`` of a NIfTI image's uncompressed bytes (a ``.nii.gz`` records it in its
-    gzip trailer: nothing to decompress), ``sha256:<hex>`` of any other (small) input;
-    ``""`` when unreadable."""
-    try:
-        if str(path).endswith((".nii", ".nii.gz")):
-            return "crc32:" + nifti_crc32(path)
-        return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return ""
 
 
 def _load_reference(run: AslRun, asl, options: CohortOptions):
@@ -593,7 +560,7 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, optio
     return PreparedSubject(
         key=key, acq=acq, affine=np.asarray(asl.affine, dtype=np.float64), shape=shape, perf=perf,
         perf_source=perf_source, brain=brain, brain_info=brain_info, ref=ref_bool,
-        ref_file=_rel(ref_file, bids_root) if ref_file is not None else None, m0_kind=m0_kind,
+        ref_file=dataset_path(ref_file, bids_root) if ref_file is not None else None, m0_kind=m0_kind,
         m0_image=m0_image, m0_tr=m0_tr, jobs=jobs, inputs=inputs, ref_info=ref_info,
         tissue_masks=None if tissue_pv is None else {
             t: np.asarray(v) >= options.pve_threshold for t, v in tissue_pv.items()},

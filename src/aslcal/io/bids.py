@@ -86,8 +86,9 @@ __all__ = [
     "M0Source",
     "asl_slice_timing",
     "bolus_cutoff",
+    "dataset_path",
     "discover",
-    "nifti_crc32",
+    "input_checksum",
     "read_run",
     "run_sidecars",
 ]
@@ -581,7 +582,12 @@ def _src(meta: dict, path: Path, name: str) -> Path:
 
 def _applicable_sidecars(own: Path, run: "AslRun") -> list[Path]:
     """The JSON files that apply to ``own`` (the run's sidecar name) by the BIDS
-    inheritance principle, most general first; two at one level are an error."""
+    inheritance principle, most general first; two at one level are an error.
+
+    Applicable names are the run's entities, any subset in BIDS order, with the suffix:
+    they are probed by name (a few ``stat`` calls per level) rather than by listing the
+    folders, whose root holds every subject of the dataset.
+    """
     suffix = own.name.rsplit("_", 1)[-1]  # "asl.json", "m0scan.json"
     perf = own.parent
     top = perf.parent.parent.parent if run.session is not None else perf.parent.parent
@@ -589,18 +595,13 @@ def _applicable_sidecars(own: Path, run: "AslRun") -> list[Path]:
     if run.session is not None:
         levels.append(top / f"sub-{run.subject}" / f"ses-{run.session}")
     levels.append(perf)
+    pairs = [f"{k}-{v}" for k, v in run.entities.items()]  # in BIDS order (discover checked)
+    names = ["_".join(p for bit, p in enumerate(pairs) if mask >> bit & 1) for mask in range(1 << len(pairs))]
+    names = sorted({f"{n}_{suffix}" if n else suffix for n in names}, key=len)
     out: list[Path] = []
     for level in levels:
-        found = []
-        for cand in sorted(level.glob(f"*{suffix}")):
-            prefix = cand.name[: -len(suffix)]
-            if prefix and not prefix.endswith("_"):
-                continue  # e.g. "sub-01_fooasl.json"
-            entities = _ENTITY.findall(prefix[:-1]) if prefix else []
-            if prefix and "_".join(f"{k}-{v}" for k, v in entities) != prefix[:-1]:
-                continue
-            if (cand.is_file() or cand.is_symlink()) and all(run.entities.get(k) == v for k, v in entities):
-                found.append(cand)
+        # a link whose content is not fetched counts as present: reading it then says so
+        found = [level / n for n in names if (level / n).is_file() or (level / n).is_symlink()]
         if len(found) > 1:
             raise BidsFieldError(
                 f"{found[0]} and {found[1].name} both apply to {own.name} at one level "
@@ -618,21 +619,49 @@ def run_sidecars(run: "AslRun") -> tuple[list[Path], list[Path]]:
     return asl, m0
 
 
-def nifti_crc32(path: Path) -> str:
-    """CRC-32 of a NIfTI file's uncompressed bytes, as 8 hex digits: for ``.nii.gz`` the one
-    its gzip trailer records (of the last member: no decompression), else computed.  A
-    cheap fingerprint of an image's content (a resume's change check)."""
+def dataset_path(path: Path | None, root: Path | None) -> str | None:
+    """``path`` relative to ``root`` as named in the dataset, else absolute.
+
+    Symbolic links inside the dataset are not followed: a DataLad/git-annex file is
+    ``sub-01/perf/sub-01_asl.nii.gz``, not the annex object it points to.
+    """
+    if path is None:
+        return None
+    absolute = Path(os.path.abspath(path))
+    if root is not None:
+        # then with the folders' links followed (a root given through a link), never the file's
+        folder_real = Path(os.path.realpath(absolute.parent)) / absolute.name
+        for p, r in ((absolute, Path(os.path.abspath(root))), (folder_real, Path(root).resolve())):
+            try:
+                return p.relative_to(r).as_posix()
+            except ValueError:
+                pass
+    return absolute.as_posix()
+
+
+def input_checksum(path: Path) -> str:
+    """``crc32:<hex>`` of a NIfTI image's uncompressed bytes, ``sha256:<hex>`` of any other
+    (small) input; ``""`` when unreadable.  A cheap fingerprint of an input's content (a
+    resume's change check): a ``.nii.gz`` records the CRC-32 in its gzip trailer (of the
+    last member), so nothing is decompressed."""
+    import hashlib
     import zlib
 
     path = Path(path)
-    with open(path, "rb") as fh:
-        if path.name.endswith(".gz"):
-            fh.seek(-8, os.SEEK_END)
-            return fh.read(4)[::-1].hex()  # little-endian CRC32, then ISIZE
-        crc = 0
-        while chunk := fh.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return f"{crc & 0xFFFFFFFF:08x}"
+    try:
+        if path.name.endswith(".nii.gz"):
+            with open(path, "rb") as fh:
+                fh.seek(-8, os.SEEK_END)
+                return "crc32:" + fh.read(4)[::-1].hex()  # little-endian CRC32, then ISIZE
+        if path.name.endswith(".nii"):
+            crc = 0
+            with open(path, "rb") as fh:
+                while chunk := fh.read(1 << 22):
+                    crc = zlib.crc32(chunk, crc)
+            return f"crc32:{crc & 0xFFFFFFFF:08x}"
+        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""
 
 
 def _read_sidecar(own: Path, run: "AslRun", what: str) -> Sidecar:
