@@ -668,7 +668,7 @@ def _read_sidecar(own: Path, run: "AslRun", what: str) -> Sidecar:
     """The run's sidecar ``own`` merged with the ones it inherits (module docstring)."""
     files = _applicable_sidecars(own, run)
     if not files:
-        return _read_json(own, what)  # raises: the run's sidecar is missing
+        _read_json(own, what)  # raises: the run's own sidecar is missing (it would be found)
     meta = Sidecar()
     for f in files:
         obj = _read_json(f, what)
@@ -936,8 +936,7 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
         )
     js = run.sidecar
     meta = _read_sidecar(js, run, "ASL")
-    files = meta.files if isinstance(meta, Sidecar) else (js,)
-    origin = dict(meta.origin) if isinstance(meta, Sidecar) else {}
+    files, origin = meta.files, dict(meta.origin)
     shape, n = _n_volumes(run.asl, "ASL")
     volume_types = _read_aslcontext(run.aslcontext, n, run.asl)
 
@@ -1094,8 +1093,7 @@ def _separate_m0(run: AslRun) -> M0Source:
     return M0Source(kind="separate", path=run.m0scan, volumes=tuple(range(n)), trs=trs,
                     tis=tis, te_ms=te_ms, look_locker=look_locker, flip_angle=flip,
                     estimate=None, sidecar=js, slice_timing=slices, slice_axis=axis,
-                    sidecar_files=meta.files if isinstance(meta, Sidecar) else (js,),
-                    field_sources=dict(meta.origin) if isinstance(meta, Sidecar) else {})
+                    sidecar_files=meta.files, field_sources=dict(meta.origin))
 
 
 _SLICE_DIRECTIONS = ("i", "j", "k", "i-", "j-", "k-")
