@@ -189,7 +189,7 @@ def run_subjects(
             record(_fail(key, "write", exc))
             return key
         # The values of the summary JSON just written (same conversions), for summary.tsv.
-        summary = json.loads(json_text(outputs.summary))
+        summary = json.loads(json_text(outputs.records["summary"]))
         with lock:
             out.summaries[key] = summary
             out.done.append(key)

@@ -36,7 +36,7 @@ from typing import Any
 
 from ..errors import InputError
 from ..io.atomic import write_text
-from ..io.bids import AslRun, discover
+from ..io.bids import AslRun, dataset_path, discover
 from ..io.derivatives import DerivativesWriter, entities_from_key, write_summary_tsv
 from .pipeline import DEFAULT_BATCH_SIZE, BatchOutcome, run_subjects
 from .state import (
@@ -300,13 +300,7 @@ def _record_rejected(logs: Path, bids_root: Path, rejected: Sequence[tuple[Path,
         path.unlink(missing_ok=True)
         return
 
-    def shown(p: Path) -> str:
-        try:
-            return Path(p).relative_to(bids_root).as_posix()
-        except ValueError:
-            return str(p)
-
-    rows = sorted((shown(p), " ".join(why.split())) for p, why in rejected)
+    rows = sorted((dataset_path(p, bids_root), " ".join(why.split())) for p, why in rejected)
     write_text(path, "path\treason\n" + "".join(f"{p}\t{why}\n" for p, why in rows), overwrite=True)
 
 

@@ -249,16 +249,15 @@ def changed_inputs(provenance: StrPath, bids_root: StrPath, run: AslRun | None =
             return f"{rel} is gone"
         if now != size:
             return f"{rel} changed ({size} -> {now} bytes)"
-    for rel, checksum in checksums.items():
-        path = root / rel  # an absolute rel stays itself
-        if input_checksum(path) != checksum:
+        if rel in checksums and input_checksum(path) != checksums[rel]:
             return f"{rel} changed"
     if run is not None:
         asl_sidecars, m0_sidecars = run_sidecars(run)
         m0_read = run.m0scan is not None and dataset_path(run.m0scan, root) in sizes
         for path in asl_sidecars + (m0_sidecars if m0_read else []):
-            if dataset_path(path, root) not in sizes:
-                return f"{dataset_path(path, root)} applies to it now (BIDS inheritance)"
+            rel = dataset_path(path, root)
+            if rel not in sizes:
+                return f"{rel} applies to it now (BIDS inheritance)"
         for second in (run.duplicate, run.m0scan_duplicate if m0_read else None):
             if second is not None:
                 return f"{dataset_path(second, root)} is a second image beside the one read"

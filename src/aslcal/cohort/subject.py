@@ -364,7 +364,6 @@ class SubjectOutputs:
     images: dict[str, tuple]
     records: dict[str, Any]
     provenance: dict[str, Any]
-    summary: dict[str, Any]
 
 
 # --------------------------------------------------------------------------- load
@@ -422,16 +421,15 @@ def load_subject(run: AslRun, options: CohortOptions, *, bids_root: Path | None 
     m0_files = (acq.m0.path, *acq.m0.sidecar_files) if acq.m0.kind == "separate" else ()
     paths = [p for p in (run.asl, *acq.sidecar_files, run.aslcontext, *m0_files, ref_file,
                          anat[2] if anat is not None else None) if p is not None]
-    inputs = {dataset_path(p, bids_root): _file_size(p) for p in paths}
+    names = [dataset_path(p, bids_root) for p in paths]
+    inputs = {name: _file_size(p) for name, p in zip(names, paths)}
     # every input by content (an edited field of the same length, an image replaced by one
     # of the same size are changes a resume must see: state.changed_inputs)
-    checksums = {dataset_path(p, bids_root): input_checksum(p) for p in paths}
+    checksums = {name: input_checksum(p) for name, p in zip(names, paths)}
     try:
-        prep = _prepare(key, acq, asl, m0_img, ref, ref_file, inputs, options, bids_root, anat)
+        return _prepare(key, acq, asl, m0_img, ref, ref_file, inputs, checksums, options, bids_root, anat)
     except (AslcalError, OSError, ValueError, MemoryError, FloatingPointError) as exc:
         raise _fail(key, "prepare", exc) from exc
-    prep.input_checksums = checksums
-    return prep
 
 
 def _load_reference(run: AslRun, asl, options: CohortOptions):
@@ -474,7 +472,7 @@ def _volumes(data: np.ndarray, idx: tuple[int, ...]) -> np.ndarray:
     return series[..., list(idx)]
 
 
-def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, options: CohortOptions,
+def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, checksums, options: CohortOptions,
              bids_root, anat=None) -> PreparedSubject:
     from ..masks import brain_mask_from_calib
 
@@ -561,7 +559,7 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, optio
         key=key, acq=acq, affine=np.asarray(asl.affine, dtype=np.float64), shape=shape, perf=perf,
         perf_source=perf_source, brain=brain, brain_info=brain_info, ref=ref_bool,
         ref_file=dataset_path(ref_file, bids_root) if ref_file is not None else None, m0_kind=m0_kind,
-        m0_image=m0_image, m0_tr=m0_tr, jobs=jobs, inputs=inputs, ref_info=ref_info,
+        m0_image=m0_image, m0_tr=m0_tr, jobs=jobs, inputs=inputs, input_checksums=checksums, ref_info=ref_info,
         tissue_masks=None if tissue_pv is None else {
             t: np.asarray(v) >= options.pve_threshold for t, v in tissue_pv.items()},
         kinetics=kinetics,
@@ -655,20 +653,16 @@ def _fit_jobs(acq, series: np.ndarray, brain: np.ndarray, ref: np.ndarray | None
     tis, fa, lfa = _design_of(acq)
     # enough distinct times for the model (M0, T1 and A; A fixed with --fixa), said up
     # front with the field instead of every voxel failing as underdetermined
-    where = acq.m0.sidecar
     distinct = sorted(set(tis))
-    if acq.m0.look_locker and len(distinct) < 2:
-        raise BidsFieldError(f"{acq.m0.source_of('InversionTime')}: field 'InversionTime' has {len(distinct)} "
-                             "distinct value(s); a Look-Locker series needs the readout time of every "
-                             "volume (at least two distinct)", file=acq.m0.source_of("InversionTime"),
-                             field="InversionTime")
-    need = 2 if options.fix_a else 3
-    if not acq.m0.look_locker and len(distinct) < need:
-        raise BidsFieldError(
-            f"{acq.m0.source_of('RepetitionTimePreparation')}: field 'RepetitionTimePreparation' has "
-            f"{len(distinct)} distinct values {distinct}: a saturation-recovery fit of M0, T1 and A needs "
-            "at least 3 (2 with --fixa)", file=acq.m0.source_of("RepetitionTimePreparation"),
-            field="RepetitionTimePreparation")
+    field_name, need = (("InversionTime", 2) if acq.m0.look_locker else
+                        ("RepetitionTimePreparation", 2 if options.fix_a else 3))
+    if len(distinct) < need:
+        where = acq.m0.source_of(field_name)
+        why = ("a Look-Locker series needs the readout time of every volume (at least two distinct)"
+               if acq.m0.look_locker else
+               "a saturation-recovery fit of M0, T1 and A needs at least 3 (2 with --fixa)")
+        raise BidsFieldError(f"{where}: field {field_name!r} has {len(distinct)} distinct value(s) {distinct}: {why}",
+                             file=where, field=field_name)
     if len(tis) != series.shape[-1]:
         raise InputError(
             f"{acq.m0.sidecar}: {len(tis)} recovery times for {series.shape[-1]} M0 volumes"
@@ -792,7 +786,9 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
         mask = dev(job.mask)
         fit_prov[job.role] = _fit_summary(f)
         if job.role == "brain":
-            for name in ("m0t", "m0t_se", "t1t", "g"):
+            # the M0t standard errors only weigh a reference-region M0a
+            names = ("m0t", "m0t_se", "t1t", "g") if options.m0_mode == "refregion" else ("m0t", "t1t", "g")
+            for name in names:
                 maps[name] = _unpack(xp, f[name], mask, prep.shape)
         else:
             for name in ("m0t", "m0t_se", "g"):
@@ -962,17 +958,19 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
         t1 = maps["t1t"]
         # a fitted T1 is > 0 (its lower bound); 0 marks a voxel whose data were not finite
         fitted = t1 > 0
-        n_fit = int(xp.count_nonzero(brain & fitted))
-        summary["T1_median_brain"] = float(xp.median(t1[brain & fitted])) if n_fit else None
+
+        def t1_stat(fn, sel):
+            m = sel & fitted
+            return float(fn(t1[m])) if int(xp.count_nonzero(m)) else None
+
+        summary["T1_median_brain"] = t1_stat(xp.median, brain)
         if ref is not None:
-            n_ref = int(xp.count_nonzero(ref & fitted))
-            summary[f"T1_mean_ref_{options.tissref}"] = float(xp.mean(t1[ref & fitted])) if n_ref else None
+            summary[f"T1_mean_ref_{options.tissref}"] = t1_stat(xp.mean, ref)
         if prep.tissue_masks is not None:
             # per tissue of the --anat segmentation: brain voxels at least pve_threshold pure
             for tissue, tissue_mask in prep.tissue_masks.items():
                 sel = dev(tissue_mask) & brain
-                n_sel = int(xp.count_nonzero(sel & fitted))
-                summary[f"T1_mean_{tissue}"] = float(xp.mean(t1[sel & fitted])) if n_sel else None
+                summary[f"T1_mean_{tissue}"] = t1_stat(xp.mean, sel)
                 summary[f"n_{tissue}_voxels"] = int(xp.count_nonzero(sel))
     records["summary"] = summary
 
@@ -989,5 +987,4 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
         "calibration": calib_prov,
         "fits": fit_prov,
     }
-    return SubjectOutputs(key=prep.key, images=images, records=records, provenance=provenance,
-                          summary=summary)
+    return SubjectOutputs(key=prep.key, images=images, records=records, provenance=provenance)

@@ -17,6 +17,7 @@ the text outputs of a calibration run (provenance JSON, the FSL-style ``M0`` val
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -29,7 +30,7 @@ import numpy as np
 
 from ..errors import InputError
 
-__all__ = ["OutputSet", "atomic_output", "json_text", "write_text", "write_json", "write_scalar"]
+__all__ = ["OutputSet", "atomic_output", "json_text", "sha256_file", "write_text", "write_json", "write_scalar"]
 
 StrPath = str | os.PathLike[str]
 
@@ -474,3 +475,12 @@ def write_scalar(path: StrPath, value: Any, *, overwrite: bool = True) -> Path:
     if not math.isfinite(number):
         raise InputError(f"value must be finite, got {number!r}")
     return write_text(path, f"{number:.10g}\n", overwrite=overwrite)
+
+
+def sha256_file(path: StrPath) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

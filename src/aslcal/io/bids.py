@@ -65,6 +65,7 @@ import logging
 import math
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,7 @@ import nibabel
 import numpy as np
 
 from ..errors import InputError
+from .atomic import sha256_file
 from .nifti import Image, load_image
 
 log = logging.getLogger("aslcal")
@@ -644,9 +646,6 @@ def input_checksum(path: Path) -> str:
     (small) input; ``""`` when unreadable.  A cheap fingerprint of an input's content (a
     resume's change check): a ``.nii.gz`` records the CRC-32 in its gzip trailer (of the
     last member), so nothing is decompressed."""
-    import hashlib
-    import zlib
-
     path = Path(path)
     try:
         if path.name.endswith(".nii.gz"):
@@ -659,7 +658,7 @@ def input_checksum(path: Path) -> str:
                 while chunk := fh.read(1 << 22):
                     crc = zlib.crc32(chunk, crc)
             return f"crc32:{crc & 0xFFFFFFFF:08x}"
-        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+        return "sha256:" + sha256_file(path)
     except OSError:
         return ""
 

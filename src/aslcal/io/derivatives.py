@@ -47,7 +47,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import InputError
-from .atomic import _TEMP_MARKER, OutputSet, StrPath, json_text, write_json, write_text
+from .atomic import _TEMP_MARKER, OutputSet, StrPath, json_text, sha256_file, write_json, write_text
 from .bids import ASL_ENTITIES
 from .nifti import encode_image
 
@@ -64,8 +64,7 @@ __all__ = [
 #: BIDS version written into ``dataset_description.json``.
 BIDS_VERSION = "1.10.0"
 
-#: Entities of the source ASL series kept in output names, in BIDS order.
-_ENTITY_ORDER = ASL_ENTITIES
+# Output names keep the source ASL series' entities, in BIDS order (bids.ASL_ENTITIES).
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 _INDEX_RE = re.compile(r"^[0-9]+$")
 
@@ -106,14 +105,14 @@ def _normalise_entities(entities: Mapping[str, Any]) -> dict[str, str]:
         raise InputError(
             f"entities must be a mapping like {{'sub': '01', 'ses': '1'}}, got {entities!r}"
         )
-    unknown = sorted(set(entities) - set(_ENTITY_ORDER))
+    unknown = sorted(set(entities) - set(ASL_ENTITIES))
     if unknown:
         raise InputError(
             f"entities {entities!r}: unknown entity {unknown[0]!r}; expected some of "
-            f"{', '.join(_ENTITY_ORDER)}"
+            f"{', '.join(ASL_ENTITIES)}"
         )
     out: dict[str, str] = {}
-    for key in _ENTITY_ORDER:
+    for key in ASL_ENTITIES:
         value = entities.get(key)
         if value is None or value == "":
             continue
@@ -142,7 +141,7 @@ def subject_key(entities: Mapping[str, Any] | str) -> str:
     if isinstance(entities, str):
         entities = entities_from_key(entities)
     ent = _normalise_entities(entities)
-    return "_".join(f"{k}-{ent[k]}" for k in _ENTITY_ORDER if k in ent)
+    return "_".join(f"{k}-{ent[k]}" for k in ASL_ENTITIES if k in ent)
 
 
 def entities_from_key(key: str) -> dict[str, str]:
@@ -159,7 +158,7 @@ def entities_from_key(key: str) -> dict[str, str]:
             )
         out[name] = value
     _normalise_entities(out)
-    order = [k for k in _ENTITY_ORDER if k in out]
+    order = [k for k in ASL_ENTITIES if k in out]
     if list(out) != order:
         raise InputError(
             f"subject key {key!r}: entities out of BIDS order; expected {'_'.join(order)} order"
@@ -168,14 +167,6 @@ def entities_from_key(key: str) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _unlink(path: Path) -> bool:
@@ -428,7 +419,7 @@ class DerivativesWriter:
                     return False
             except OSError:
                 return False
-            if check == "sha256" and _sha256(path) != info.get("sha256"):
+            if check == "sha256" and sha256_file(path) != info.get("sha256"):
                 return False
         return not any(_TEMP_MARKER in p.name for p in self.subject_files(entities))
 
@@ -446,13 +437,11 @@ class DerivativesWriter:
         """
         if self.is_complete(entities):
             return []
-        return self._remove_all(entities)
+        return self.remove_subject(entities)
 
     def remove_subject(self, entities: Mapping[str, Any] | str) -> list[Path]:
-        """Delete every file of a subject, complete or not (its inputs changed); returns them."""
-        return self._remove_all(entities)
-
-    def _remove_all(self, entities) -> list[Path]:
+        """Delete every file of a subject, complete or not (e.g. its inputs changed), and the
+        folders left empty; returns the removed files."""
         removed = [p for p in self.subject_files(entities) if _unlink(p)]
         folder = self.subject_dir(entities)
         # perf/, then ses-*/ and sub-*/ if they became empty; never the pipeline root.
