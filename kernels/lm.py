@@ -508,9 +508,10 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
         ub2 = fpar[F_UB + 2]
         ub3 = fpar[F_UB + 3]
         tol = fpar[F_TOL]
-        stat2 = fpar[F_STAT_TOL] * fpar[F_STAT_TOL]
         max_iter = ipar[I_MAX_ITER]
         dof = n_obs - (fr0 + fr1 + fr2 + fr3)
+        # statistical stop (Method 2); needs σ̂², i.e. dof > 0
+        stat2 = fpar[F_STAT_TOL] * fpar[F_STAT_TOL] if dof > 0 else ZERO
         p0, p1, p2, p3 = initial_guess(v, y, si, gu, gw, fpar, ipar)
         s2 = ZERO  # prior weight σ̂² of the current stage (0: no priors)
         n_stages = 2 if (ipar[I_USE_PRIORS] != 0 and dof > 0) else 1
@@ -550,7 +551,7 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
                         and small_step(p2, q2, tol) and small_step(p3, q3, tol)):
                     status = STATUS_CONVERGED
                     break
-                if stat2 > ZERO and dof > 0:
+                if stat2 > ZERO:
                     # statistical stop (Method 2): the damped step's decrement first (cheap),
                     # then the undamped one, which a large λ cannot make look small
                     thr = stat2 * rss / f(dof)

@@ -293,6 +293,8 @@ def fit_satrecov(
     for name, val in (("max_iter", max_iter), ("n_grid", n_grid)):
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < (3 if name == "n_grid" else 1):
             raise InputError(f"{name}={val!r}: expected an integer >= {3 if name == 'n_grid' else 1}")
+    if isinstance(stat_tol, bool) or not isinstance(stat_tol, (int, float)) or not 0 <= stat_tol < 1:
+        raise InputError(f"stat_tol={stat_tol!r}: expected a number in [0, 1) (standard errors; 0: off)")
     design = make_design(
         n_vol, tis, repeats=repeats, nphases=nphases, fa=fa, lfa=lfa, dt=dt, slicedt=slicedt,
         sliceband=sliceband, fix_a=fix_a, priors=priors, bounds=bounds, model=model,
@@ -328,8 +330,6 @@ def fit_satrecov(
         sidx, shifts = _slice_shifts(design, idx, len(spatial), xp, dt_)
     else:
         sidx, shifts = _voxel_shifts(ti_shift, spatial, mask, mask_b, design, xp, dt_)
-    if isinstance(stat_tol, bool) or not isinstance(stat_tol, (int, float)) or not 0 <= stat_tol < 1:
-        raise InputError(f"stat_tol={stat_tol!r}: expected a number in [0, 1) (standard errors; 0: off)")
     fpar, ipar = _pack_params(design, dt_, float(tol), int(max_iter), int(n_grid), float(stat_tol))
     timings["pack"] = time.perf_counter() - t0
 

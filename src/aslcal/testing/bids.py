@@ -443,6 +443,7 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
     t2b_factor = math.exp(-te_ms / float(ph.tissues["blood"].t2)) if te_ms > 0 else 1.0
     perf_img = (perf_img * t2b_factor).astype(perf_img.dtype)
     pld = 1.8
+    tau = 1.8  # (P)CASL labelling duration
     ti1 = 0.7  # PASL bolus duration (QUIPSS II / Q2TIPS)
     if kinetics == "whitepaper":
         # The label made over tau (PASL: a bolus TI1 wide at once) decays with the blood T1
@@ -452,7 +453,7 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
         if lab == "PASL":
             weight = 2.0 * ti1 * np.exp(-delay / t1b)
         else:
-            weight = 2.0 * t1b * np.exp(-delay / t1b) * -math.expm1(-1.8 / t1b)
+            weight = 2.0 * t1b * np.exp(-delay / t1b) * -math.expm1(-tau / t1b)
         perf_img = (perf_img * weight[None, None, :]).astype(perf_img.dtype)
     label_img = control - perf_img
     volumes = [control, label_img] * n_pairs
@@ -474,7 +475,7 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
             meta["BolusCutOffDelayTime"] = ti1
             meta["BolusCutOffTechnique"] = "Q2TIPS"
     else:
-        meta["LabelingDuration"] = 1.8
+        meta["LabelingDuration"] = tau
     if kinetics == "whitepaper" and slicedt > 0:
         meta["MRAcquisitionType"] = "2D"
         meta["SliceTiming"] = [round(slicedt * z, 9) for z in range(int(perf_img.shape[2]))]
