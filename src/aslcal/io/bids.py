@@ -404,10 +404,8 @@ class M0Source:
         ``M0Estimate`` (the M0 of blood, BIDS) for "estimate".
     sidecar : pathlib.Path
         The run's own JSON (where a field without another source is reported).
-    sidecar_files : tuple of pathlib.Path
-        Every JSON the values came from (BIDS inheritance), most general first.
-    field_sources : dict
-        Field name -> the JSON file that gave it (:meth:`source_of`).
+    metadata : Sidecar
+        The merged JSON the values came from (:attr:`sidecar_files`, :meth:`source_of`).
     slice_timing : tuple of float, seconds, or None
         ``SliceTiming`` of a 2-D multi-slice readout: the acquisition time of each slice
         along ``slice_axis``, indexed by slice (ascending array index, whatever the sign of
@@ -428,12 +426,16 @@ class M0Source:
     sidecar: Path
     slice_timing: tuple[float, ...] | None = None
     slice_axis: int = 2
-    sidecar_files: tuple[Path, ...] = ()
-    field_sources: dict[str, Path] = field(default_factory=dict, compare=False, hash=False, repr=False)
+    metadata: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def sidecar_files(self) -> tuple[Path, ...]:
+        """Every JSON the values came from (BIDS inheritance), most general first."""
+        return _files(self.metadata, self.sidecar)
 
     def source_of(self, name: str) -> Path:
         """The JSON file that gave field ``name`` (``sidecar`` when none has it)."""
-        return self.field_sources.get(name, self.sidecar)
+        return _src(self.metadata, self.sidecar, name)
 
     @property
     def distinct_trs(self) -> tuple[float, ...]:
@@ -510,7 +512,7 @@ class AslAcquisition:
     @property
     def sidecar_files(self) -> tuple[Path, ...]:
         """The ASL JSON files the metadata was merged from (BIDS inheritance), most general first."""
-        return self.metadata.files if isinstance(self.metadata, Sidecar) else (self.run.sidecar,)
+        return _files(self.metadata, self.run.sidecar)
 
     def source_of(self, name: str) -> Path:
         """The JSON file that gave field ``name`` (the run's own sidecar when none has it)."""
@@ -575,6 +577,11 @@ class Sidecar(dict):
     def source(self, name: str, default: Path) -> Path:
         """The file that gave field ``name`` (``default`` when no file has it)."""
         return self.origin.get(name, default)
+
+
+def _files(meta: dict, path: Path) -> tuple[Path, ...]:
+    """The JSON files ``meta`` was merged from (``(path,)`` for a plain dict)."""
+    return meta.files if isinstance(meta, Sidecar) else (path,)
 
 
 def _src(meta: dict, path: Path, name: str) -> Path:
@@ -935,7 +942,6 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
         )
     js = run.sidecar
     meta = _read_sidecar(js, run, "ASL")
-    files, origin = meta.files, dict(meta.origin)
     shape, n = _n_volumes(run.asl, "ASL")
     volume_types = _read_aslcontext(run.aslcontext, n, run.asl)
 
@@ -989,14 +995,13 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
             tis=None if times is None else tuple(times[i] for i in idx), te_ms=te_ms,
             look_locker=look_locker,
             flip_angle=None if flip is None else tuple(flip[i] for i in idx),
-            estimate=None, sidecar=js, slice_timing=slices, slice_axis=axis, sidecar_files=files,
-            field_sources=origin,
+            estimate=None, sidecar=js, slice_timing=slices, slice_axis=axis, metadata=meta,
         )
     elif m0_type == "Estimate":
         est = _scalar(meta, js, "M0Estimate", required=True, low=0.0, low_open=True,
                       unit="signal units", why=" (required with M0Type 'Estimate')")
         m0 = M0Source(kind="estimate", path=None, volumes=(), trs=(), tis=None, te_ms=te_ms,
-                      look_locker=False, flip_angle=None, estimate=est, sidecar=js, sidecar_files=files)
+                      look_locker=False, flip_angle=None, estimate=est, sidecar=js, metadata=meta)
     else:  # Absent
         if not allow_control_m0:
             raise BidsFieldError(
@@ -1025,7 +1030,7 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
         m0 = M0Source(kind="control", path=run.asl, volumes=idx, trs=tuple(tr[i] for i in idx),
                       tis=None, te_ms=te_ms, look_locker=look_locker,
                       flip_angle=None if flip is None else tuple(flip[i] for i in idx),
-                      estimate=None, sidecar=js, sidecar_files=files)
+                      estimate=None, sidecar=js, metadata=meta)
 
     return AslAcquisition(
         run=run, shape=shape, n_volumes=n, volume_types=volume_types, labeling_type=lab,
@@ -1092,7 +1097,7 @@ def _separate_m0(run: AslRun) -> M0Source:
     return M0Source(kind="separate", path=run.m0scan, volumes=tuple(range(n)), trs=trs,
                     tis=tis, te_ms=te_ms, look_locker=look_locker, flip_angle=flip,
                     estimate=None, sidecar=js, slice_timing=slices, slice_axis=axis,
-                    sidecar_files=meta.files, field_sources=dict(meta.origin))
+                    metadata=meta)
 
 
 _SLICE_DIRECTIONS = ("i", "j", "k", "i-", "j-", "k-")
