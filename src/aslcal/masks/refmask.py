@@ -154,6 +154,8 @@ def reference_mask_from_structural(
                                  threshold=threshold, steps=steps, details=details)
     if tissue_pv:
         grid = tuple(int(s) for s in calib_shape[:3])
-        ref.tissue_pv = {t: resample_to_grid(seg.pv[t], aff, grid, calib_affine, world_calib_to_struct)
+        # the reference tissue's map, when used whole (no ventricle selection), is resampled already
+        ref.tissue_pv = {t: ref.pv if seg.pv[t] is pv else
+                         resample_to_grid(seg.pv[t], aff, grid, calib_affine, world_calib_to_struct)
                          for t in ("csf", "gm", "wm")}
     return ref
