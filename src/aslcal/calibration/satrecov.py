@@ -419,9 +419,8 @@ def m0a_from_satrecov_maps(
         field_strength=fs, sensitivity=sensitivity, tissue=tissue, te_blood=te_blood,
     )
     if m0t_se is not None:
-        se = as_array("m0t_se", m0t_se)
-        if tuple(se.shape) != tuple(m0t.shape):
-            raise InputError(f"m0t_se: shape {tuple(se.shape)} does not match m0t's {tuple(m0t.shape)}")
+        se = spatial_image("m0t_se", as_array("m0t_se", m0t_se), tuple(int(s) for s in m0t.shape), "m0t", xp,
+                           allow_series=False)
         rel = xp.abs(se[valid] / m0t[valid])  # valid: the averaged voxels (finite, non-zero M0t)
         rel = rel[xp.isfinite(rel)]  # NaN: a voxel whose standard error is undefined (singular)
         refregion.m0t_rel_se = float(xp.median(rel)) if int(rel.shape[0]) else None
