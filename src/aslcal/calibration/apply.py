@@ -83,14 +83,15 @@ class CalibratedImage:
         return out
 
 
+def labelling_name(labelling: Any) -> str:
+    """The labelling type in lower case (a key of :data:`ALPHA_DEFAULTS`); InputError otherwise."""
+    if not isinstance(labelling, str) or labelling.lower() not in ALPHA_DEFAULTS:
+        raise InputError(f"labelling={labelling!r}: expected one of {', '.join(ALPHA_DEFAULTS)}")
+    return labelling.lower()
+
+
 def _alpha(alpha: Any, labelling: Any) -> tuple[float, str, str | None]:
-    lab = None
-    if labelling is not None:
-        if not isinstance(labelling, str) or labelling.lower() not in ALPHA_DEFAULTS:
-            raise InputError(
-                f"labelling={labelling!r}: expected one of {', '.join(ALPHA_DEFAULTS)} (or None)"
-            )
-        lab = labelling.lower()
+    lab = None if labelling is None else labelling_name(labelling)
     if alpha is not None:
         a = number("alpha", alpha, "labelling efficiency")
         if a > 1:

@@ -28,7 +28,7 @@ from typing import Any
 from ..backend import array_namespace
 from ..errors import InputError
 from ._common import as_array, as_float, number
-from .apply import ALPHA_DEFAULTS, CalibratedImage, apply_calibration
+from .apply import CalibratedImage, apply_calibration, labelling_name
 
 __all__ = ["WhitePaperCBF", "kinetic_factor", "quantify_whitepaper"]
 
@@ -36,7 +36,7 @@ __all__ = ["WhitePaperCBF", "kinetic_factor", "quantify_whitepaper"]
 def kinetic_factor(labelling: str, *, pld: float, t1b: float, tau: float | None = None,
                    ti1: float | None = None) -> float:
     """The white-paper factor K (1/s) of the module docstring for one PLD (PASL: TI)."""
-    lab = _labelling(labelling)
+    lab = labelling_name(labelling)
     pld = number("pld", pld, "s", allow_min=True)
     t1b = number("t1b", t1b, "s")
     if lab == "pasl":
@@ -51,12 +51,6 @@ def kinetic_factor(labelling: str, *, pld: float, t1b: float, tau: float | None 
         raise InputError(f"{lab.upper()} needs tau (the labelling duration, s)")
     tau = number("tau", tau, "s")
     return math.exp(pld / t1b) / (2.0 * t1b * -math.expm1(-tau / t1b))
-
-
-def _labelling(labelling: Any) -> str:
-    if not isinstance(labelling, str) or labelling.lower() not in ALPHA_DEFAULTS:
-        raise InputError(f"labelling={labelling!r}: expected one of {', '.join(ALPHA_DEFAULTS)}")
-    return labelling.lower()
 
 
 @dataclass
@@ -166,7 +160,7 @@ def quantify_whitepaper(
         are not positive finite numbers, slice times that do not match the slice axis,
         and the errors of :func:`apply_calibration`.
     """
-    lab = _labelling(labelling)
+    lab = labelling_name(labelling)
     pld = number("pld", pld, "s", allow_min=True)
     if t1b is None:
         from ..physics.tissues import tissue_table as _table
