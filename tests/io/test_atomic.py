@@ -376,11 +376,11 @@ def test_output_set_unwritten_or_duplicate_output_is_an_error(tmp_path):
             out.path(tmp_path / "a.txt")
             out.path(tmp_path / "a.txt")
     assert list(tmp_path.iterdir()) == []
-    out = OutputSet()
-    p = out.path(tmp_path / "c.txt")
-    p.unlink()
+    # registered, never written (nothing deleted by hand): the set refuses to commit it
     with pytest.raises(InputError, match="never written"):
-        out.commit()
+        with OutputSet() as out:
+            (out.path(tmp_path / "b.txt")).write_text("b")
+            out.path(tmp_path / "c.txt")
     assert list(tmp_path.iterdir()) == []
 
 

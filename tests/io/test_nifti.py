@@ -185,6 +185,25 @@ def test_integer_dtype_rounds_and_checks(tmp_path: Path) -> None:
     assert _names(tmp_path) == ["s.nii"]
 
 
+@pytest.mark.parametrize("dtype", ["int64", "uint64"])
+def test_64_bit_integers_saved_when_asked(tmp_path: Path, dtype: str) -> None:
+    data = np.arange(24).reshape(2, 3, 4)
+    save_image(tmp_path / "i.nii.gz", data, AFFINE, dtype=dtype)
+    img = nibabel.load(os.fspath(tmp_path / "i.nii.gz"))
+    assert img.get_data_dtype() == np.dtype(dtype)
+    np.testing.assert_array_equal(np.asarray(img.dataobj), data)
+
+
+def test_float16_and_singular_affine_refused(tmp_path: Path) -> None:
+    with raises_input_error("float16.* cannot be stored in NIfTI", tmp_path):
+        save_image(tmp_path / "h.nii.gz", np.ones((2, 2, 2)), AFFINE, dtype="float16")
+    singular = AFFINE.copy()
+    singular[:3, 2] = 0.0
+    with raises_input_error("singular", tmp_path):
+        save_image(tmp_path / "s.nii.gz", np.ones((2, 2, 2)), singular)
+    assert _names(tmp_path) == []
+
+
 def test_float32_overflow_refused(tmp_path: Path) -> None:
     with raises_input_error("float64", tmp_path):
         save_image(tmp_path / "big.nii", np.array([1e300]).reshape(1, 1, 1), AFFINE)
@@ -423,6 +442,59 @@ def test_truncated_uncompressed_nii(tmp_path: Path) -> None:
     raw = path.read_bytes()
     path.write_bytes(raw[: len(raw) // 2])
     _assert_input_error(path, "file is truncated: the header describes")
+
+
+@pytest.mark.parametrize("missing", [1, 10, 300])
+def test_truncated_by_fewer_bytes_than_the_header(tmp_path: Path, missing: int) -> None:
+    """The check counts the file's own vox_offset (352 here): a file short by fewer bytes
+    than that is caught too, and the message gives the header's true byte count."""
+    data = np.arange(16 * 16 * 10, dtype=np.int16).reshape(16, 16, 10)
+    path = _nib_write(tmp_path / "calib.nii", data)
+    raw = path.read_bytes()
+    assert len(raw) == 352 + data.nbytes
+    path.write_bytes(raw[:-missing])
+    _assert_input_error(path, f"the header describes {352 + data.nbytes} bytes .* holds {len(raw) - missing}")
+    with raises_input_error("truncated", tmp_path) as info:
+        load_image(path)
+    assert "\n" not in str(info.value)
+
+
+def test_vox_offset_inside_the_header_rejected(tmp_path: Path) -> None:
+    path = _nib_write(tmp_path / "calib.nii", _random((4, 4, 4)))
+    raw = bytearray(path.read_bytes())
+    raw[108:112] = struct.pack("<f", 0.0)  # vox_offset: the voxels would start at byte 0
+    path.write_bytes(bytes(raw))
+    _assert_input_error(path, "vox_offset 0 points into the header")
+
+
+@pytest.mark.parametrize("shape", [(8, 0, 4), (4, 4, 4, 0)])
+def test_axis_of_length_zero_rejected(tmp_path: Path, shape) -> None:
+    path = _nib_write(tmp_path / "calib.nii.gz", np.zeros(shape, np.float32))
+    _assert_input_error(path, r"axis of length 0")
+
+
+@pytest.mark.parametrize(("unit", "factor"), [("meter", 1000.0), ("micron", 1e-3)])
+def test_spatial_unit_converted_to_millimetres(tmp_path: Path, unit: str, factor: float) -> None:
+    """A header in metres or micrometres: the loaded affine is in mm (as documented), and
+    saving with the loaded header keeps the geometry (no 1000x shrink)."""
+    img = nibabel.Nifti1Image(_random((4, 5, 6)), np.diag([2.0, 2.5, 3.0, 1.0]) / np.array([factor] * 3 + [1.0]))
+    img.header.set_xyzt_units(xyz=unit, t="sec")
+    img.set_sform(img.affine, code=1)
+    img.set_qform(img.affine, code=1)
+    path = tmp_path / "m.nii"
+    nibabel.save(img, os.fspath(path))
+    loaded = load_image(path)
+    np.testing.assert_allclose(np.diag(loaded.affine)[:3], [2.0, 2.5, 3.0], rtol=1e-6)
+    np.testing.assert_allclose(loaded.voxel_size, (2.0, 2.5, 3.0), rtol=1e-6)
+    out = tmp_path / "out.nii"
+    save_image(out, loaded.data, header=loaded.header)
+    again = nibabel.load(os.fspath(out))
+    assert again.header.get_xyzt_units()[0] == "mm"
+    np.testing.assert_allclose(np.diag(again.affine)[:3], [2.0, 2.5, 3.0], rtol=1e-6)
+    # a header still in metres given to save_image: its affine is converted as well
+    out2 = tmp_path / "out2.nii"
+    save_image(out2, loaded.data, header=img.header)
+    np.testing.assert_allclose(np.diag(nibabel.load(os.fspath(out2)).affine)[:3], [2.0, 2.5, 3.0], rtol=1e-6)
 
 
 def test_truncated_inside_header(tmp_path: Path) -> None:

@@ -255,7 +255,10 @@ class OutputSet:
         if any(d == dest_path for _, d in self._staged):
             raise InputError(f"output file {str(dest_path)!r} is requested twice")
         _check_destination(dest_path, overwrite=self.overwrite)
-        tmp = _create_temp(dest_path)
+        tmp = _create_temp(dest_path)  # checks that the folder takes new files
+        # Not left behind as an empty file: :meth:`commit` tells a file never written by
+        # its absence (the random name keeps it this set's own).
+        _remove_quietly(tmp)
         self._staged.append((tmp, dest_path))
         return tmp
 

@@ -333,7 +333,8 @@ def load_image(
     -------
     Image
         ``data`` in ``dtype`` with the file's ``scl_slope``/``scl_inter`` applied,
-        ``affine`` (float64, mm), a copy of the header and ``path``.
+        ``affine`` (float64, mm: a file whose spatial unit is metres or micrometres is
+        converted, and the header copy then says mm), a copy of the header and ``path``.
 
     Raises
     ------
@@ -344,7 +345,7 @@ def load_image(
         says); non-finite header scaling (``scl_slope`` +-Inf, or ``scl_inter``
         NaN/Inf with a non-zero finite slope); a dimensionality not in ``ndim``
         (e.g. a 2-D image, or a 4-D series of several volumes when 3-D is required);
-        complex or RGB data.  Also (without the path) for a gzip file when
+        an axis of length 0; a ``vox_offset`` inside the header; complex or RGB data.  Also (without the path) for a gzip file when
         ``ASLCAL_GZIP`` has an unknown value (see :func:`gzip_backend`).
     BackendUnavailableError
         A gzip file with ``ASLCAL_GZIP=isal`` but no ``isal`` package.
@@ -416,7 +417,15 @@ def load_image(
             + (" with a single volume" if allowed == {3} and len(shape) == 4 else "")
         )
 
-    vox_offset = int(img.header.get_data_offset())
+    if any(n == 0 for n in file_shape):
+        raise InputError(f"{where}: has shape {file_shape}, with an axis of length 0 (no voxels); {expected}")
+    # The offset as the file says it: the header nibabel builds from bytes resets it to 0.
+    vox_offset = int(raw_header.get_data_offset())
+    if vox_offset < header_size + 4:
+        raise InputError(
+            f"{where}: corrupt NIfTI header: vox_offset {vox_offset} points into the header "
+            f"(a single-file image stores its voxels from byte {header_size + 4} on); {expected}"
+        )
     needed = vox_offset + math.prod(file_shape) * on_disk.itemsize
     if len(raw) < needed:
         raise InputError(
@@ -440,12 +449,24 @@ def load_image(
     # a C-order copy cost as much as the decompression.
     data = data.reshape(shape)
 
-    return Image(
-        data=data,
-        affine=np.array(img.affine, dtype=np.float64),
-        header=img.header.copy(),
-        path=file_path,
-    )
+    affine = np.array(img.affine, dtype=np.float64)
+    header = img.header.copy()
+    unit_to_mm = _TO_MM.get(header.get_xyzt_units()[0], 1.0)
+    if unit_to_mm != 1.0:
+        # A file in metres or micrometres: the affine (and the zooms) in millimetres, as
+        # everywhere in aslcal; the header then says mm so that nothing converts twice.
+        affine[:3, :] *= unit_to_mm
+        qform, qcode = header.get_qform(coded=True)
+        sform, scode = header.get_sform(coded=True)
+        zooms = header.get_zooms()
+        header.set_zooms(tuple(z * unit_to_mm for z in zooms[:3]) + tuple(zooms[3:]))
+        header.set_xyzt_units(xyz="mm", t=header.get_xyzt_units()[1])
+        for form, code, setter in ((qform, qcode, header.set_qform), (sform, scode, header.set_sform)):
+            if form is not None:
+                form = np.array(form, dtype=np.float64)
+                form[:3, :] *= unit_to_mm
+                setter(form, code=int(code))
+    return Image(data=data, affine=affine, header=header, path=file_path)
 
 
 # ---------------------------------------------------------------------------- saving
@@ -479,9 +500,9 @@ def _cast_for_output(data: np.ndarray, dtype: Any) -> np.ndarray:
             target = np.dtype(dtype)
         except TypeError as exc:
             raise InputError(f"dtype {dtype!r} is not a NumPy dtype") from exc
-        if target.kind not in "biuf" or target.itemsize > 8:
+        if target.kind not in "biuf" or target.itemsize > 8 or (target.kind == "f" and target.itemsize < 4):
             raise InputError(
-                f"dtype {dtype!r} cannot be stored; expected an integer or float dtype "
+                f"dtype {dtype!r} cannot be stored in NIfTI; expected an integer or float dtype "
                 "(e.g. 'float32', 'float64', 'int16', 'uint8')"
             )
         if target.kind == "b":
@@ -579,8 +600,8 @@ def save_image(
     ------
     InputError
         Bad extension; neither ``affine`` nor ``header``; ``affine`` not a finite
-        4x4 matrix; complex, object or string data; values the chosen dtype cannot
-        hold; the destination cannot be written (see
+        4x4 matrix, or singular; complex, object or string data; a dtype NIfTI cannot
+        store (float16); values the chosen dtype cannot hold; the destination cannot be written (see
         :func:`aslcal.io.atomic.atomic_output`); or, for ``.nii.gz``, an unknown
         ``ASLCAL_GZIP`` value (see :func:`gzip_backend`).
     BackendUnavailableError
@@ -588,7 +609,8 @@ def save_image(
 
     Notes
     -----
-    Spatial/temporal units are set to millimetres/seconds, and the scaling fields to
+    Spatial/temporal units are set to millimetres/seconds (an affine taken from a
+    ``header`` in metres or micrometres is converted), and the scaling fields to
     "no scaling" (the values are stored as given).  The data are written to a hidden
     temporary file in the destination folder and renamed when complete.
 
@@ -642,6 +664,8 @@ def encode_image(
     if affine is None:
         assert header is not None
         affine_arr = np.array(header.get_best_affine(), dtype=np.float64)
+        # in the header's spatial unit: millimetres, as the file written below says
+        affine_arr[:3, :] *= _TO_MM.get(header.get_xyzt_units()[0], 1.0)
     else:
         try:
             affine_arr = np.array(affine, dtype=np.float64)
@@ -652,6 +676,11 @@ def encode_image(
             f"affine must be a finite 4x4 matrix, got shape {affine_arr.shape} "
             f"with values {affine_arr.tolist()}"
         )
+    if abs(np.linalg.det(affine_arr[:3, :3])) <= 1e-12 * max(1.0, float(np.abs(affine_arr[:3, :3]).max()) ** 3):
+        raise InputError(
+            f"save_image({str(dest)!r}): the affine's 3x3 part is singular "
+            f"({affine_arr[:3, :3].tolist()}): voxels would have no extent in space"
+        )
 
     array = _to_host(data)
     if not 1 <= array.ndim <= 7:
@@ -661,11 +690,12 @@ def encode_image(
     array = _cast_for_output(array, dtype)
 
     if header is None:
-        img = nibabel.Nifti1Image(array, affine_arr)
+        # dtype given explicitly: nibabel asks for it before it stores (u)int64
+        img = nibabel.Nifti1Image(array, affine_arr, dtype=array.dtype)
         sform_code = qform_code = _NIFTI_CODE_SCANNER
     else:
         klass = nibabel.Nifti2Image if isinstance(header, nibabel.Nifti2Header) else nibabel.Nifti1Image
-        img = klass(array, affine_arr, header=header.copy())
+        img = klass(array, affine_arr, header=header.copy(), dtype=array.dtype)
         sform_code = int(header["sform_code"]) or _NIFTI_CODE_SCANNER
         qform_code = int(header["qform_code"]) or _NIFTI_CODE_SCANNER
     img.set_sform(affine_arr, code=sform_code)
