@@ -408,6 +408,10 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
         g = fpar[F_INIT + 3]
         fix_a = ipar[I_FREE + 2] == 0
         a_fix = fpar[F_INIT + 2]
+        m0_lo = max(fpar[F_LB], ZERO)
+        m0_hi = fpar[F_UB]
+        a_lo = fpar[F_LB + 2]
+        a_hi = fpar[F_UB + 2]
         log_lo = math.log(fpar[F_GRID_LO])
         step = (math.log(fpar[F_GRID_HI]) - log_lo) / f(n_grid - 1)
         syy = ZERO
@@ -437,19 +441,38 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
                 sww += w * w
                 suy += u * yj
                 swy += w * yj
+            # The linear part within the bounds (M0 in [lb, ub], A in [lb, ub]): a start
+            # chosen by the unbounded solution and clipped afterwards can land where T1
+            # no longer matters (A or M0 = 0) and stay there.
             if fix_a:
-                m0 = suy / suu if suu > ZERO else ZERO
+                m0 = clip(suy / suu if suu > ZERO else ZERO, m0_lo, m0_hi)
                 b = m0 * a_fix
-                rss = syy - m0 * suy
+                rss = syy - TWO * m0 * suy + m0 * m0 * suu
             else:
                 det = suu * sww - suw * suw
+                feasible = False
+                rss = INF
                 if det > EPS * suu * sww:
                     m0 = (sww * suy - suw * swy) / det
                     b = (suu * swy - suw * suy) / det
-                else:
-                    m0 = suy / suu if suu > ZERO else ZERO
+                    feasible = m0 > ZERO and m0 >= m0_lo and m0 <= m0_hi and b >= a_lo * m0 and b <= a_hi * m0
+                    rss = syy - m0 * suy - b * swy
+                if not feasible:
+                    # the optimum of the bounded problem has A on a bound (or M0 = 0)
+                    m0 = ZERO
                     b = ZERO
-                rss = syy - m0 * suy - b * swy
+                    rss = INF
+                    for side in range(2):
+                        ab = a_lo if side == 0 else a_hi
+                        if math.isfinite(ab):
+                            sy = suy + ab * swy
+                            ss = suu + TWO * ab * suw + ab * ab * sww
+                            mm = clip(sy / ss if ss > ZERO else ZERO, m0_lo, m0_hi)
+                            r = syy - TWO * mm * sy + mm * mm * ss
+                            if r < rss:
+                                rss = r
+                                m0 = mm
+                                b = mm * ab
             if kk == best_k + 1:
                 r_best_next = rss
             if rss < best:
@@ -551,9 +574,11 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
                         and small_step(p2, q2, tol) and small_step(p3, q3, tol)):
                     status = STATUS_CONVERGED
                     break
-                if stat2 > ZERO:
-                    # statistical stop (Method 2): the damped step's decrement first (cheap),
-                    # then the undamped one, which a large λ cannot make look small
+                if stat2 > ZERO and a0 == (fr0 != 0) and a1 == (fr1 != 0) and a2 == (fr2 != 0) and a3 == (fr3 != 0):
+                    # statistical stop (Method 2), only while no free parameter is held on a
+                    # bound (the local step says nothing of an optimum off the bound): the
+                    # damped step's decrement first (cheap), then the undamped one, which a
+                    # large λ cannot make look small
                     thr = stat2 * rss / f(dof)
                     if (q0 - p0) * g0 + (q1 - p1) * g1 + (q2 - p2) * g2 + (q3 - p3) * g3 <= thr:
                         okn, n0, n1, n2, n3 = solve4(

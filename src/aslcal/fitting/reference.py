@@ -51,21 +51,38 @@ def _grid_basis(design: FitDesign, tshift: float):
 
 
 def _start(y: np.ndarray, design: FitDesign, basis) -> np.ndarray:
-    """Brute-force T1 grid; for each T1 solve the linear (M0, M0·A) problem exactly."""
+    """Brute-force T1 grid; for each T1 solve the linear (M0, M0·A) problem exactly,
+    within the bounds of M0 and A (candidates: the unbounded solution where it is inside
+    them, and the best M0 with A on either bound; the lowest residual wins)."""
     t1s, u, w = basis
+    m0_lo, m0_hi = design.lower[0], design.upper[0]
+
+    def with_a(a):
+        """Best bounded M0 for A fixed at ``a`` (per grid T1): (m0, residual sum of squares)."""
+        z = u + a * w
+        m0 = np.clip((z @ y) / np.einsum("ij,ij->i", z, z), m0_lo, m0_hi)
+        return m0, np.sum((y - m0[:, None] * z) ** 2, axis=1)
+
     if not design.free[2]:
-        z = u + design.init[2] * w
-        m0 = (z @ y) / np.einsum("ij,ij->i", z, z)
-        rss = y @ y - m0 * (z @ y)
+        m0, rss = with_a(design.init[2])
         a = np.full_like(m0, design.init[2])
     else:
+        cands = []
+        for a_b in (design.lower[2], design.upper[2]):
+            if np.isfinite(a_b):
+                m0_b, rss_b = with_a(a_b)
+                cands.append((m0_b, np.full_like(m0_b, a_b), rss_b))
         suu, sww, suw = (np.einsum("ij,ij->i", p, q) for p, q in ((u, u), (w, w), (u, w)))
         suy, swy = u @ y, w @ y
-        det = suu * sww - suw**2
-        m0 = (sww * suy - suw * swy) / det
-        b = (suu * swy - suw * suy) / det
-        rss = y @ y - m0 * suy - b * swy
-        a = np.where(m0 > 0, b / np.where(m0 > 0, m0, 1.0), 1.0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            det = suu * sww - suw**2
+            m0_f = (sww * suy - suw * swy) / det
+            a_f = (suu * swy - suw * suy) / det / m0_f
+        inside = (m0_f > 0) & (m0_f >= m0_lo) & (m0_f <= m0_hi) & (a_f >= design.lower[2]) & (a_f <= design.upper[2])
+        rss_f = np.where(inside, np.sum((y - m0_f[:, None] * (u + np.where(inside, a_f, 0.0)[:, None] * w)) ** 2, axis=1), np.inf)
+        cands.append((m0_f, a_f, rss_f))
+        best = np.argmin(np.stack([c[2] for c in cands]), axis=0)
+        m0, a, rss = (np.choose(best, [c[i] for c in cands]) for i in range(3))
     k = int(np.nanargmin(rss))
     p0 = np.array([m0[k], t1s[k], a[k], design.init[3]])
     return np.clip(p0, design.lower, design.upper)

@@ -263,9 +263,11 @@ def fit_satrecov(
     stat_tol : float, optional
         Statistical stop (default 1e-3): a voxel's fit also ends when the undamped
         Gauss–Newton step to its optimum is below ``stat_tol`` standard errors (δᵀJᵀJδ ≤
-        stat_tol²·σ̂²).  Noisy data converge only linearly, so this halves the iterations
-        while every parameter stays within ``stat_tol`` standard errors of the fully
-        converged value; noise-free data still converge to ``tol``.  0 turns it off.
+        stat_tol²·σ̂²), unless a free parameter is held on a bound.  Noisy data converge
+        only linearly, so this halves the iterations while every parameter stays within
+        a few ``stat_tol`` standard errors of the fully converged value (the remaining
+        step times the linear rate); noise-free data still converge to ``tol``.  0 turns
+        it off.
 
     Returns
     -------
