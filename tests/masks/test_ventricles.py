@@ -203,6 +203,22 @@ def test_atlas_exact_shift():
     assert lin.pv.dtype.kind == "f"
 
 
+def test_atlas_probability_map_and_255_mask():
+    """A probability map is thresholded at 0.5 after sampling (a 0.1 halo around a 0.9
+    core maps to the core only); a 0/255 mask counts as binary."""
+    shape = (40, 40, 40)
+    aff = np.eye(4)
+    prob = np.zeros(shape, np.float32)
+    prob[5:35, 5:35, 5:35] = 0.1
+    prob[15:25, 15:25, 15:25] = 0.9
+    res = ventricles_from_atlas(prob, aff, shape, aff, np.eye(4), erode=False)
+    expect = np.zeros(shape, bool)
+    expect[15:25, 15:25, 15:25] = True
+    np.testing.assert_array_equal(res.mask, expect)
+    res255 = ventricles_from_atlas(expect.astype(np.uint8) * 255, aff, shape, aff, np.eye(4), erode=False)
+    np.testing.assert_array_equal(res255.mask, expect)
+
+
 def test_atlas_on_the_phantom(phantoms):
     """A 2 mm 'standard space' scaled by 1.1 about a point: the atlas is the phantom's
     ventricle label pushed into it; mapping it back recovers the eroded label."""

@@ -8,16 +8,18 @@ drops the scalp:
 
 1. **Image**: a series is averaged over its last axis; non-finite voxels count as 0.
 2. **Threshold**: the head (foreground) is separated from the background noise by
-   Otsu's threshold on the intensity histogram (clipped at the 99.5th percentile so
-   that a few bright voxels do not stretch it, at the maximum when that percentile is
-   the minimum).  The tissue level ``L`` is the median
+   Otsu's threshold on the intensity histogram (clipped to the 0.5-99.5th percentiles
+   so that a few extreme voxels do not stretch it, to the extremes when those
+   percentiles are equal).  The tissue level ``L`` is the median
    of the foreground; voxels above ``fraction * L`` (default half: a voxel half brain,
    half skull) and above the Otsu threshold are candidates.  Like BET's fractional
    intensity threshold, this adapts to the scale of the image.
 3. **Scalp removal**: the candidates are eroded with a ball of radius ``erode_mm``
    (thicker than the thin bridges through the skull that partial volume makes between
    scalp and brain), the largest connected component (6-connected) is kept — the
-   brain — and dilated back with the same ball, within the candidates.
+   brain — and dilated back with the same ball, within the candidates.  Along an axis
+   where the image is thinner than the ball (a slab of one or two slices) the ball is
+   flattened to its central plane.
 4. **Clean-up**: holes filled in each axial slice (third array axis) and in 3-D, a
    closing with a ball of radius ``close_mm`` (border-safe: the image edge does not
    erode the mask), holes filled again.
@@ -100,8 +102,9 @@ class BrainMask:
         return out
 
 
-def _quantile(xp, values: Any, q: float) -> float:
-    """``xp.quantile(values, q)`` (linear), the same number; on the host from one sort.
+def _quantile(xp, values: Any, q: float | tuple[float, ...]) -> float | list[float]:
+    """``xp.quantile(values, q)`` (linear), the same number; on the host from one sort
+    (a tuple of ``q``: a list of quantiles, from the same sort).
 
     NumPy's quantile partitions around four ranks at once, which on a calibration image
     costs 3-5 times a (SIMD) sort of it, whether its values are all distinct (noisy) or
@@ -110,12 +113,20 @@ def _quantile(xp, values: Any, q: float) -> float:
     NumPy's own quantile of the pair at the fractional rank, so the result is identical
     (tested against np.quantile).
     """
+    if isinstance(q, tuple):
+        if is_cupy_array(values) or values.size == 0:
+            return [float(xp.quantile(values, v)) for v in q]
+        ordered = np.sort(values, axis=None)
+        return [_sorted_quantile(ordered, v) for v in q]
     if is_cupy_array(values) or values.size == 0:
         return float(xp.quantile(values, q))
-    n = int(values.size)
+    return _sorted_quantile(np.sort(values, axis=None), q)
+
+
+def _sorted_quantile(ordered: np.ndarray, q: float) -> float:
+    n = int(ordered.size)
     virtual = (n - 1) * q
     k = int(math.floor(virtual))
-    ordered = np.sort(values, axis=None)
     if k >= n - 1:  # NumPy takes the maximum for both neighbours
         return float(ordered[-1])
     return float(np.quantile(ordered[k:k + 2], virtual - k))
@@ -341,10 +352,11 @@ def brain_mask_from_calib(
     n_nonfinite = int(img.size) - _count(xp, finite)
     img = xp.where(finite, img, xp.zeros_like(img))
     flat = img.ravel(order="K")  # no copy whatever the memory order
-    lo = float(xp.min(flat))
-    hi = _quantile(xp, flat, 0.995)
-    if not hi > lo:  # fewer than 0.5 % of the voxels above the minimum
-        hi = float(xp.max(flat))
+    if n_nonfinite == int(img.size):
+        raise InputError("calib: every voxel is NaN or Inf; expected a calibration image with brain signal")
+    lo, hi = _quantile(xp, flat, (0.005, 0.995))
+    if not hi > lo:  # fewer than 0.5 % of the voxels outside one value: the extremes
+        lo, hi = float(xp.min(flat)), float(xp.max(flat))
     if not hi > lo:
         raise InputError(
             f"calib: the image is constant (every voxel is {lo:g}); expected a calibration image "
@@ -359,6 +371,14 @@ def brain_mask_from_calib(
     settings = {"fraction": fraction, "erode": erode_r, "close": close_r,
                 "voxel_size_mm": None if voxel_size is None else list(vox), "radius_unit": unit}
     ball = _ellipsoid(erode_r, vox)
+    # A slab thinner than the ball (one or two slices of a 2-D acquisition) cannot keep
+    # anything through a 3-D erosion (outside the field of view counts as background):
+    # along such an axis the ball is flattened to its central plane.
+    for ax in range(3):
+        if int(img.shape[ax]) < ball.shape[ax] + 2 and ball.shape[ax] > 1:
+            c = ball.shape[ax] // 2
+            ball = np.take(ball, [c], axis=ax)
+            settings.setdefault("flat_axes", []).append(ax)
     close_ball = _ellipsoid(close_r, vox) if close_r > 0 else np.ones((1, 1, 1), dtype=bool)
     # Work inside the candidates' bounding box, widened so that every step gives what
     # it gives on the whole grid (see _crop_box); the rest of the grid is background.

@@ -468,6 +468,12 @@ def _component_terms(xp, sp, y, mu, sd, log_pi, on_edge):
         z = (y - mu[k]) * (1.0 / sd[k])
         out.append(-0.5 * z * z + (log_pi[k] - math.log(sd[k]) - 0.5 * math.log(2 * math.pi)))
     for m, (a, b) in enumerate(_MIXELS):
+        if not mu[b] > mu[a]:
+            raise InputError(
+                "t1w_brain: segmentation failed to separate three tissue classes: the class "
+                f"means met during the EM ({', '.join(f'{t.upper()} {v:.4g}' for t, v in zip(TISSUES, mu))}, "
+                "relative to the 99th percentile); expected a T1-weighted brain image with CSF < GM < WM"
+            )
         s = 0.5 * (sd[a] + sd[b])
         # Clipping z keeps ndtr out of its slow far tails; beyond 8 sigma it is 0 or 1.
         za = xp.clip((y - mu[a]) * (1.0 / s), -8.0, 8.0)
@@ -761,6 +767,14 @@ def segment_tissues(
             "(CSF, GM and WM need at least three); expected a T1-weighted brain image"
         )
     q_lo, q_hi = _quantiles(sample, [0.01, 0.99])
+    # A few extreme voxels (a vessel, fat, a reconstruction spike) would stretch the
+    # intensity histograms until the tissues share a handful of bins: intensities are
+    # clamped to the 1-99 % range widened by its own width on both sides (classified as
+    # the darkest or brightest tissue, as FAST does with hyperintensities).
+    spread = q_hi - q_lo
+    if spread > 0:
+        y_raw = xp.clip(y_raw, q_lo - spread, q_hi + spread)
+        sample = xp.clip(sample, q_lo - spread, q_hi + spread)
     scale = q_hi if q_hi > 0 else max(abs(q_lo), 1.0)
     y0 = y_raw * (1.0 / scale)
     sample = sample * (1.0 / scale)

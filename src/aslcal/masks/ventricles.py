@@ -502,8 +502,9 @@ def ventricles_from_atlas(
     Parameters
     ----------
     atlas_mask_std : array of shape (X, Y, Z)
-        Binary ventricle mask in standard space (non-zero = ventricle; a probability
-        map is thresholded at 0.5 after sampling).  NumPy or CuPy.
+        Ventricle mask in standard space: binary (values of 1 or more = ventricle,
+        e.g. 0/1 or 0/255), or a probability map with values in [0, 1], thresholded at
+        0.5 after sampling (values are clipped to [0, 1] first).  NumPy or CuPy.
     std_affine : array of shape (4, 4), mm
         Voxel -> world matrix of the atlas.
     struct_shape : sequence of 3 int
@@ -556,7 +557,10 @@ def ventricles_from_atlas(
         pv = pv if pv.dtype.kind == "f" else xp.astype(pv, xp.float64)
     ndi = ndimage_for(atlas)
     m = np.linalg.inv(a_std) @ w @ a_str  # structural index -> atlas index
-    src = xp.astype(atlas != 0, xp.float32)
+    # A binary mask (any value >= 1: 1, 255, ...) becomes 0/1; a probability map (0-1)
+    # keeps its values, and the 0.5 threshold applies after sampling (as documented).
+    src = xp.clip(xp.astype(atlas, xp.float32), 0.0, 1.0)
+    src = xp.where(xp.isfinite(src), src, xp.zeros_like(src))
     sampled = ndi.affine_transform(
         src, xp.asarray(m), output_shape=shape, order=order, mode="constant", cval=0.0
     )
