@@ -5,7 +5,7 @@
 Edge correction (default on): voxels at the brain edge are partial-volumed with
 non-brain and give too low an M0.  Exactly as §5:
 
-1. 3×3×3 median filter of the M0 map;
+1. 3×3×3 median filter of the M0 map (the whole image: it is masked only afterwards);
 2. mask with the brain mask;
 3. erode by one voxel (3×3×3): a voxel keeps its value only if all 26 neighbours are
    non-zero (FSL ``fslmaths -ero``; outside the array counts as zero);
@@ -255,10 +255,14 @@ def m0_voxelwise(
     finite = xp.isfinite(c)
     n_nonfinite = count(xp, mask & ~finite)
     zero = xp.zeros_like(c)
-    m0 = xp.where(mask & finite, c * scale, zero)
     n_filled, passes = 0, {"inplane": 0, "3d": 0}
     if edge_correction:
-        m0, n_filled, passes = edge_correct(m0, mask)
+        # The median filter sees the whole M0 image, masked only afterwards (§5; FSL's
+        # ``fslmaths M0 -fmedian -mas mask -ero``): zeros outside the brain in its window
+        # would pull edge medians to 0 and erode more than one voxel's rim.
+        m0, n_filled, passes = edge_correct(xp.where(finite, c * scale, zero), mask)
+    else:
+        m0 = xp.where(mask & finite, c * scale, zero)
     return VoxelwiseM0(
         m0=m0, tr=tr, t1t=t1t, pc=pc, cgain=cgain, tr_factor=tr_factor, short_tr=short,
         edge_correction=edge_correction, sensitivity=sensitivity is not None, n_brain=n_brain,
