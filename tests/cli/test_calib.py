@@ -761,3 +761,28 @@ def test_timing_satrecov_look_locker_7x13(phantom_ds, tmp_path):
     )
     assert abs(prov["m0a"] - ph.m0a) / ph.m0a < 5e-3
     assert total < 30.0
+
+
+def test_satrecov_float64_reads_the_data_in_float64(cli, tmp_path):
+    """A float64 saturation-recovery series fitted in float64: M0a = mean(M0t)/pc (pure
+    CSF table, TE 0) to the fit tolerance (~1e-9), which a float32 copy of the data
+    (rounding 6e-8 per volume) cannot reach."""
+    tis = np.array([0.3, 0.7, 1.3, 2.2, 3.5, 5.0, 8.0])
+    rng = np.random.default_rng(0)
+    shape = (5, 4, 3)
+    t1 = rng.uniform(3.5, 4.8, shape)
+    m0 = rng.uniform(900.0, 1300.0, shape) * 1.000000123
+    y = m0[..., None] * (1.0 - np.exp(-tis / t1[..., None]))
+    aff = np.diag([3.0, 3.0, 4.0, 1.0])
+    save_nifti(tmp_path / "sr.nii.gz", y, aff, dtype=np.float64)
+    rel = []
+    for voxel in [(0, 0, 0), (2, 1, 1), (4, 3, 2)]:  # one-voxel reference masks: no averaging
+        mask = np.zeros(shape)
+        mask[voxel] = 1
+        save_nifti(tmp_path / "mask.nii.gz", mask, aff, dtype=np.uint8)
+        res = cli("calib", "-c", tmp_path / "sr.nii.gz", "-m", tmp_path / "mask.nii.gz", "--mode", "satrecov",
+                  "--tis", ",".join(str(t) for t in tis), "--dtype", "float64")
+        assert res.rc == 0, res.err
+        expected = float(m0[voxel]) / TABLE_3T["csf"]["pc"]
+        rel.append(abs(res.m0 - expected) / expected)
+    assert max(rel) <= 1e-8, rel

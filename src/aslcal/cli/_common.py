@@ -71,13 +71,13 @@ def fsl_image_names(args: argparse.Namespace, inputs=(), outputs=()) -> None:
             setattr(args, dest, value + ".nii.gz")
 
 
-def load(path: str | None, name: str, *, ndim=None, reference=None):
+def load(path: str | None, name: str, *, ndim=None, reference=None, dtype: str = "float32"):
     """Load an image (or return None); check its grid against ``reference`` (an Image)."""
     if path is None:
         return None
     from ..io import load_image
 
-    img = load_image(path, ndim=ndim, name=name)
+    img = load_image(path, ndim=ndim, name=name, dtype=dtype)
     if reference is not None:
         check_same_grid(img, reference[0], name, reference[1])
     return img

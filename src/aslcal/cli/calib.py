@@ -207,7 +207,9 @@ def _calibrate(args, out, outdir: Path | None) -> dict:
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    calib = load(args.calib, "calibration image (-c)", ndim=(4,) if args.mode == "satrecov" else (3, 4))
+    # In float64 unless --dtype float32: a float32 copy would limit a float64 fit to ~1e-7.
+    calib = load(args.calib, "calibration image (-c)", ndim=(4,) if args.mode == "satrecov" else (3, 4),
+                 dtype="float32" if args.dtype == "float32" else "float64")
     ref = (calib, "calibration image (-c)")
     t1r = image_or_value(args.t1r, "T1 image (--t1r)", ref)
     t2r = image_or_value(args.t2r, "T2 image (--t2r)", ref)
