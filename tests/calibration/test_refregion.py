@@ -341,3 +341,14 @@ def test_te_blood_separates_the_two_echo_times():
     # TE 0 for the calibration image but a blood echo: the blood T2 is still needed (table default)
     res0 = m0_refregion(calib, mask, te=0.0, te_blood=12.0, tissref="csf", tr=5.0)
     assert res0.t2b_factor < 1.0 and res0.t2_factor == 1.0
+
+
+def test_negative_reference_signal_is_an_error():
+    """A calibration image with negative values in the reference region (a phase or
+    difference image given by mistake) gives a negative M0a: an error, not a result."""
+    from aslcal.calibration import m0_refregion
+
+    calib = np.full((4, 4, 3), -500.0)
+    mask = np.ones((4, 4, 3), dtype=bool)
+    with pytest.raises(InputError, match=r"M0a = -.* is not positive: the mean reference signal .* is -500"):
+        m0_refregion(calib, mask, tr=3.2)

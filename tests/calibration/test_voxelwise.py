@@ -264,3 +264,10 @@ def test_tr_in_milliseconds_warns():
 
     with pytest.warns(CalibrationWarning, match="tr=3200 s looks like milliseconds"):
         m0_voxelwise(np.ones((3, 3, 3)), np.ones((3, 3, 3)), tr=3200.0, edge_correction=False)
+
+
+def test_t1t_in_milliseconds_warns():
+    from aslcal.calibration import CalibrationWarning
+
+    with pytest.warns(CalibrationWarning, match="t1t=1300 s looks like milliseconds"):
+        m0_voxelwise(np.ones((3, 3, 3)), np.ones((3, 3, 3)), tr=3.2, t1t=1300.0, edge_correction=False)

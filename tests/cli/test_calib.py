@@ -786,3 +786,37 @@ def test_satrecov_float64_reads_the_data_in_float64(cli, tmp_path):
         expected = float(m0[voxel]) / TABLE_3T["csf"]["pc"]
         rel.append(abs(res.m0 - expected) / expected)
     assert max(rel) <= 1e-8, rel
+
+
+def test_satrecov_too_few_tis_is_named(cli, tmp_path):
+    """Two TIs for three free parameters: the error says so (and suggests --fixa), instead
+    of a later 'no usable reference voxel'."""
+    shape = (4, 4, 3)
+    tis = np.array([0.5, 2.0])
+    y = 1000.0 * (1.0 - np.exp(-tis / 4.3)) * np.ones(shape + (2,))
+    aff = np.diag([3.0, 3.0, 4.0, 1.0])
+    save_nifti(tmp_path / "sr.nii.gz", y, aff)
+    save_nifti(tmp_path / "mask.nii.gz", np.ones(shape), aff, dtype=np.uint8)
+    res = cli("calib", "-c", tmp_path / "sr.nii.gz", "-m", tmp_path / "mask.nii.gz", "--mode", "satrecov",
+              "--tis", "0.5,2.0")
+    assert res.rc == 2
+    assert "2 distinct recovery times (TIs) for 3 free parameters (M0t, T1t, A)" in res.err
+    assert "--fixa" in res.err and "usable value" not in res.err
+    fixed = cli("calib", "-c", tmp_path / "sr.nii.gz", "-m", tmp_path / "mask.nii.gz", "--mode", "satrecov",
+                "--tis", "0.5,2.0", "--fixa")
+    assert fixed.rc == 0, fixed.err
+    assert fixed.m0 == pytest.approx(1000.0 / TABLE_3T["csf"]["pc"], rel=1e-6)
+
+
+def test_options_of_the_other_mode_are_said_to_be_ignored(phantom_ds, cli):
+    root = phantom_ds.root
+    res = cli("calib", "-c", root / "calib.nii.gz", "-m", phantom_ds.pure_vent_path, "--priors", "--nphases", "3",
+              "--dtype", "float32")
+    assert res.rc == 0, res.err
+    assert "--nphases, --priors, --dtype: no effect in --mode longtr (ignored)" in res.err
+    plain = cli("calib", "-c", root / "calib.nii.gz", "-m", phantom_ds.pure_vent_path)
+    assert "ignored" not in plain.err and plain.m0 == pytest.approx(res.m0, rel=1e-6)
+    sr = cli("calib", "-c", root / "calib_ll.nii.gz", "-m", phantom_ds.pure_vent_path, *phantom_ds.ll_args,
+             "--tr", "1.0", "--taq", "0.5")
+    assert sr.rc == 0, sr.err
+    assert "--tr, --taq: no effect in --mode satrecov (ignored)" in sr.err

@@ -336,6 +336,12 @@ def finish_m0a(
             )
     m0_ref = s_ref / tr_factor / t2_factor
     m0a = m0_ref * cgain / tissue["pc"] * t2b_factor
+    if not (m0a > 0 and math.isfinite(m0a)):
+        raise InputError(
+            f"M0a = {m0a:g} is not positive: the mean reference signal over the {n_voxels} reference "
+            f"voxels is {s_ref:g}; check the calibration image (sign, scaling: a magnitude image is "
+            "positive) and the reference mask"
+        )
     return RefRegionM0(
         m0a=m0a,
         m0_ref=m0_ref,

@@ -293,6 +293,14 @@ def m0_refregion_satrecov(
     ref_fit = fit_satrecov(
         corrected, tis, mask=mask, priors=fabber_priors(tissue["t1r"]) if priors else None, **design
     )
+    if not ref_fit.design.identifiable:
+        d = ref_fit.design
+        free = [n for n, f in zip(("M0t", "T1t", "A", "g"), d.free) if f]
+        raise InputError(
+            f"the series has {d.n_distinct} distinct recovery times (TIs) for {d.n_free} free parameters "
+            f"({', '.join(free)}): the recovery curve cannot be fitted; acquire more TIs"
+            + (", or fix the saturation efficiency (fix_a / --fixa)" if d.free[2] else "")
+        )
 
     refregion, readout = m0a_from_satrecov_maps(
         ref_fit.m0t, ref_fit.g, ref_fit.design.fa, mask, m0_scale=m0_scale, tissref=tissref,

@@ -226,6 +226,8 @@ def m0_voxelwise(
         if tr > 100.0:
             warnings.warn(f"tr={tr:g} s looks like milliseconds (TR is in seconds)", CalibrationWarning, stacklevel=2)
     t1t = number("t1t", t1t, "s")
+    if t1t > 30.0:
+        warnings.warn(f"t1t={t1t:g} s looks like milliseconds (T1 is in seconds)", CalibrationWarning, stacklevel=2)
     pc = number("pc", pc, "ml/g")
     cgain = number("cgain", cgain, "ratio")
     if not isinstance(edge_correction, bool):

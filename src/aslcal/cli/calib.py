@@ -115,6 +115,15 @@ def _finite(arr):
     return xp.where(xp.isfinite(arr), arr, 0)
 
 
+#: Options that only the satrecov mode uses (dest: (flag, default)), and the longtr ones.
+_SATRECOV_ONLY = {
+    "nphases": ("--nphases", 1), "repeats": ("--repeats", 1), "dt": ("--dt", None), "fixa": ("--fixa", False),
+    "priors": ("--priors", False), "m0_scale": ("--m0-scale", "readout"), "backend": ("--backend", None),
+    "dtype": ("--dtype", None),
+}
+_LONGTR_ONLY = {"tr": ("--tr", 3.2), "taq": ("--taq", 0.0)}
+
+
 def _check_options(args) -> None:
     if args.calib is None:
         raise InputError("-c CALIB is required: the calibration image")
@@ -140,6 +149,12 @@ def _check_options(args) -> None:
         raise InputError("--tis/--fa/--lfa describe a satrecov series: add --mode satrecov")
     if args.mode == "satrecov" and not args.tis:
         raise InputError("--mode satrecov needs --tis (the recovery times, s)")
+    # Options of the other mode are accepted (asl_calib scripts pass them regardless of
+    # the mode) but said to be ignored, so that nobody believes they took effect.
+    other = _SATRECOV_ONLY if args.mode == "longtr" else _LONGTR_ONLY
+    unused = [flag for dest, (flag, default) in other.items() if getattr(args, dest) != default]
+    if unused:
+        log.warning("%s: no effect in --mode %s (ignored)", ", ".join(unused), args.mode)
     if args.isen and (args.cref or args.cact):
         raise InputError("--isen gives the sensitivity map; do not combine it with --cref/--cact")
     if args.cact and not args.cref:
@@ -209,7 +224,7 @@ def _calibrate(args, out, outdir: Path | None) -> dict:
     t0 = time.perf_counter()
     # In float64 unless --dtype float32: a float32 copy would limit a float64 fit to ~1e-7.
     calib = load(args.calib, "calibration image (-c)", ndim=(4,) if args.mode == "satrecov" else (3, 4),
-                 dtype="float32" if args.dtype == "float32" else "float64")
+                 dtype="float32" if args.mode == "satrecov" and args.dtype == "float32" else "float64")
     ref = (calib, "calibration image (-c)")
     t1r = image_or_value(args.t1r, "T1 image (--t1r)", ref)
     t2r = image_or_value(args.t2r, "T2 image (--t2r)", ref)
