@@ -513,7 +513,7 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
         if not finite:
             for k in range(4):
                 out_p[k, v] = ZERO
-                out_se[k, v] = NAN
+                out_se[k, v] = NAN if ipar[I_FREE + k] != 0 else ZERO
             out_rss[v] = NAN
             out_iter[v] = 0
             out_status[v] = STATUS_NONFINITE
@@ -614,9 +614,13 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
         out_p[3, v] = p3
         out_rss[v] = rss
         out_iter[v] = it
-        singular = status == STATUS_SINGULAR or dof <= 0
+        singular = status == STATUS_SINGULAR
+        # dof <= 0: as many observations as free parameters, an exact fit whose standard
+        # errors are undefined (no σ̂²): NaN, with the fit's own status
+        exact = dof <= 0
+        se0 = se1 = se2 = se3 = ZERO
         if not singular:
-            var_s2 = s2 if s2 > ZERO else rss / f(dof)
+            var_s2 = s2 if s2 > ZERO else (rss / f(dof) if not exact else ZERO)
             ok, v0, v1, v2, v3 = inverse_diagonal(
                 h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, fr0 != 0, fr1 != 0, fr2 != 0, fr3 != 0,
             )
@@ -626,12 +630,12 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
             se1 = (math.sqrt(var_s2 * v1) if v1 >= ZERO else NAN) if fr1 else ZERO
             se2 = (math.sqrt(var_s2 * v2) if v2 >= ZERO else NAN) if fr2 else ZERO
             se3 = (math.sqrt(var_s2 * v3) if v3 >= ZERO else NAN) if fr3 else ZERO
-        if singular:
+        if singular or exact:
             out_se[0, v] = NAN if fr0 else ZERO
             out_se[1, v] = NAN if fr1 else ZERO
             out_se[2, v] = NAN if fr2 else ZERO
             out_se[3, v] = NAN if fr3 else ZERO
-            if status == STATUS_CONVERGED or status == STATUS_MAX_ITER:
+            if singular and (status == STATUS_CONVERGED or status == STATUS_MAX_ITER):
                 status = STATUS_SINGULAR
         else:
             out_se[0, v] = se0

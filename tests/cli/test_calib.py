@@ -820,3 +820,15 @@ def test_options_of_the_other_mode_are_said_to_be_ignored(phantom_ds, cli):
              "--tr", "1.0", "--taq", "0.5")
     assert sr.rc == 0, sr.err
     assert "--tr, --taq: no effect in --mode satrecov (ignored)" in sr.err
+
+
+def test_output_folder_given_to_o_is_refused(phantom_ds, cli, tmp_path):
+    """asl_calib's -o is an output folder; here -o is the calibrated image (its --of): a
+    folder given to -o is refused instead of writing FOLDER.nii.gz beside it."""
+    root = phantom_ds.root
+    folder = tmp_path / "fslout"
+    folder.mkdir()
+    res = cli("calib", "-c", root / "calib.nii.gz", "-m", phantom_ds.pure_vent_path, "-i", root / "perfusion.nii.gz",
+              "-o", folder, "--alpha", "1")
+    assert res.rc == 2 and "is a folder" in res.err and "--outdir" in res.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fslout"] and not any(folder.iterdir())

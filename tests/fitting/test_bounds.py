@@ -12,6 +12,7 @@ import pytest
 from scipy.optimize import least_squares
 
 from aslcal import fit_satrecov
+from aslcal.errors import InputError
 
 TIS = np.array([0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0])
 LOWER, UPPER = [0.0, 0.05, 0.0], [np.inf, 10.0, 2.0]  # the documented default bounds (m0t, t1t, a)
@@ -88,3 +89,40 @@ def test_bounded_start_keeps_population_fits_at_their_minimum():
         if res.rss[i] > rss + 1e-3 * sigma2:
             worse.append((i, res.rss[i], rss, res.status[i]))
     assert not worse, worse[:5]
+
+
+@pytest.mark.cudasim
+def test_exactly_determined_fit_converges_with_undefined_standard_errors(backend):
+    """3 TIs, 3 free parameters: the fit is exact (the noise-free truth), its status
+    'converged', its standard errors NaN (no residual to estimate sigma from)."""
+    tis = np.array([0.5, 1.5, 4.0])
+    y = 1000.0 * (1.0 - 0.95 * np.exp(-tis / 1.2))
+    res = fit_satrecov(y[None], tis, backend=backend, dtype="float64")
+    assert res.status[0] == 0, res.status_counts()
+    np.testing.assert_allclose([res.m0t[0], res.t1t[0], res.a[0]], [1000.0, 1.2, 0.95], rtol=1e-6)
+    assert np.isnan(res.m0t_se[0]) and np.isnan(res.t1t_se[0]) and np.isnan(res.a_se[0])
+    assert res.g_se[0] == 0.0  # fixed
+
+
+@pytest.mark.cudasim
+def test_nonfinite_voxel_keeps_zero_standard_error_for_fixed_parameters(backend):
+    y = np.array([[np.nan] * 8, list(1000.0 * (1.0 - np.exp(-TIS / 1.3)))])
+    res = fit_satrecov(y, TIS, backend=backend, dtype="float64", fix_a=True)
+    assert res.status[0] == 3
+    assert np.isnan(res.m0t_se[0]) and np.isnan(res.t1t_se[0])
+    assert res.a_se[0] == 0.0 and res.g_se[0] == 0.0
+
+
+def test_input_forms_and_priors_without_residual(caplog):
+    y = 1000.0 * (1.0 - np.exp(-TIS / 1.3)) * np.ones((3, 8))
+    mask_list = [True, False, True]
+    res = fit_satrecov(y, TIS, mask=mask_list, tol=np.float32(1e-8), stat_tol=np.float64(1e-3))
+    assert list(res.status) == [0, 4, 0]
+    with pytest.raises(InputError, match="complex"):
+        fit_satrecov(y.astype(np.complex128), TIS)
+    tis3 = np.array([0.5, 1.5, 4.0])
+    with caplog.at_level("WARNING", logger="aslcal"):
+        fit_satrecov((1000.0 * (1.0 - np.exp(-tis3 / 1.3)))[None], tis3, priors=True)
+    assert "priors ignored" in caplog.text
+    with pytest.raises(InputError, match=r"exclude g = 1"):
+        fit_satrecov(np.ones((2, 12)), 0.1 + 0.3 * np.arange(12), fa=35.0, bounds={"g": (1.1, 1.3)})

@@ -67,7 +67,8 @@ def fsl_image_names(args: argparse.Namespace, inputs=(), outputs=()) -> None:
                 break
     for dest in outputs:
         value = getattr(args, dest, None)
-        if isinstance(value, str) and value and not _has_image_extension(value) and not value.endswith(("/", ".")):
+        if (isinstance(value, str) and value and not _has_image_extension(value) and not value.endswith(("/", "."))
+                and not Path(value).is_dir()):  # a folder stays a folder (and is refused as an image)
             setattr(args, dest, value + ".nii.gz")
 
 

@@ -145,6 +145,11 @@ def _check_options(args) -> None:
         raise InputError("--ventricle-atlas and --str2std go together (atlas in standard space + structural->standard matrix)")
     if (args.infile is None) != (args.outfile is None):
         raise InputError("-i PERF and -o OUT go together: -o is the calibrated version of -i")
+    if args.outfile is not None and Path(args.outfile).is_dir():
+        raise InputError(
+            f"-o {args.outfile}: is a folder; -o names the calibrated perfusion image (asl_calib's --of), "
+            "--outdir DIR the folder of every map"
+        )
     if args.mode == "longtr" and (args.tis or args.fa or args.lfa):
         raise InputError("--tis/--fa/--lfa describe a satrecov series: add --mode satrecov")
     if args.mode == "satrecov" and not args.tis:

@@ -280,6 +280,11 @@ def make_design(
     a_init = 1.0 if lo_t[2] <= 1.0 <= hi_t[2] else float(np.clip(1.0, lo_t[2], hi_t[2]))
     if fix_a and not (lo_t[2] <= 1.0 <= hi_t[2]):
         raise InputError(f"fix_a=True fixes A = 1, outside bounds['a']=({lo_t[2]:g}, {hi_t[2]:g})")
+    if fa_v is not None and not fit_g and not (g_lo <= 1.0 <= g_hi):
+        raise InputError(
+            f"bounds['g']=({g_lo:g}, {g_hi:g}) exclude g = 1: without a low-flip-angle phase (lfa) g is "
+            "not fitted but fixed at 1 (the nominal flip angle)"
+        )
     g_init = float(np.clip(1.0, g_lo, g_hi))
     t1_init = float(np.clip(1.3, lo_t[1], hi_t[1]))
     init = (0.0, t1_init, a_init, g_init)

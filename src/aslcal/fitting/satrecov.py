@@ -290,12 +290,14 @@ def fit_satrecov(
         data = np.asarray(data)
     if data.ndim < 2:
         raise InputError(f"data: expected shape (*spatial, n_volumes) with >= 2 axes, got shape {tuple(data.shape)}")
+    if data.dtype.kind not in "biuf":
+        raise InputError(f"data: dtype {data.dtype} is not supported; expected real numbers (a magnitude image)")
     spatial = tuple(int(s) for s in data.shape[:-1])
     n_vol = int(data.shape[-1])
     for name, val in (("max_iter", max_iter), ("n_grid", n_grid)):
         if isinstance(val, bool) or not isinstance(val, (int, np.integer)) or val < (3 if name == "n_grid" else 1):
             raise InputError(f"{name}={val!r}: expected an integer >= {3 if name == 'n_grid' else 1}")
-    if isinstance(stat_tol, bool) or not isinstance(stat_tol, (int, float)) or not 0 <= stat_tol < 1:
+    if isinstance(stat_tol, bool) or not isinstance(stat_tol, (int, float, np.floating)) or not 0 <= stat_tol < 1:
         raise InputError(f"stat_tol={stat_tol!r}: expected a number in [0, 1) (standard errors; 0: off)")
     design = make_design(
         n_vol, tis, repeats=repeats, nphases=nphases, fa=fa, lfa=lfa, dt=dt, slicedt=slicedt,
@@ -305,6 +307,8 @@ def fit_satrecov(
     if mask is None:
         mask_b = xp.ones(spatial, dtype=bool)
     else:
+        if not hasattr(mask, "shape"):
+            mask = np.asarray(mask)
         if is_cupy_array(data) and not is_cupy_array(mask):
             import cupy
 
@@ -320,7 +324,7 @@ def fit_satrecov(
     dt_ = resolve_dtype(dtype, be)
     if tol is None:
         tol = DEFAULT_TOL[dt_.name]
-    if not (isinstance(tol, (int, float)) and 0 < tol < 1):
+    if isinstance(tol, bool) or not (isinstance(tol, (int, float, np.floating)) and 0 < tol < 1):
         raise InputError(f"tol={tol!r}: expected a number in (0, 1)")
 
     # -- pack: (n_obs, n_vox), one column per voxel ------------------------------------
@@ -333,6 +337,11 @@ def fit_satrecov(
     else:
         sidx, shifts = _voxel_shifts(ti_shift, spatial, mask, mask_b, design, xp, dt_)
     fpar, ipar = _pack_params(design, dt_, float(tol), int(max_iter), int(n_grid), float(stat_tol))
+    if design.has_priors and n_vol <= design.n_free:
+        log.warning(
+            "priors ignored: they are weighted by σ̂² = RSS/(n - p) of a fit without them, undefined "
+            "with %d volumes for %d free parameters", n_vol, design.n_free,
+        )
     timings["pack"] = time.perf_counter() - t0
 
     params = xp.zeros((4, n_vox), dtype=dt_)
