@@ -37,6 +37,16 @@ def test_usage_error_exits_2(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_usage_errors_name_the_subcommand(capsys):
+    """An unknown option or bad value of a subcommand points to that subcommand's help."""
+    assert main(["calib", "--bogus"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "aslcal: error: unrecognized arguments: --bogus (see 'aslcal calib --help')"
+    assert main(["calib", "--mode", "bad"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("aslcal: error: argument --mode: invalid choice") and err.count("\n") == 0
+
+
 def test_info_names_each_gpu_with_its_cuda_versions(monkeypatch):
     """GPU entries carry name, memory, compute capability and the CUDA driver/runtime
     versions (CUDA encodes 13.0 as 13000 and 12.8 as 12080), from CuPy's runtime API."""

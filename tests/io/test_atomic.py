@@ -399,3 +399,20 @@ def test_output_set_write_bytes_commits_together_or_not_at_all(tmp_path: Path, m
         out.write_bytes(tmp_path / "c.bin", b"gamma")
         raise RuntimeError("fails before the commit")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "b.json"]
+
+
+def test_output_set_check_probes_the_folder(tmp_path: Path, monkeypatch) -> None:
+    """check() finds a folder that refuses new files (permission bits can say otherwise,
+    e.g. for root or on a read-only mount) before any work is done, and leaves nothing."""
+    real_open = os.open
+
+    def refusing_open(path, flags, *args, **kw):
+        if str(path).startswith(str(tmp_path / "ro")) and flags & os.O_CREAT:
+            raise OSError(30, "Read-only file system")
+        return real_open(path, flags, *args, **kw)
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(os, "open", refusing_open)
+    with pytest.raises(InputError, match="cannot create a file in output folder .*Read-only file system"):
+        atomic.OutputSet().check(tmp_path / "ok.txt", tmp_path / "ro" / "M0.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ro"] and not any((tmp_path / "ro").iterdir())

@@ -101,7 +101,7 @@ def _alpha(alpha: Any, labelling: Any) -> tuple[float, str, str | None]:
         return ALPHA_DEFAULTS[lab], "labelling", lab
     warnings.warn(
         "labelling efficiency unknown (no alpha, no labelling type): alpha = 1 assumed; "
-        "give alpha, or labelling='pcasl' (0.85) / 'pasl' (0.98)",
+        "give alpha (--alpha), or the labelling type (labelling= / --labelling: pcasl 0.85, pasl 0.98)",
         CalibrationWarning,
         stacklevel=3,
     )

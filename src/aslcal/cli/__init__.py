@@ -31,6 +31,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UsageError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
+    def parse_args(self, args=None, namespace=None):
+        # Unknown options are found by the top-level parser once the subcommand has
+        # parsed: name the subcommand whose --help lists the valid ones.
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:
+            prog = f"{self.prog} {ns.command}" if getattr(ns, "command", None) else self.prog
+            raise UsageError(f"{prog}: unrecognized arguments: {' '.join(extras)} (see '{prog} --help')")
+        return ns
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
@@ -75,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version
         return int(exc.code or 0)
     except UsageError as exc:
-        msg = str(exc).removeprefix("aslcal: ")
+        # "aslcal calib: <message> (see 'aslcal calib --help')": one "aslcal: error:" prefix
+        # as every error has; the hint names the subcommand
+        _, _, msg = str(exc).partition(": ")
         print(f"aslcal: error: {msg}", file=sys.stderr)
         return EXIT_ERROR
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for provenance records

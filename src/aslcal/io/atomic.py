@@ -246,8 +246,15 @@ class OutputSet:
             if key in seen:
                 raise InputError(f"output file {str(dest)!r} is requested twice (two outputs would overwrite each other)")
             seen[key] = Path(dest)
+        probed: set[Path] = set()
         for dest in dests:
-            _check_destination(Path(dest), overwrite=self.overwrite)
+            dest_path = Path(dest)
+            _check_destination(dest_path, overwrite=self.overwrite)
+            if dest_path.parent not in probed:
+                # the permission bits do not tell everything (root, read-only mounts,
+                # /proc): create and remove a file there now, before any work is done
+                _remove_quietly(_create_temp(dest_path))
+                probed.add(dest_path.parent)
 
     def path(self, dest: StrPath) -> Path:
         """Register ``dest`` and return the temporary path to write it to."""

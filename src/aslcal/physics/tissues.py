@@ -75,7 +75,7 @@ def _check_field_strength(field_strength: Any) -> float:
         avail = ", ".join(f"{f:g}" for f in FIELD_STRENGTHS)
         raise InputError(
             f"field_strength={field_strength!r}: no tissue table for this field; expected one of "
-            f"{avail} (tesla), or give every value (t1r, t2r, t2b, pc) or a user tissue table"
+            f"{avail} (tesla), or give every value (t1r, t2r, t2b, pc)"
         )
     return fs
 
