@@ -12,9 +12,11 @@ path) and the same worker count, in the same process and run:
   run's ``summary.tsv`` (``dataset_description.json`` is written by the writer's
   constructor, as in the runner).
 
-Two phantom cohorts: noise-free float32, and with Rician noise of grey-matter SNR 50 in
+Three phantom cohorts: noise-free float32; with Rician noise of grey-matter SNR 50 in
 every ASL and M0 volume stored as int16, as scanners write them
-(``make_bids_cohort(snr=50, image_dtype="int16")``).  The noise-free one is the worst case
+(``make_bids_cohort(snr=50, image_dtype="int16")``); and the same with ASL series of 30
+control/label pairs (a 2-D pCASL protocol of the white paper) instead of the phantom's 2-3.
+The noise-free one is the worst case
 for the ratio: its piecewise-constant images compress tens of times better than real
 ones, so reading and writing them costs little next to the compute; the noisy one has
 the gzip cost of real images (and the fits take the iterations noisy data take).
@@ -114,15 +116,21 @@ SUBSETS = {"all": None, "no-fit": ("separate", "included", "estimate")}
 
 
 #: Phantom cohorts: noise-free float32, and int16 images with the grey-matter SNR of real
-#: ASL M0 images: (snr, on-disk type).
-NOISE = {"noise-free": (None, "float32"), "snr50-int16": (50.0, "int16")}
+#: ASL M0 images, with the phantom's short ASL series (2-3 control/label pairs) or the 30
+#: pairs of a 2-D pCASL protocol of the white paper: (snr, on-disk type, pairs or None).
+NOISE = {
+    "noise-free": (None, "float32", None),
+    "snr50-int16": (50.0, "int16", None),
+    "snr50-int16-30pairs": (50.0, "int16", 30),
+}
 
 
-def make_cohort(tmp: Path, n_subjects: int, shape, snr: float | None = None, image_dtype: str = "float32"):
+def make_cohort(tmp: Path, n_subjects: int, shape, snr: float | None = None, image_dtype: str = "float32",
+                n_pairs: int | None = None):
     bids = tmp / "bids"
     t = time.perf_counter()
     truth = make_bids_cohort(bids, n_subjects=n_subjects, seed=5, shape=shape, broken=3, snr=snr,
-                             image_dtype=image_dtype)
+                             image_dtype=image_dtype, n_pairs=n_pairs)
     return bids, truth, time.perf_counter() - t
 
 
@@ -167,6 +175,7 @@ def run_benchmark(tmp: Path, bids: Path, truth, subset: str, rounds: int, noise:
         "noise": noise,
         "snr": NOISE[noise][0],
         "image_dtype": NOISE[noise][1],
+        "asl_pairs": NOISE[noise][2] or "2-3",
         "n_subjects": n_subjects,
         "n_good": n_good,
         "workers": WORKERS,
@@ -198,8 +207,8 @@ def run_benchmark(tmp: Path, bids: Path, truth, subset: str, rounds: int, noise:
 def phantom_cohort(request, tmp_path_factory, full_run):
     n, shape = (50, (64, 64, 24)) if full_run else (8, (32, 32, 12))
     tmp = tmp_path_factory.mktemp("cohort-bench")
-    snr, image_dtype = NOISE[request.param]
-    bids, truth, _ = make_cohort(tmp, n, shape, snr=snr, image_dtype=image_dtype)
+    snr, image_dtype, n_pairs = NOISE[request.param]
+    bids, truth, _ = make_cohort(tmp, n, shape, snr=snr, image_dtype=image_dtype, n_pairs=n_pairs)
     yield tmp, bids, truth, request.param
     shutil.rmtree(tmp, ignore_errors=True)
 

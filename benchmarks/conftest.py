@@ -93,11 +93,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             f"{(f'{ratio:.0f}x' if ratio else '-'):>11}"
         )
     if COHORT_ROWS:
-        tr.write_line(f"{'cohort':<48}{'backend':<8}{'runner s':>10}{'floor s':>10}"
+        tr.write_line(f"{'cohort':<56}{'backend':<8}{'runner s':>10}{'floor s':>10}"
                       f"{'x floor':>9}{'cpu bound':>10}{'fit s':>8}{'subj/s':>9}{'voxels':>10}{'launches':>9}  gzip")
     for r in COHORT_ROWS:
         tr.write_line(
-            f"{r['problem']:<48}{str(r['backend']):<8}{r['runner_median_s']:>10.3f}"
+            f"{r['problem']:<56}{str(r['backend']):<8}{r['runner_median_s']:>10.3f}"
             f"{r['floor_median_s']:>10.3f}{r['ratio_to_floor']:>9.3f}{r['cpu_bound_ratio']:>10.3f}"
             f"{r['fit_median_s']:>8.3f}"
             f"{r['subjects_per_s']:>9.2f}{r['fitted_voxels']:>10}{r['fit_launches']:>9}  {r['gzip']}"

@@ -168,7 +168,8 @@ def test_deterministic_from_seed(tmp_path, cohort):
     ("kwargs", "match"),
     [({"n_subjects": 0}, "n_subjects"), ({"broken": 9}, "broken"), ({"shape": (4, 4, 4)}, "shape"),
      ({"flat_coil": 1}, "flat_coil"), ({"ref_masks": None}, "ref_masks"), ({"snr": 0}, "snr"),
-     ({"snr": float("nan")}, "snr"), ({"snr": True}, "snr"), ({"image_dtype": "int8"}, "image_dtype")],
+     ({"snr": float("nan")}, "snr"), ({"snr": True}, "snr"), ({"image_dtype": "int8"}, "image_dtype"),
+     ({"n_pairs": 0}, "n_pairs"), ({"n_pairs": 2.5}, "n_pairs")],
 )
 def test_bad_arguments(tmp_path, kwargs, match):
     args = {"n_subjects": 5, **kwargs}
@@ -224,3 +225,22 @@ def test_int16_images_are_the_float_images_rounded(tmp_path):
             np.testing.assert_array_equal(np.asanyarray(a.dataobj), np.rint(np.asanyarray(b.dataobj)))
             n += 1
     assert n >= 6
+
+
+def test_n_pairs_sets_every_series_length(tmp_path):
+    """n_pairs: every ASL series holds that many control/label pairs (plus the m0scan
+    volumes of an "included" run), its aslcontext and TotalAcquiredPairs say so; the
+    subjects are otherwise those of the same seed without it."""
+    import json
+
+    import nibabel as nib
+
+    base = make_bids_cohort(tmp_path / "a", 6, seed=2, broken=0, shape=(12, 12, 8))
+    long = make_bids_cohort(tmp_path / "b", 6, seed=2, broken=0, shape=(12, 12, 8), n_pairs=7)
+    assert {k: t.m0a for k, t in base.runs.items()} == {k: t.m0a for k, t in long.runs.items()}
+    for key, truth in long.runs.items():
+        asl = next(long.root.rglob(f"{key}_asl.nii.gz"))
+        types = (asl.parent / f"{key}_aslcontext.tsv").read_text().split()[1:]
+        assert types.count("control") == 7 and types.count("label") == 7
+        assert nib.load(asl).shape[3] == len(types) == 14 + types.count("m0scan")
+        assert json.loads((asl.parent / f"{key}_asl.json").read_text())["TotalAcquiredPairs"] == 7

@@ -261,6 +261,7 @@ def make_bids_cohort(
     snr: float | None = None,
     image_dtype: str = "float32",
     kinetics: str = "calibration",
+    n_pairs: int | None = None,
 ) -> CohortTruth:
     """Write a phantom BIDS ASL cohort and return its truth.
 
@@ -311,6 +312,10 @@ def make_bids_cohort(
         On-disk type of the ASL and m0scan images.  ``int16`` (as scanners write them)
         rounds every value to an integer: with signals of ~1000 that is far below the
         noise of ``snr``, but noise-free runs are then no longer exact to 1e-6.
+    n_pairs : int, optional
+        Control/label pairs of every ASL series; default None: 2 or 3 at random per
+        subject (small files).  A 2-D pCASL protocol of the white paper acquires ~30
+        (4 minutes at TR 4 s): its series cost 10-15 times more to read.
     phantom_options : dict, optional
         Extra keyword arguments for :func:`aslcal.testing.make_phantom`; the default
         uses a 3.4 mm structural grid without oversampling (fast, ~0.1 s a subject).
@@ -357,6 +362,9 @@ def make_bids_cohort(
         raise InputError(f"slicedt={slicedt!r}: expected a number of seconds in [0, 1)")
     if kinetics not in ("calibration", "whitepaper"):
         raise InputError(f"kinetics={kinetics!r}: expected 'calibration' or 'whitepaper'")
+    if n_pairs is not None and (isinstance(n_pairs, bool) or not isinstance(n_pairs, int | np.integer)
+                                or n_pairs < 1):
+        raise InputError(f"n_pairs={n_pairs!r}: expected an integer >= 1 (or None: 2-3 at random)")
     for name, value in (("flat_coil", flat_coil), ("ref_masks", ref_masks)):
         if not isinstance(value, bool | np.bool_):
             raise InputError(f"{name}={value!r}: expected True or False")
@@ -393,7 +401,7 @@ def make_bids_cohort(
                                flat_coil=bool(flat_coil), ref_masks=bool(ref_masks), anat=bool(anat),
                                slicedt=float(slicedt), m0_echo_time=m0_echo_time,
                                snr=None if snr is None else float(snr), image_dtype=image_dtype,
-                               kinetics=kinetics)
+                               kinetics=kinetics, cfg_pairs=None if n_pairs is None else int(n_pairs))
         runs[truth.key] = truth
     return CohortTruth(root=out, seed=int(seed), runs=runs)
 
@@ -402,7 +410,8 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
                    rng: np.random.Generator, opts: dict, seed: int, *,
                    flat_coil: bool, ref_masks: bool, anat: bool = False, slicedt: float = 0.0,
                    m0_echo_time: float | None = None, snr: float | None = None,
-                   image_dtype: str = "float32", kinetics: str = "calibration") -> RunTruth:
+                   image_dtype: str = "float32", kinetics: str = "calibration",
+                   cfg_pairs: int | None = None) -> RunTruth:
     session = "1" if i % 4 == 3 else None
     entities = [f"sub-{label}"] + ([f"ses-{session}"] if session else []) + (
         ["run-1"] if i % 6 == 5 else []
@@ -428,7 +437,8 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
     lab = "PASL" if rng.random() < 0.25 else "PCASL"
     alpha = 0.98 if lab == "PASL" else 0.85
     asl_tr = round(float(rng.uniform(3.5, 4.5)), 3)
-    n_pairs = int(rng.integers(2, 4))
+    drawn_pairs = int(rng.integers(2, 4))  # drawn whatever n_pairs is: the same seed, the same subjects
+    n_pairs = drawn_pairs if cfg_pairs is None else cfg_pairs
     phantom_seed = seed * 100_003 + i
     ph = make_phantom(shape=grid, voxel_size=voxel, seed=phantom_seed, field_strength=fs,
                       m0a=m0a, **opts)
