@@ -167,3 +167,40 @@ def test_bad_inputs(perf, kwargs, match):
 def test_missing_perfusion():
     with pytest.raises(InputError, match="perfusion: required"):
         apply_calibration(None, 1000.0, alpha=0.85)
+
+
+@pytest.mark.parametrize(
+    ("p_shape", "m0_shape", "s_shape"),
+    [((8, 8, 1, 1), (8, 8, 1, 1), (8, 8, 1)), ((8, 8, 20, 1), (8, 8, 20, 1), (8, 8, 20)),
+     ((4, 4, 4, 4), (4, 4, 4), (4, 4, 4, 4)), ((4, 4, 4, 3), (4, 4, 4), (4, 4, 4))],
+)
+def test_m0_map_and_sensitivity_of_either_form_line_up(p_shape, m0_shape, s_shape):
+    """An M0 map and a sensitivity map, each of the image's shape or its spatial shape:
+    6000·p/(s·M0·α) voxel by voxel, the image's shape kept (plain broadcasting of one of
+    each form gave a wrong shape, wrong values or a NumPy error)."""
+    rng = np.random.default_rng(3)
+    p = rng.normal(10.0, 1.0, p_shape)
+    m0 = rng.uniform(800.0, 1200.0, m0_shape)
+    s = rng.uniform(0.7, 1.3, s_shape)
+    res = apply_calibration(p, m0, labelling="pcasl", sensitivity=s)
+    m0_b = m0 if m0.ndim == p.ndim else m0[..., None]
+    s_b = s if s.ndim == p.ndim else s[..., None]
+    assert res.image.shape == p.shape
+    np.testing.assert_allclose(res.image, 6000.0 * p / (s_b * m0_b * 0.85), rtol=1e-12)
+
+
+def test_unusable_m0_voxels_are_zero_whatever_the_image_holds():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no NumPy 'invalid value' warning either
+        res = apply_calibration(np.array([np.nan, np.inf, 5.0, 7.0]), np.array([0.0, -1.0, np.nan, 1e-310]),
+                                labelling="pcasl")
+    np.testing.assert_array_equal(res.image, [0.0, 0.0, 0.0, 0.0])
+    assert res.n_zeroed == 4  # 1e-310: a factor beyond float64 is unusable too
+    f32 = apply_calibration(np.array([5.0, 5.0], np.float32), np.array([1e-38, 1000.0], np.float32), labelling="pasl")
+    np.testing.assert_allclose(f32.image, [0.0, 6000.0 * 5.0 / (1000.0 * 0.98)], rtol=1e-6)
+
+
+@pytest.mark.parametrize(("m0a", "alpha"), [(1e200, 0.85), (1e-200, 0.85), (1000.0, 1e-200)])
+def test_unusable_factor_of_a_variance_is_an_input_error(m0a, alpha):
+    with pytest.raises(InputError, match="calibration factor .* is not usable"):
+        apply_calibration(np.ones(3), m0a, alpha=alpha, kind="variance")

@@ -107,3 +107,33 @@ def test_bad_input(kwargs, match):
 
 def test_kinetic_factor_alone():
     assert kinetic_factor("pasl", pld=1.8, t1b=1.65, ti1=0.7) == pytest.approx(math.exp(1.8 / 1.65) / 1.4, rel=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"pld": 1800, "tau": 1.8}, "pld=1800 s looks like milliseconds"),
+     ({"pld": 1.8, "tau": 1800}, "tau=1800 s looks like milliseconds"),
+     ({"pld": 1.8, "tau": 1.8, "t1b": 1650}, "t1b=1650 s looks like milliseconds"),
+     ({"pld": 1.8, "tau": 1.8, "slice_times": [0, 40, 80]}, "slice_times up to 80 s look like milliseconds"),
+     ({"pld": 1.8, "tau": 1.8, "slice_times": 0.04}, "slice_times=0.04: expected one time"),
+     ({"pld": 1.8, "tau": 1.8, "slice_times": [0, 0.04, 0.08], "slice_axis": "z"}, "slice_axis='z'"),
+     ({"pld": 1.8, "tau": 1.8, "tissue_table": {"blood": {"t1": 1.7}}}, "tissue_table: expected a mapping"),
+     ({"pld": 1.8, "tau": 1.8, "tissue_table": {}}, "with a 'blood' entry")],
+)
+def test_times_in_milliseconds_and_bad_arguments_are_input_errors(kwargs, match):
+    """ExploreASL keeps PLD and labelling duration in ms: 1800 as seconds overflowed
+    exp(PLD/T1b) (a traceback) or gave CBF of 1e212; tau in ms gave a plausible -34 %."""
+    with pytest.raises(InputError, match=match):
+        quantify_whitepaper(np.full((2, 2, 3), 10.0), 1000.0, labelling="pcasl", **kwargs)
+
+
+def test_user_tissue_table_is_the_recorded_source():
+    from aslcal.physics.tissues import tissue_table
+
+    table = tissue_table(1.5, overrides={"blood": {"t1": 1.9}})
+    res = quantify_whitepaper(np.full((2, 2, 1), 10.0), 1000.0, labelling="pcasl", pld=1.8, tau=1.8,
+                              field_strength=1.5, tissue_table=table)
+    assert res.t1b == 1.9 and res.t1b_source == "user tissue table"
+    # m0a is the blood M0 (λ already in it): CBF = 6000·ΔM·K/(M0a·α)
+    expected = 6000 * 10.0 * math.exp(1.8 / 1.9) / (2 * 0.85 * 1.9 * 1000.0 * (1 - math.exp(-1.8 / 1.9)))
+    np.testing.assert_allclose(res.image, expected, rtol=1e-12)

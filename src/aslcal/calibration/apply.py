@@ -109,11 +109,14 @@ def _alpha(alpha: Any, labelling: Any) -> tuple[float, str, str | None]:
 
 
 def _spatial_map(name: str, value: Any, shape: tuple) -> Any:
-    """A map of the perfusion's spatial shape (``shape``, or ``shape[:-1]`` for a series)."""
+    """A map of the perfusion's spatial shape (``shape``, or ``shape[:-1]`` for a series,
+    returned with a trailing axis of length 1 so that it lines up with the image's)."""
     arr = as_array(name, value)
     ms = tuple(int(s) for s in arr.shape)
-    if ms == shape or (len(shape) >= 2 and ms == shape[:-1]):
+    if ms == shape:
         return as_float(arr)
+    if len(shape) >= 2 and ms == shape[:-1]:
+        return as_float(arr)[..., None]
     alt = f" or {shape[:-1]}" if len(shape) >= 2 else ""
     raise InputError(f"{name}: map of shape {ms} does not match the perfusion image {shape}{alt}")
 
@@ -170,14 +173,16 @@ def apply_calibration(
     a, a_src, lab = _alpha(alpha, labelling)
     shape = tuple(int(s) for s in img.shape)
     out = as_float(img)
-    scale = num / a**power
     m0_value = None
     den = None
     if m0_is_map:
         den = _spatial_map("m0a", m0a, shape)
     else:
         m0_value = number("m0a", m0a, "signal units")
-        scale /= m0_value**power
+    try:
+        scale = num / (a * (1.0 if m0_value is None else m0_value)) ** power
+    except (OverflowError, ZeroDivisionError):
+        scale = math.inf if (a * (m0_value or 1.0)) < 1.0 else 0.0
     if sensitivity is not None:
         s = _spatial_map("sensitivity", sensitivity, shape)
         den = s if den is None else den * s
@@ -188,14 +193,17 @@ def apply_calibration(
         out = out * scale
     else:
         ok = xp.isfinite(den) & (den > 0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # reciprocals that overflow: excluded below
+            inv = xp.where(ok, 1.0 / xp.where(ok, den, xp.ones_like(den)), xp.zeros_like(den))
+            if power == 2:
+                inv = inv * inv
+            inv = (inv * scale).astype(out.dtype)
+        # a map value so small that its factor overflows the image's type counts as unusable
+        ok = ok & xp.isfinite(inv)
         n_zeroed = int(den.size) - count(xp, ok)
-        inv = xp.where(ok, 1.0 / xp.where(ok, den, xp.ones_like(den)), xp.zeros_like(den))
-        if power == 2:
-            inv = inv * inv
-        inv = (inv * scale).astype(out.dtype)
-        if inv.ndim < out.ndim:
-            inv = inv[..., None]
-        out = out * inv
+        # unusable voxels are 0 whatever the image holds there (NaN and Inf included)
+        out = xp.where(ok, out, xp.zeros_like(out)) * xp.where(ok, inv, xp.zeros_like(inv))
     return CalibratedImage(
         image=out, kind=kind, units=units, m0a=m0_value, m0_map=m0_is_map, alpha=a,
         alpha_source=a_src, labelling=lab, sensitivity=sensitivity is not None, scale=scale,

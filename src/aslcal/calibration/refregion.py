@@ -326,6 +326,9 @@ def finish_m0a(
     step 5 when it differs from the calibration image's.
     """
     te_blood = te if te_blood is None else te_blood
+    if 0 < te_blood < 1.0 and te_blood != te:
+        warnings.warn(f"te_blood={te_blood:g} ms looks like seconds (TE is in milliseconds)",
+                      CalibrationWarning, stacklevel=3)
     t2_factor = math.exp(-te / tissue["t2r"]) if te > 0 else 1.0
     t2b_factor = math.exp(-te_blood / tissue["t2b"]) if te_blood > 0 else 1.0
     for name, echo, factor in (("t2r", te, t2_factor), ("t2b", te_blood, t2b_factor)):

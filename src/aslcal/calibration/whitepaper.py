@@ -21,9 +21,11 @@ each slice is read later than the first: its PLD (TI) is PLD + its slice time.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from ..backend import array_namespace
 from ..errors import InputError
@@ -37,20 +39,35 @@ def kinetic_factor(labelling: str, *, pld: float, t1b: float, tau: float | None 
                    ti1: float | None = None) -> float:
     """The white-paper factor K (1/s) of the module docstring for one PLD (PASL: TI)."""
     lab = labelling_name(labelling)
-    pld = number("pld", pld, "s", allow_min=True)
-    t1b = number("t1b", t1b, "s")
+    pld = _seconds("pld", pld, allow_min=True)
+    t1b = _seconds("t1b", t1b)
     if lab == "pasl":
         if ti1 is None:
             raise InputError("PASL needs ti1 (the bolus duration TI1 of QUIPSS II / Q2TIPS, s): "
                              "without a bolus cut-off the label duration is unknown")
-        ti1 = number("ti1", ti1, "s")
+        ti1 = _seconds("ti1", ti1)
         if ti1 > pld:
             raise InputError(f"ti1={ti1:g} s > TI={pld:g} s: the bolus is cut off after the readout")
         return math.exp(pld / t1b) / (2.0 * ti1)
     if tau is None:
         raise InputError(f"{lab.upper()} needs tau (the labelling duration, s)")
-    tau = number("tau", tau, "s")
+    tau = _seconds("tau", tau)
     return math.exp(pld / t1b) / (2.0 * t1b * -math.expm1(-tau / t1b))
+
+
+#: The last slice of a 2-D readout is read within a TR: later slice times are milliseconds.
+_MAX_SLICE_TIME = 10.0
+#: No delay, duration or blood T1 of an ASL acquisition reaches this (seconds): a larger
+#: value is one given in milliseconds (BIDS and ExploreASL's own files differ here), and
+#: exp(PLD/T1b) of it overflows or is absurd.
+_MAX_SECONDS = 30.0
+
+
+def _seconds(name: str, value: Any, *, allow_min: bool = False) -> float:
+    v = number(name, value, "s", allow_min=allow_min)
+    if v > _MAX_SECONDS:
+        raise InputError(f"{name}={v:g} s looks like milliseconds: times are in seconds (e.g. 1.8, not 1800)")
+    return v
 
 
 @dataclass
@@ -161,14 +178,28 @@ def quantify_whitepaper(
         and the errors of :func:`apply_calibration`.
     """
     lab = labelling_name(labelling)
-    pld = number("pld", pld, "s", allow_min=True)
+    pld = _seconds("pld", pld, allow_min=True)
     if t1b is None:
         from ..physics.tissues import tissue_table as _table
 
-        table = tissue_table if tissue_table is not None else _table(field_strength)
-        t1b_v, t1b_src = float(table["blood"].t1), f"table {float(field_strength):g} T"
+        if tissue_table is not None:
+            blood = tissue_table.get("blood") if isinstance(tissue_table, Mapping) else None
+            if blood is None or not hasattr(blood, "t1"):
+                raise InputError(
+                    "tissue_table: expected a mapping of tissue name to TissueParams (from "
+                    "aslcal.physics.tissues.tissue_table) with a 'blood' entry; got "
+                    + (type(tissue_table).__name__ if not isinstance(tissue_table, Mapping) else
+                       f"entries {sorted(tissue_table)}" if blood is None else f"blood={blood!r}")
+                )
+            t1b_v, t1b_src = _seconds("tissue_table['blood'].t1", blood.t1), "user tissue table"
+        else:
+            t1b_v, t1b_src = float(_table(field_strength)["blood"].t1), f"table {float(field_strength):g} T"
     else:
-        t1b_v, t1b_src = number("t1b", t1b, "s"), "user"
+        t1b_v, t1b_src = _seconds("t1b", t1b), "user"
+    if isinstance(slice_axis, bool) or not isinstance(slice_axis, int | np.integer):
+        raise InputError(f"slice_axis={slice_axis!r}: expected an integer axis of delta_m")
+    if slice_times is not None and (isinstance(slice_times, str) or not isinstance(slice_times, Iterable)):
+        raise InputError(f"slice_times={slice_times!r}: expected one time (s) per slice, e.g. [0.0, 0.04, ...]")
     dm = as_float(as_array("delta_m", delta_m))
     xp = array_namespace(dm)
     times = None
@@ -177,6 +208,11 @@ def quantify_whitepaper(
         scaled = dm * factors[0]
     else:
         times = tuple(number(f"slice_times[{i}]", t, "s", allow_min=True) for i, t in enumerate(slice_times))
+        if times and max(times) > _MAX_SLICE_TIME:
+            raise InputError(
+                f"slice_times up to {max(times):g} s look like milliseconds: times are in seconds "
+                "(a slice is read within a TR)"
+            )
         if not (-dm.ndim <= slice_axis < dm.ndim) or dm.shape[slice_axis] != len(times):
             raise InputError(f"slice_times: {len(times)} values but delta_m has shape {tuple(dm.shape)} "
                              f"(slice axis {slice_axis})")
