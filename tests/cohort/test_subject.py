@@ -444,6 +444,50 @@ def test_bad_flip_angle_layout_fails_at_prepare(cohort, runs, tmp_path, layout):
     assert str(sidecar) in err.message and "FlipAngle" in err.message
 
 
+def test_look_locker_three_plus_one_phases_end_to_end(cohort, runs, masks_dir, tmp_path):
+    """A QUASAR-like m0scan: 3 high-flip-angle phases of 10 readouts, then the low one
+    (calibration.md §7.1).  The FlipAngle list gives nphases = 30 / 10 = 3: the design
+    marks 10 volumes low (not the last half, 20) and M0a is the phantom's within 0.5 %
+    (noise-free; it was off by +88 % with every voxel 'converged')."""
+    import dataclasses
+
+    from aslcal.cohort import run_cohort
+    from aslcal.testing import make_phantom
+    from aslcal.testing.phantoms import look_locker_series
+
+    key = _first(cohort, "look_locker")
+    truth = cohort.runs[key]
+    ph = make_phantom(shape=truth.shape, voxel_size=truth.voxel_size, seed=truth.phantom_seed,
+                      field_strength=truth.field_strength, m0a=truth.m0a,
+                      struct_voxel_size=(3.4, 3.4, 3.4), struct_oversample=1)
+    ph = dataclasses.replace(ph, sensitivity=np.ones_like(ph.sensitivity))  # the cohort's flat coil
+    data, ll = look_locker_series(ph, ti1=0.1, dt=0.3, n_ti=10, fa=35.0, lfa=11.7, nphases=3)
+    assert data.shape[-1] == 40
+    run = _copy_subject(cohort, key, tmp_path / "copy")
+    save_image(run.m0scan, data, ph.affine, dtype="float32", overwrite=True)
+    _edit_m0scan_json(run, FlipAngle=[35.0] * 30 + [11.7] * 10,
+                      InversionTime=[round(float(x), 9) for x in ll["ti_per_volume"]])
+    prep = load_subject(run, CohortOptions(ref_masks=masks_dir), bids_root=tmp_path / "copy")
+    assert prep.jobs[0].nphases == 3
+    report = run_cohort(tmp_path / "copy", tmp_path / "out", options=CohortOptions(ref_masks=masks_dir), workers=1)
+    assert not report.failed, report.failed
+    out = tmp_path / "out" / "derivatives" / "aslcal" / run.asl.parent.relative_to(tmp_path / "copy")
+    summary = json.loads((out / f"{key}_desc-aslcal_summary.json").read_text())
+    prov = json.loads((out / f"{key}_desc-aslcal_provenance.json").read_text())
+    assert sum(prov["fits"]["brain"]["design"]["low_flip_angle_volume"]) == 10
+    assert summary["M0a"] == pytest.approx(truth.m0a_te, rel=5e-3)
+
+
+def test_look_locker_phases_of_unequal_length_fail_at_prepare(cohort, runs, tmp_path):
+    key = _first(cohort, "look_locker")
+    high, low, n_high, n_low = _ll_angles(cohort, runs)
+    run = _copy_subject(cohort, key, tmp_path / "copy")
+    angles = [high] * (n_high + n_low - 3) + [low] * 3  # 17 high volumes: not whole phases of 3
+    _edit_m0scan_json(run, FlipAngle=angles)
+    with pytest.raises(SubjectError, match="do not make whole phases"):
+        load_subject(run, CohortOptions(), bids_root=tmp_path / "copy")
+
+
 def test_single_flip_angle_look_locker_has_no_low_angle(cohort, runs, tmp_path):
     key = _first(cohort, "look_locker")
     high, _, n_high, n_low = _ll_angles(cohort, runs)

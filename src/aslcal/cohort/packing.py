@@ -47,7 +47,7 @@ def fit_packed(jobs: Sequence[FitJob], options: CohortOptions) -> tuple[list[dic
         groups.setdefault(job.group, []).append(i)
     results: list[dict[str, Any] | None] = [None] * len(jobs)
     launches = []
-    for (tis, fa, lfa, dt, prior_t1), members in groups.items():
+    for (tis, fa, lfa, dt, prior_t1, nphases), members in groups.items():
         blocks = [jobs[i].series for i in members]
         data = np.concatenate(blocks, axis=0) if len(blocks) > 1 else blocks[0]
         # 2-D multi-slice readouts: every voxel's slice delay (3-D readouts: 0).
@@ -58,7 +58,8 @@ def fit_packed(jobs: Sequence[FitJob], options: CohortOptions) -> tuple[list[dic
         if options.backend == "cuda":
             data = to_device(data, "gpu")
         fit = fit_satrecov(
-            data, list(tis), fa=fa, lfa=lfa, dt=dt, ti_shift=shift, fix_a=options.fix_a, model=options.model,
+            data, list(tis), fa=fa, lfa=lfa, dt=dt, nphases=nphases, ti_shift=shift, fix_a=options.fix_a,
+            model=options.model,
             priors=fabber_priors(prior_t1) if prior_t1 is not None else None,
             backend=options.backend, dtype=options.dtype,
         )

@@ -290,9 +290,10 @@ class FitJob:
         ``ref`` only with priors (the reference fit has its own T1 prior).
     group : tuple
         Jobs with equal groups share one fit launch (same design and priors).
-    tis, fa, lfa, dt, prior_t1
+    tis, fa, lfa, dt, prior_t1, nphases
         Design: one recovery time per volume (s), Look-Locker flip angles (degrees),
-        readout spacing (s), T1 prior mean (s) or None.
+        readout spacing (s), T1 prior mean (s) or None, high-flip-angle phases (each as
+        long as the low-flip-angle one).
     mask : ndarray of bool, spatial
         The voxels fitted.
     series : ndarray of shape (n_vox, n_vol), float32
@@ -311,10 +312,11 @@ class FitJob:
     mask: np.ndarray = field(repr=False)
     series: np.ndarray = field(repr=False)
     ti_shift: np.ndarray | None = field(default=None, repr=False)
+    nphases: int = 1
 
     @property
     def group(self) -> tuple:
-        return (self.tis, self.fa, self.lfa, self.dt, self.prior_t1)
+        return (self.tis, self.fa, self.lfa, self.dt, self.prior_t1, self.nphases)
 
     @property
     def n_vox(self) -> int:
@@ -612,19 +614,20 @@ def _whitepaper_kinetics(acq: AslAcquisition, volumes: tuple[int, ...]) -> dict[
     return out
 
 
-def _design_of(acq: AslAcquisition) -> tuple[tuple[float, ...], float | None, float | None]:
-    """(tis per volume, fa, lfa) of the run's recovery series."""
+def _design_of(acq: AslAcquisition) -> tuple[tuple[float, ...], float | None, float | None, int]:
+    """(tis per volume, fa, lfa, nphases) of the run's recovery series: ``nphases`` high-
+    flip-angle phases, as long as the low-flip-angle one (a QUASAR-like 3 + 1)."""
     src = acq.m0
     where = src.sidecar
     if not src.look_locker:
-        return tuple(float(t) for t in src.trs), None, None
+        return tuple(float(t) for t in src.trs), None, None, 1
     if src.tis is None:
         raise InputError(f"{where}: field 'InversionTime' is required for a Look-Locker M0 series")
     if not src.flip_angle:
         raise InputError(f"{where}: field 'FlipAngle' is required for a Look-Locker M0 series")
     angles = sorted(set(float(a) for a in src.flip_angle))
     if len(angles) == 1:
-        return tuple(float(t) for t in src.tis), angles[0], None
+        return tuple(float(t) for t in src.tis), angles[0], None, 1
     if len(angles) > 2:
         raise InputError(
             f"{where}: field 'FlipAngle' has {len(angles)} distinct values {angles}; expected one "
@@ -638,19 +641,26 @@ def _design_of(acq: AslAcquisition) -> tuple[tuple[float, ...], float | None, fl
             f"{where}: field 'FlipAngle': the low flip angle ({low}) must be the last phase "
             "(after every high-flip-angle volume)"
         )
-    if (n - first_low) * 2 > n:
+    n_low = n - first_low
+    if n_low * 2 > n:
         raise InputError(
-            f"{where}: field 'FlipAngle': {n - first_low} of {n} volumes have the low flip angle "
+            f"{where}: field 'FlipAngle': {n_low} of {n} volumes have the low flip angle "
             f"({low}); expected one low-flip-angle phase, no longer than the high-flip-angle part"
         )
-    return tuple(float(t) for t in src.tis), high, low
+    if first_low % n_low:
+        raise InputError(
+            f"{where}: field 'FlipAngle': {first_low} high-flip-angle volumes do not make whole phases "
+            f"of the low-flip-angle phase's {n_low} volumes; expected the high flip angle in phases as "
+            "long as the last, low one"
+        )
+    return tuple(float(t) for t in src.tis), high, low, first_low // n_low
 
 
 def _fit_jobs(acq, series: np.ndarray, brain: np.ndarray, ref: np.ndarray | None,
               options: CohortOptions) -> list[FitJob]:
     from ..io.bids import BidsFieldError
 
-    tis, fa, lfa = _design_of(acq)
+    tis, fa, lfa, nphases = _design_of(acq)
     # enough distinct times for the model (M0, T1 and A; A fixed with --fixa), said up
     # front with the field instead of every voxel failing as underdetermined
     distinct = sorted(set(tis))
@@ -672,7 +682,7 @@ def _fit_jobs(acq, series: np.ndarray, brain: np.ndarray, ref: np.ndarray | None
     def job(role: str, prior_t1: float | None, mask: np.ndarray) -> FitJob:
         return FitJob(role, tis, fa, lfa, None, prior_t1, mask,
                       np.ascontiguousarray(series[mask], dtype=np.float32),
-                      None if shift_map is None else np.ascontiguousarray(shift_map[mask]))
+                      None if shift_map is None else np.ascontiguousarray(shift_map[mask]), nphases)
 
     jobs = []
     if options.priors:
