@@ -543,3 +543,25 @@ def test_tissref_none_needs_its_values_up_front(tmp_path):
         CohortOptions(ref_masks=str(tmp_path), tissref="none", t1r=4.0)
     CohortOptions(ref_masks=str(tmp_path), tissref="none", t1r=4.0, pc=1.1)
     CohortOptions(tissref="none")  # voxelwise M0: no reference tissue
+
+
+def test_priors_reference_t1_summary_comes_from_the_reference_fit(tmp_path):
+    """With priors the reference region has its own fit (T1 prior = the tissue's T1) and
+    that fit makes M0a; T1_mean_ref_csf must be its T1 (near the CSF table value 4.3 s
+    at 3 T), not the whole-brain fit's, pulled towards the brain prior of 1.3 s (2.97 s
+    was reported for a saturation-recovery subject at SNR 50)."""
+    from aslcal.cohort import run_cohort
+
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=5, seed=7, broken=0, snr=50.0, image_dtype="int16")
+    keys = [k for k, t in truth.runs.items() if t.variant in ("satrecov", "look_locker") and t.field_strength == 3.0]
+    assert keys
+    out = tmp_path / "out"
+    opts = CohortOptions(ref_masks=str(truth.root / "derivatives" / "refmasks"), priors=True)
+    report = run_cohort(truth.root, out, options=opts, workers=1,
+                        participant_label=[truth.runs[k].subject for k in keys])
+    assert not report.failed, report.failed
+    for key in keys:
+        t = truth.runs[key]
+        perf = out / "derivatives" / "aslcal" / f"sub-{t.subject}" / (f"ses-{t.session}" if t.session else "") / "perf"
+        summary = json.loads((perf / f"{key}_desc-aslcal_summary.json").read_text())
+        assert summary["T1_mean_ref_csf"] == pytest.approx(tissue_table(3.0)["csf"].t1, rel=0.1), (key, summary)

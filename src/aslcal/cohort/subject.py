@@ -800,9 +800,12 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
             names = ("m0t", "m0t_se", "t1t", "g") if options.m0_mode == "refregion" else ("m0t", "t1t", "g")
             for name in names:
                 maps[name] = _unpack(xp, f[name], mask, prep.shape)
+            # converged voxels only in the T1 summaries (a singular one sits on a bound)
+            maps["t1_ok"] = _unpack(xp, f["status"] == 0, mask, prep.shape, fill=False)
         else:
-            for name in ("m0t", "m0t_se", "g"):
+            for name in ("m0t", "m0t_se", "g", "t1t"):
                 maps[f"ref_{name}"] = _unpack(xp, f[name], mask, prep.shape)
+            maps["ref_t1_ok"] = _unpack(xp, f["status"] == 0, mask, prep.shape, fill=False)
 
     design = prep.jobs[0] if prep.jobs else None
     m0_scale = options.m0_scale
@@ -965,17 +968,16 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     if calib_prov.get("warnings"):  # a subject that is ok but doubtful
         summary["warnings"] = "; ".join(calib_prov["warnings"])
     if "t1t" in maps:
-        t1 = maps["t1t"]
-        # a fitted T1 is > 0 (its lower bound); 0 marks a voxel whose data were not finite
-        fitted = t1 > 0
-
-        def t1_stat(fn, sel):
-            m = sel & fitted
+        def t1_stat(fn, sel, which=""):
+            # converged fits only: not an unfitted (non-finite) or singular voxel on a bound
+            t1 = maps[f"{which}t1t"]
+            m = sel & maps[f"{which}t1_ok"]
             return float(fn(t1[m])) if int(xp.count_nonzero(m)) else None
 
         summary["T1_median_brain"] = t1_stat(xp.median, brain)
         if ref is not None:
-            summary[f"T1_mean_ref_{options.tissref}"] = t1_stat(xp.mean, ref)
+            # the fit that made M0a: with priors the reference fit (its own T1 prior)
+            summary[f"T1_mean_ref_{options.tissref}"] = t1_stat(xp.mean, ref, "ref_" if "ref_t1t" in maps else "")
         if prep.tissue_masks is not None:
             # per tissue of the --anat segmentation: brain voxels at least pve_threshold pure
             for tissue, tissue_mask in prep.tissue_masks.items():
