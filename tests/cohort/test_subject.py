@@ -565,3 +565,27 @@ def test_priors_reference_t1_summary_comes_from_the_reference_fit(tmp_path):
         perf = out / "derivatives" / "aslcal" / f"sub-{t.subject}" / (f"ses-{t.session}" if t.session else "") / "perf"
         summary = json.loads((perf / f"{key}_desc-aslcal_summary.json").read_text())
         assert summary["T1_mean_ref_csf"] == pytest.approx(tissue_table(3.0)["csf"].t1, rel=0.1), (key, summary)
+
+
+@pytest.mark.parametrize(("tr", "fragment"), [(6.0, None), (3.0, "corrected for its short TR (3 s)")])
+def test_voxelwise_m0_description_says_the_tr_correction_only_when_applied(tmp_path, tr, fragment):
+    """calibration.md §5: the short-TR factor applies below 5 s only; the M0 map's
+    sidecar says it was applied exactly then."""
+    from aslcal.cohort import run_cohort
+
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=1, seed=1, broken=0, shape=(16, 16, 8))
+    (t,) = truth.runs.values()
+    assert t.variant == "separate"
+    sidecar = truth.root / f"sub-{t.subject}" / "perf" / f"{t.key}_m0scan.json"
+    meta = json.loads(sidecar.read_text())
+    meta["RepetitionTimePreparation"] = tr
+    write_json(sidecar, meta, overwrite=True)
+    report = run_cohort(truth.root, tmp_path / "out", options=CohortOptions(), workers=1)  # no masks: voxelwise
+    assert not report.failed, report.failed
+    perf = tmp_path / "out" / "derivatives" / "aslcal" / f"sub-{t.subject}" / "perf"
+    (m0_json,) = perf.glob(f"{t.key}_desc-M0_*.json")
+    text = json.loads(m0_json.read_text())["Description"]
+    if fragment is None:
+        assert "TR" not in text, text
+    else:
+        assert fragment in text, text

@@ -894,8 +894,8 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     if m0_map is not None:
         images["m0"] = (to_host(m0_map), aff)
         steps = ["divided by the partition coefficient"]
-        if prep.m0_kind in ("longtr", "control"):
-            steps.append("corrected for its TR")
+        if calib_prov.get("voxelwise", {}).get("short_tr"):  # TR < 5 s only (calibration.md §5)
+            steps.append(f"corrected for its short TR ({calib_prov['voxelwise']['tr']:g} s)")
         if options.edge_correction:
             steps.append("edge-corrected")
         records["m0"] = {"Description": f"Voxelwise M0 of arterial blood: the {prep.m0_kind} M0 image "
