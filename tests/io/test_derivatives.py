@@ -365,3 +365,28 @@ def test_outputs_are_byte_identical_across_runs(tmp_path):
         markers.append(written["complete"].read_bytes())
         time.sleep(1.1)
     assert markers[0] == markers[1]
+
+
+def test_summary_tsv_has_a_data_dictionary(tmp_path):
+    """BIDS: a JSON beside a TSV describes its columns; every column is there, with units
+    for the physical values (T1 in s, CBF in mL/100g/min, field in T)."""
+    rows = [{"participant_id": "01", "status": "ok", "M0a": 1200.0, "cbf_mean_brain": 55.0,
+             "T1_mean_ref_csf": 4.3, "T1_mean_gm": 1.3, "n_gm_voxels": 12, "field_strength": 3.0,
+             "something_new": 1}]
+    write_summary_tsv(rows, tmp_path / "summary.tsv")
+    header = (tmp_path / "summary.tsv").read_text().splitlines()[0].split("\t")
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    assert sorted(doc) == sorted(header)
+    assert all(doc[c]["Description"] for c in header)
+    assert doc["T1_mean_ref_csf"]["Units"] == "s" and "csf reference region" in doc["T1_mean_ref_csf"]["Description"]
+    assert doc["T1_mean_gm"]["Units"] == "s" and doc["cbf_mean_brain"]["Units"] == "mL/100g/min"
+    assert doc["field_strength"]["Units"] == "T" and "Units" not in doc["n_gm_voxels"]
+
+
+def test_derivative_root_has_a_bidsignore(tmp_path):
+    writer = DerivativesWriter(tmp_path / "out")
+    ignore = (writer.root / ".bidsignore").read_text().splitlines()
+    for pattern in ("logs/", "summary.tsv", "*_desc-aslcal_provenance.json", "*_desc-aslcal_complete.json"):
+        assert pattern in ignore
+    DerivativesWriter(tmp_path / "out")  # a second writer (resume, shards) finds it and keeps it
+    assert (writer.root / ".bidsignore").read_text().splitlines() == ignore

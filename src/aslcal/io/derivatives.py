@@ -90,6 +90,9 @@ JSON_OUTPUTS: dict[str, tuple[str, str]] = {
 _MARKER = ("aslcal", "complete")
 _MARKER_NAME = "complete"
 
+#: The derivative's ``.bidsignore`` (not BIDS files: logs, run-level table, records).
+BIDSIGNORE = "logs/\nsummary.tsv\nsummary.json\n*_desc-aslcal_summary.json\n*_desc-aslcal_provenance.json\n*_desc-aslcal_complete.json\n"
+
 _SUMMARY_LEADING = ("participant_id", "session", "run", "status", "stage", "message")
 #: Entities between ``session`` and ``run`` in the summary, as columns when some row has them.
 _SUMMARY_ENTITIES = ("acq", "rec", "dir")
@@ -298,6 +301,7 @@ class DerivativesWriter:
         return self.root / "dataset_description.json"
 
     def _write_description(self) -> None:
+        self._write_bidsignore()
         path = self.description_path
         if not path.exists():
             try:
@@ -308,6 +312,15 @@ class DerivativesWriter:
                     raise
                 # Another process wrote it meanwhile: check theirs below.
         self._check_description(path)
+
+    def _write_bidsignore(self) -> None:
+        """``.bidsignore``: the files a BIDS validator should skip (run logs, the summary
+        table, the per-subject summary/provenance records and completion markers), as
+        fMRIPrep and ASLPrep write one."""
+        path = self.root / ".bidsignore"
+        if path.exists() and path.read_text(encoding="utf-8") == BIDSIGNORE:
+            return
+        write_text(path, BIDSIGNORE, overwrite=True)
 
     def _check_description(self, path: Path) -> None:
         try:
@@ -652,4 +665,54 @@ def write_summary_tsv(
     normal.sort(key=sort_key)
     lines = ["\t".join(columns)]
     lines += ["\t".join(_tsv_cell(r.get(c)) for c in columns) for r in normal]
-    return write_text(path, "\n".join(lines) + "\n", overwrite=overwrite)
+    out = write_text(path, "\n".join(lines) + "\n", overwrite=overwrite)
+    # its data dictionary (BIDS: a JSON beside a TSV describes the columns)
+    write_json(Path(path).with_suffix(".json"), summary_dictionary(columns), overwrite=overwrite)
+    return out
+
+
+#: Descriptions (and units) of the summary table's columns; ``{t}`` a tissue name.
+_COLUMN_DOCS: dict[str, dict[str, str]] = {
+    "participant_id": {"Description": "Subject label (sub-<label>)"},
+    "session": {"Description": "Session label (ses-<label>), n/a without sessions"},
+    "acq": {"Description": "acq entity of the ASL run"},
+    "rec": {"Description": "rec entity of the ASL run"},
+    "dir": {"Description": "dir entity of the ASL run"},
+    "run": {"Description": "run entity of the ASL run"},
+    "status": {"Description": "ok: every output written; failed: see stage and message",
+               "Levels": {"ok": "processed", "failed": "not processed (see stage, message)"}},
+    "stage": {"Description": "Pipeline stage at which the run failed (metadata, load, prepare, fit, finish, write)"},
+    "message": {"Description": "Why the run failed, naming the file and field at fault"},
+    "M0a": {"Description": "M0 of arterial blood used for CBF (reference region, or M0Estimate); n/a with a voxelwise M0 map",
+            "Units": "arbitrary (scanner signal units)"},
+    "m0_mode": {"Description": "How M0 was obtained: refregion, voxel (voxelwise M0 map) or estimate (M0Estimate)"},
+    "m0_kind": {"Description": "Kind of M0 data: longtr, control, satrecov, lookLocker or estimate"},
+    "field_strength": {"Description": "MagneticFieldStrength: selects the tissue table", "Units": "T"},
+    "n_brain_voxels": {"Description": "Voxels in the brain mask"},
+    "n_ref_voxels": {"Description": "Voxels in the reference-region mask"},
+    "cbf_mean_brain": {"Description": "Mean CBF over the brain mask (finite voxels)", "Units": "mL/100g/min"},
+    "n_brain_nonfinite_cbf": {"Description": "Brain voxels whose CBF is not finite (non-finite input data)"},
+    "ref_m0t_rel_se": {"Description": "Median relative standard error of the fitted M0t over the reference region"},
+    "warnings": {"Description": "Warnings of an otherwise processed run"},
+    "T1_median_brain": {"Description": "Median fitted tissue T1 over the brain mask (converged fits)", "Units": "s"},
+}
+_COLUMN_PATTERNS = (
+    (re.compile(r"^T1_mean_ref_(\w+)$"), "Mean fitted T1 over the {t} reference region (the fit that made M0a)", "s"),
+    (re.compile(r"^T1_mean_(\w+)$"), "Mean fitted T1 over the brain voxels of at least the partial-volume threshold of {t}", "s"),
+    (re.compile(r"^n_(\w+)_voxels$"), "Brain voxels counted as {t} for T1_mean_{t}", None),
+)
+
+
+def summary_dictionary(columns: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The data dictionary (``summary.json``) of the summary table's ``columns``."""
+    out: dict[str, dict[str, Any]] = {}
+    for column in columns:
+        doc = _COLUMN_DOCS.get(column)
+        if doc is None:
+            for pattern, text, units in _COLUMN_PATTERNS:
+                m = pattern.match(column)
+                if m:
+                    doc = {"Description": text.format(t=m.group(1))} | ({"Units": units} if units else {})
+                    break
+        out[column] = dict(doc) if doc is not None else {"Description": "Summary value (see the run's provenance)"}
+    return out
