@@ -357,3 +357,22 @@ def test_memory_cap_reaches_the_tasks(tmp_path, monkeypatch):
                             max_batch_bytes=12345)
     assert report.exit_code == 0 and sorted(report.done) == sorted(truth.runs)
     assert seen == [12345] * len(truth.runs)
+
+
+def test_cpu_backend_on_a_gpu_machine_keeps_the_cpu_workers(monkeypatch):
+    """--backend numba on a machine with GPUs: the CPU worker processes asked for, not
+    dask_cuda's one worker per GPU."""
+    import sys
+    import types
+
+    from aslcal.cohort import distributed as dist
+
+    monkeypatch.setattr(dist, "_gpu_count", lambda: 2)
+    fake = types.ModuleType("dask_cuda")
+    fake.LocalCUDACluster = lambda **kw: (_ for _ in ()).throw(AssertionError("a GPU cluster for a CPU backend"))
+    monkeypatch.setitem(sys.modules, "dask_cuda", fake)
+    cluster, described = dist._local_cluster(2, "numba")
+    try:
+        assert described == "dask LocalCluster (2 workers)" and len(cluster.workers) == 2
+    finally:
+        cluster.close()

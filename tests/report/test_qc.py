@@ -111,6 +111,7 @@ def test_without_matplotlib(tmp_path, data, monkeypatch):
 @pytest.mark.gpu
 def test_cupy_input(tmp_path, data):
     cp = pytest.importorskip("cupy")
+    pytest.importorskip("matplotlib")  # the report extra: not on every GPU machine
     ph, calib = data
     dest = tmp_path / "qc.png"
     qc_figure(dest, cp.asarray(calib), refmask=cp.asarray(ph.ventricle_mask), brain_mask=cp.asarray(ph.brain_mask))

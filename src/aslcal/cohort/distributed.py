@@ -161,10 +161,12 @@ def _gpu_count() -> int:
         return 0
 
 
-def _local_cluster(workers: int):
+def _local_cluster(workers: int, backend: str | None = None):
     from dask.distributed import LocalCluster
 
-    if _gpu_count() > 0:
+    # one worker per GPU only when the fits may go to the GPUs: an explicit CPU backend
+    # on a GPU machine keeps the CPU worker count asked for
+    if backend not in ("numba", "numpy") and _gpu_count() > 0:
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError:
@@ -311,7 +313,7 @@ def run_dask(
     try:
         if scheduler == "local":
             try:
-                cluster, described = _local_cluster(workers)
+                cluster, described = _local_cluster(workers, options.backend)
             except Exception:
                 if not stop.is_set():
                     raise
