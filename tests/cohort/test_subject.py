@@ -589,3 +589,40 @@ def test_voxelwise_m0_description_says_the_tr_correction_only_when_applied(tmp_p
         assert "TR" not in text, text
     else:
         assert fragment in text, text
+
+
+def test_background_suppression_efficiency_scales_alpha(tmp_path):
+    """--bs-efficiency E (opt-in): a run with BackgroundSuppression true, 4 pulses and no
+    LabelingEfficiency gets alpha x E^4, so its CBF is the uncorrected one / E^4 voxel by
+    voxel; without BackgroundSuppressionNumberPulses the run fails naming that field."""
+    from aslcal.cohort import run_cohort
+    from aslcal.io import load_image
+
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=2, seed=1, broken=0, shape=(16, 16, 8))
+    keys = sorted(truth.runs)
+    labelling = {}
+    for i, key in enumerate(keys):
+        t = truth.runs[key]
+        sidecar = truth.root / f"sub-{t.subject}" / (f"ses-{t.session}" if t.session else "") / "perf" / f"{key}_asl.json"
+        meta = json.loads(sidecar.read_text())
+        meta.pop("LabelingEfficiency", None)
+        meta["BackgroundSuppression"] = True
+        if i == 0:
+            meta["BackgroundSuppressionNumberPulses"] = 4
+        labelling[key] = meta["ArterialSpinLabelingType"]
+        write_json(sidecar, meta, overwrite=True)
+    reports = {name: run_cohort(truth.root, tmp_path / name, options=CohortOptions(bs_efficiency=eff), workers=1)
+               for name, eff in (("plain", None), ("bs", 0.95))}
+    assert not reports["plain"].failed
+    assert [f["key"] for f in reports["bs"].failed] == [keys[1]]
+    assert "BackgroundSuppressionNumberPulses" in reports["bs"].failed[0]["message"]
+    t = truth.runs[keys[0]]
+    rel = Path("derivatives/aslcal") / f"sub-{t.subject}" / (f"ses-{t.session}" if t.session else "") / "perf"
+    (cbf_plain,) = (tmp_path / "plain" / rel).glob("*_desc-cbf_cbf.nii.gz")
+    a = load_image(cbf_plain, dtype="float64").data
+    b = load_image(tmp_path / "bs" / rel / cbf_plain.name, dtype="float64").data
+    brain = a != 0
+    np.testing.assert_allclose(b[brain], a[brain] / 0.95**4, rtol=1e-6)
+    record = json.loads((tmp_path / "bs" / rel / cbf_plain.name.replace(".nii.gz", ".json")).read_text())
+    base = 0.98 if labelling[keys[0]] == "PASL" else 0.85  # calibration.md §9 defaults
+    assert record["LabelingEfficiency"] == pytest.approx(base * 0.95**4, rel=1e-12)

@@ -66,6 +66,10 @@ def add_parser(sub, common) -> None:
     g.add_argument("--fixa", action="store_true", help="fix the saturation efficiency A = 1")
     g.add_argument("--allow-control-m0", action="store_true",
                    help="M0Type Absent: use the mean control image as M0 (only without background suppression)")
+    g.add_argument("--bs-efficiency", type=float, metavar="E",
+                   help="inversion efficiency of one background-suppression pulse (e.g. 0.95): runs with "
+                        "BackgroundSuppression and no LabelingEfficiency get alpha x E^BackgroundSuppressionNumberPulses "
+                        "(default: no such correction, as asl_calib)")
     g.add_argument("--voxel-pc", type=float, default=0.9, help="partition coefficient of the voxelwise M0 (default 0.9)")
     g.add_argument("--voxel-t1t", type=float, default=1.3, help="tissue T1 of the voxelwise short-TR factor, s (default 1.3)")
     g.add_argument("--no-edgecorr", dest="edgecorr", action="store_false", help="voxelwise M0 without edge correction")
@@ -139,6 +143,7 @@ def _options(args):
         quantification=args.quantification,
         tissue_overrides=load_tissue_file(args.tissue_table) if args.tissue_table else None,
         backend=None if args.backend in (None, "auto") else args.backend, dtype=args.dtype,
+        bs_efficiency=args.bs_efficiency,
     )
 
 

@@ -159,6 +159,11 @@ class CohortOptions:
         Tissue-table values overriding the built-in table (``--tissue-table`` file).
     backend, dtype : str or None
         Fitting backend (``numpy``, ``numba``, ``cuda``; None = automatic) and dtype.
+    bs_efficiency : float or None
+        Inversion efficiency of one background-suppression pulse (e.g. 0.95, as ASLPrep):
+        a run with ``BackgroundSuppression`` true and no ``LabelingEfficiency`` gets
+        α = (labelling type's default) x ``bs_efficiency`` ** ``BackgroundSuppressionNumberPulses``.
+        None (default): no such correction (asl_calib, calibration.md §9).
     """
 
     ref_masks: str | None = None
@@ -185,6 +190,7 @@ class CohortOptions:
     tissue_overrides: dict | None = None
     backend: str | None = None
     dtype: str | None = None
+    bs_efficiency: float | None = None
 
     def __post_init__(self) -> None:
         if self.tissref not in _TISSREFS:
@@ -203,6 +209,8 @@ class CohortOptions:
             optional = name in ("t1r", "t2r", "t2b", "pc")
             if (value is not None or not optional) and not (is_number(value) and value > 0):
                 raise InputError(f"{name}={value!r}: expected a positive number")
+        if self.bs_efficiency is not None and not (is_number(self.bs_efficiency) and 0 < self.bs_efficiency <= 1):
+            raise InputError(f"bs_efficiency={self.bs_efficiency!r}: expected the efficiency of one pulse, in (0, 1]")
         if not (is_number(self.taq) and self.taq >= 0):
             raise InputError(f"taq={self.taq!r}: expected a number of seconds >= 0")
         for name in ("t2star", "priors", "fix_a", "allow_control_m0", "edge_correction", "all_csf"):
@@ -764,6 +772,31 @@ def finish_subject(prep: PreparedSubject, fits: Mapping[str, Mapping[str, Any]],
         raise _fail(prep.key, "calibrate", exc) from exc
 
 
+def _background_suppressed_alpha(acq: AslAcquisition, options: CohortOptions) -> tuple[float, str] | None:
+    """(α, its source) with ``options.bs_efficiency`` per background-suppression pulse, or
+    None when the run has no background suppression or the option is off."""
+    if options.bs_efficiency is None or not acq.background_suppression:
+        return None
+    from ..calibration.apply import ALPHA_DEFAULTS, labelling_name
+    from ..io.bids import BidsFieldError
+
+    name = "BackgroundSuppressionNumberPulses"
+    n = acq.metadata.get(name)
+    where = acq.source_of(name)
+    if n is None:
+        raise BidsFieldError(
+            f"{where}: field {name!r} is missing: --bs-efficiency needs the number of background-"
+            "suppression pulses (BackgroundSuppression is true)", file=where, field=name)
+    if isinstance(n, bool) or not isinstance(n, int | float) or not (float(n).is_integer() and 0 <= n <= 20):
+        raise BidsFieldError(f"{where}: field {name!r} = {n!r}: expected a number of pulses, 0 to 20",
+                             file=where, field=name)
+    n = int(n)
+    base = ALPHA_DEFAULTS[labelling_name(acq.labeling_type)]
+    alpha = base * options.bs_efficiency ** n
+    return alpha, (f"{acq.labeling_type} default {base:g} x background-suppression efficiency "
+                   f"{options.bs_efficiency:g}^{n} ({name} of {where.name})")
+
+
 def _unpack(xp, values, mask_dev, shape, fill=0.0):
     out = xp.full(shape, fill, dtype=values.dtype)
     out[mask_dev] = values
@@ -870,6 +903,13 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     # alpha: the sidecar's LabelingEfficiency, else the labelling type's default (recorded as such)
     alpha_given = acq.metadata.get("LabelingEfficiency") is not None
     alpha_arg = acq.alpha if alpha_given else None
+    alpha_used = acq.alpha
+    alpha_source = "LabelingEfficiency" if alpha_given else "ArterialSpinLabelingType default"
+    if not alpha_given:
+        with_bs = _background_suppressed_alpha(acq, options)
+        if with_bs is not None:
+            alpha_arg, alpha_source = with_bs
+            alpha_used = alpha_arg
     if prep.kinetics is not None:
         k = prep.kinetics
         wp = quantify_whitepaper(dev(prep.perf), m0_used, labelling=k["labelling"], pld=k["pld"], tau=k["tau"],
@@ -883,8 +923,8 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
                     "formula": "6000 * perfusion / (M0a * alpha)"}
     if m0_map is None:
         cbf = xp.where(brain, cbf, 0)
-    calib_prov["cbf"] = {"alpha": acq.alpha, "labeling_type": acq.labeling_type,
-                         "alpha_source": "LabelingEfficiency" if alpha_given else "ArterialSpinLabelingType default",
+    calib_prov["cbf"] = {"alpha": alpha_used, "labeling_type": acq.labeling_type,
+                         "alpha_source": alpha_source,
                          "perfusion": prep.perf_source, "units": "ml/100g/min", **cbf_prov}
 
     # --- images (host) and summary values
@@ -918,7 +958,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     if design is not None and design.lfa is not None:
         images["facorr"] = (to_host(maps["g"]), aff)
     images["cbf"] = (to_host(cbf), aff)
-    records["cbf"] = {"M0a": m0a, "LabelingEfficiency": acq.alpha, "M0Mode": m0_mode,
+    records["cbf"] = {"M0a": m0a, "LabelingEfficiency": alpha_used, "M0Mode": m0_mode,
                       "Quantification": options.quantification}
     if prep.kinetics is not None:
         records["cbf"]["Description"] = ("Cerebral blood flow, single-PLD white-paper model "
