@@ -88,8 +88,13 @@ def flirt_scaling(affine: Any, shape: Any) -> np.ndarray:
     return _scaling(host_matrix("affine", affine), grid_shape("shape", shape)[0])
 
 
-def _scaling(aff: np.ndarray, nx: int) -> np.ndarray:
-    vox = np.linalg.norm(aff[:3, :3], axis=0)
+def _scaling(aff: np.ndarray, nx: int, zooms: Any = None) -> np.ndarray:
+    if zooms is None:
+        vox = np.linalg.norm(aff[:3, :3], axis=0)
+    else:
+        vox = np.asarray([float(z) for z in tuple(zooms)[:3]], dtype=np.float64)
+        if vox.shape != (3,) or not np.all(np.isfinite(vox) & (vox > 0)):
+            raise InputError(f"voxel sizes {zooms!r}: expected 3 positive numbers (mm)")
     s = np.diag([vox[0], vox[1], vox[2], 1.0])
     if np.linalg.det(aff[:3, :3]) > 0:
         s[0, 0] = -vox[0]
@@ -98,7 +103,8 @@ def _scaling(aff: np.ndarray, nx: int) -> np.ndarray:
 
 
 def flirt_to_world(
-    mat: Any, src_affine: Any, src_shape: Any, ref_affine: Any, ref_shape: Any
+    mat: Any, src_affine: Any, src_shape: Any, ref_affine: Any, ref_shape: Any, *,
+    src_zooms: Any = None, ref_zooms: Any = None,
 ) -> np.ndarray:
     """Convert a FLIRT matrix to a world point mapping: world(src) -> world(ref), RAS mm.
 
@@ -115,6 +121,11 @@ def flirt_to_world(
         Voxel index -> world (RAS, mm) of the FLIRT *reference* (``-ref``) image.
     ref_shape : sequence of 3 (or 4) int
         Grid shape of the reference image.
+    src_zooms, ref_zooms : sequence of 3 float, mm, optional
+        The images' voxel sizes as their headers give them (``pixdim``,
+        :attr:`aslcal.io.Image.voxel_size`): FSL scales voxels by these.  Default: the
+        column norms of the affines, the same unless the sform's scaling disagrees
+        with ``pixdim``.
 
     Returns
     -------
@@ -129,13 +140,14 @@ def flirt_to_world(
     m = host_matrix("mat", mat)
     a_src = host_matrix("src_affine", src_affine)
     a_ref = host_matrix("ref_affine", ref_affine)
-    s_src = _scaling(a_src, grid_shape("src_shape", src_shape)[0])
-    s_ref = _scaling(a_ref, grid_shape("ref_shape", ref_shape)[0])
+    s_src = _scaling(a_src, grid_shape("src_shape", src_shape)[0], src_zooms)
+    s_ref = _scaling(a_ref, grid_shape("ref_shape", ref_shape)[0], ref_zooms)
     return a_ref @ np.linalg.inv(s_ref) @ m @ s_src @ np.linalg.inv(a_src)
 
 
 def world_to_flirt(
-    world: Any, src_affine: Any, src_shape: Any, ref_affine: Any, ref_shape: Any
+    world: Any, src_affine: Any, src_shape: Any, ref_affine: Any, ref_shape: Any, *,
+    src_zooms: Any = None, ref_zooms: Any = None,
 ) -> np.ndarray:
     """The FLIRT matrix of a world point mapping (inverse of :func:`flirt_to_world`).
 
@@ -155,8 +167,8 @@ def world_to_flirt(
     w = host_matrix("world", world)
     a_src = host_matrix("src_affine", src_affine)
     a_ref = host_matrix("ref_affine", ref_affine)
-    s_src = _scaling(a_src, grid_shape("src_shape", src_shape)[0])
-    s_ref = _scaling(a_ref, grid_shape("ref_shape", ref_shape)[0])
+    s_src = _scaling(a_src, grid_shape("src_shape", src_shape)[0], src_zooms)
+    s_ref = _scaling(a_ref, grid_shape("ref_shape", ref_shape)[0], ref_zooms)
     return s_ref @ np.linalg.inv(a_ref) @ w @ a_src @ np.linalg.inv(s_src)
 
 

@@ -89,3 +89,44 @@ def test_empty_automatic_mask(phantom_ds, bad_input, tmp_path):
     err = bad_input(["calib", "-c", root / "calib.nii.gz", "--refpve", root / "struct_pv_csf.nii.gz",
                      "--csfmaskingoff", "-t", tmp_path / "away.mat", *outs], tmp_path, outputs=paths)
     assert "empty" in err and "brain extraction" in err and "-m" in err
+
+
+def test_refpve_in_percent_is_refused(phantom_ds, bad_input, tmp_path):
+    """--refpve given in percent (0-100): refused as --tissue-maps refuses it.  It was
+    clipped to [0, 1], which made every voxel with 1 % CSF a reference voxel (12,235
+    voxels, mostly WM, M0a +28 %)."""
+    root = phantom_ds.root
+    img = nib.load(root / "struct_pv_csf.nii.gz")
+    pct = _save(tmp_path / "csf_pct.nii.gz", 100.0 * img.get_fdata(), img.affine)
+    outs, paths = _outputs(tmp_path)
+    err = bad_input(["calib", "-c", root / "calib.nii.gz", "--refpve", pct, "-t", root / "asl2struct.mat", *outs],
+                    tmp_path, outputs=paths)
+    assert "values range from 0 to 100" in err and "divide it by 100" in err
+
+
+def test_tissref_none_without_a_mask_is_one_clear_error(phantom_ds, bad_input, tmp_path):
+    root = phantom_ds.root
+    outs, paths = _outputs(tmp_path)
+    for route in (["-s", root / "struct_brain.nii.gz"], ["--refpve", root / "struct_pv_csf.nii.gz"]):
+        err = bad_input(["calib", "-c", root / "calib.nii.gz", *route, "-t", root / "asl2struct.mat",
+                         "--tissref", "none", "--t1r", "4.3", "--pc", "1.15", *outs], tmp_path, outputs=paths)
+        assert "--tissref none" in err and "(-m)" in err
+
+
+def test_tissue_maps_on_different_grids_are_refused(phantom_ds, bad_input, tmp_path):
+    """The three FAST maps are summed voxel by voxel: they must share one grid (a flipped
+    storage of the same world gave a misleading 'empty reference region')."""
+    root = phantom_ds.root
+    fast = tmp_path / "fast"
+    fast.mkdir()
+    for k, t in enumerate(("csf", "gm", "wm")):
+        img = nib.load(root / f"struct_pv_{t}.nii.gz")
+        data, aff = img.get_fdata(), img.affine.copy()
+        if t == "wm":  # the same world stored x-flipped (LAS)
+            data = data[::-1]
+            aff = aff @ np.array([[-1, 0, 0, data.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+        _save(fast / f"s_pve_{k}.nii.gz", data, aff)
+    outs, paths = _outputs(tmp_path)
+    err = bad_input(["calib", "-c", root / "calib.nii.gz", "--tissue-maps", fast / "s", "-t", root / "asl2struct.mat",
+                     *outs], tmp_path, outputs=paths)
+    assert "wm partial-volume map" in err and "not on the same grid" in err

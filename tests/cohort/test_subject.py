@@ -626,3 +626,30 @@ def test_background_suppression_efficiency_scales_alpha(tmp_path):
     record = json.loads((tmp_path / "bs" / rel / cbf_plain.name.replace(".nii.gz", ".json")).read_text())
     base = 0.98 if labelling[keys[0]] == "PASL" else 0.85  # calibration.md §9 defaults
     assert record["LabelingEfficiency"] == pytest.approx(base * 0.95**4, rel=1e-12)
+
+
+def test_anat_paths_take_the_most_specific_matrix(tmp_path):
+    """One structural for all sessions (sub-X/anat) with each session's own ASL->T1w
+    matrix in its anat folder: the session's matrix is used (it was ignored, and the
+    images taken as aligned in world coordinates); a run's own matrix wins over it."""
+    from aslcal.cohort.subject import anat_paths
+    from aslcal.io.bids import AslRun
+
+    sub = tmp_path / "sub-04"
+    (sub / "anat").mkdir(parents=True)
+    (sub / "ses-1" / "anat").mkdir(parents=True)
+    t1w = sub / "anat" / "sub-04_desc-brain_T1w.nii.gz"
+    t1w.write_bytes(b"")
+    suffix = "_from-asl_to-T1w_mode-image_xfm.mat"
+    subject_mat = sub / "anat" / f"sub-04{suffix}"
+    subject_mat.write_text("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    run = AslRun(subject="04", session="1", run="2", entities={"sub": "04", "ses": "1", "run": "2"},
+                 key="sub-04_ses-1_run-2", asl=tmp_path / "x_asl.nii.gz", sidecar=tmp_path / "x_asl.json",
+                 aslcontext=tmp_path / "x_aslcontext.tsv")
+    assert anat_paths(tmp_path, run) == (t1w, subject_mat)
+    session_mat = sub / "ses-1" / "anat" / f"sub-04_ses-1{suffix}"
+    session_mat.write_text(subject_mat.read_text())
+    assert anat_paths(tmp_path, run) == (t1w, session_mat)
+    run_mat = sub / "ses-1" / "anat" / f"sub-04_ses-1_run-2{suffix}"
+    run_mat.write_text(subject_mat.read_text())
+    assert anat_paths(tmp_path, run) == (t1w, run_mat)

@@ -353,3 +353,33 @@ def test_itk_two_transforms_without_second_header(tmp_path):
 def test_itk_binary_file_hint(tmp_path):
     p = _write(tmp_path, "xfm.mat", b"MATLAB 5.0 MAT-file\x00\x00\x01\xff")
     _raises_naming(p, r"not a text file .*ConvertTransformFile", read_itk_affine, p)
+
+
+def test_flirt_voxel_sizes_from_the_header_when_given():
+    """FSL scales voxels by the header's pixdim: when the sform's column norms disagree
+    (3.3 mm against pixdim 3.0), src_zooms/ref_zooms give FSL's mapping.  The expected
+    matrix is built here from FSL's convention: scaled = diag(pixdim) @ index, x flipped
+    ((nx - 1 - i) * dx) for a positive-determinant (neurological) affine."""
+    from aslcal.geometry import flirt_to_world
+
+    src_aff = np.diag([3.3, 3.0, 4.0, 1.0])
+    src_aff[:3, 3] = (-90.0, -100.0, -40.0)
+    ref_aff = np.diag([-1.0, 1.0, 1.0, 1.0])  # radiological: no flip
+    ref_aff[:3, 3] = (90.0, -120.0, -60.0)
+    src_shape, ref_shape = (64, 64, 20), (180, 240, 120)
+    mat = np.eye(4)
+    mat[:3, 3] = (2.0, -1.0, 0.5)
+
+    def scaled(zooms, nx, flip):
+        s = np.diag([*zooms, 1.0])
+        if flip:
+            s[0, 0], s[0, 3] = -zooms[0], (nx - 1) * zooms[0]
+        return s
+
+    s_src = scaled((3.0, 3.0, 4.0), 64, True)
+    s_ref = scaled((1.0, 1.0, 1.0), 180, False)
+    expected = ref_aff @ np.linalg.inv(s_ref) @ mat @ s_src @ np.linalg.inv(src_aff)
+    got = flirt_to_world(mat, src_aff, src_shape, ref_aff, ref_shape, src_zooms=(3.0, 3.0, 4.0), ref_zooms=(1, 1, 1))
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+    by_norms = flirt_to_world(mat, src_aff, src_shape, ref_aff, ref_shape)
+    assert np.abs(by_norms - expected).max() > 1.0  # the column norms (3.3) map elsewhere

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import InputError
 from ._common import (
+    check_same_grid,
     cleanup_outdir,
     float_list,
     float_or_image,
@@ -128,6 +129,11 @@ def _check_options(args) -> None:
     if args.calib is None:
         raise InputError("-c CALIB is required: the calibration image")
     if args.mask is None:
+        if args.tissref == "none":
+            raise InputError(
+                "--tissref none has no tissue to find: the automatic reference mask needs --tissref csf, wm "
+                "or gm; with --tissref none give the reference mask (-m)"
+            )
         if not (args.struc or args.refpve or args.tissue_maps):
             raise InputError(
                 "no reference mask and no way to make one: give -m MASK (calibration space), or a "
@@ -404,8 +410,11 @@ def automatic_reference_mask(args, calib):
     struct = load(args.struc, "structural image (-s)", ndim=3) if args.struc else None
     brain_struct = None
     if args.refpve:
-        pv_img = load(args.refpve, "reference partial-volume map (--refpve)", ndim=3)
-        pv = np.clip(np.nan_to_num(pv_img.data), 0.0, 1.0)
+        from ..io.tissuemaps import load_tissue_map
+
+        # fractions in [0, 1] checked as for --tissue-maps (a percentage map is refused)
+        pv_img = load_tissue_map(args.refpve, f"{args.tissref} (--refpve)")
+        pv = pv_img.data
         steps.append(f"{args.tissref} map from --refpve")
         grid = pv_img
     elif args.tissue_maps:
@@ -414,6 +423,8 @@ def automatic_reference_mask(args, calib):
         maps = find_tissue_maps(args.tissue_maps, require=(args.tissref,))
         imgs = {t: load_tissue_map(p, t) for t, p in maps.items()}
         grid = imgs[args.tissref]
+        for t, img in imgs.items():  # summed voxel by voxel below: one grid
+            check_same_grid(img, grid, f"{t} partial-volume map", f"{args.tissref} partial-volume map")
         pv = grid.data
         if all(t in imgs for t in ("csf", "gm", "wm")):
             brain_struct = (imgs["csf"].data + imgs["gm"].data + imgs["wm"].data) >= 0.5
@@ -429,14 +440,14 @@ def automatic_reference_mask(args, calib):
         steps.append("segmentation of -s (CSF/GM/WM partial volumes)")
     if struct is not None:
         brain_struct = struct.data > 0
-        if tuple(struct.shape) != tuple(grid.shape[:3]):
-            raise InputError(f"structural image (-s) shape {tuple(struct.shape)} does not match the tissue map's "
-                             f"{tuple(grid.shape[:3])}")
+        if grid is not struct:
+            check_same_grid(struct, grid, "structural image (-s)", "tissue map")
     if args.tissref == "csf" and not args.csfmaskingoff:
         if args.ventricle_atlas:
             atlas = load(args.ventricle_atlas, "ventricle atlas (--ventricle-atlas)", ndim=3)
             mat = read_flirt_matrix(args.str2std)
-            str2std = flirt_to_world(mat, grid.affine, grid.shape[:3], atlas.affine, atlas.shape[:3])
+            str2std = flirt_to_world(mat, grid.affine, grid.shape[:3], atlas.affine, atlas.shape[:3],
+                                     src_zooms=grid.voxel_size, ref_zooms=atlas.voxel_size)
             vm = ventricles_from_atlas(atlas.data > 0.5, atlas.affine, grid.shape[:3], grid.affine, str2std, csf_pv=pv)
             steps.append("lateral ventricles from --ventricle-atlas (eroded once)")
         else:
@@ -453,7 +464,8 @@ def automatic_reference_mask(args, calib):
         world = trans  # from-<asl>_to-T1w maps T1w points to ASL points; inverted: ASL -> T1w
         steps.append("ITK affine -t (inverted: calibration -> structural)")
     else:
-        world = flirt_to_world(trans, calib.affine, calib.shape[:3], grid.affine, grid.shape[:3])
+        world = flirt_to_world(trans, calib.affine, calib.shape[:3], grid.affine, grid.shape[:3],
+                               src_zooms=calib.voxel_size, ref_zooms=grid.voxel_size)
         steps.append("FLIRT matrix -t")
     steps.append("averaged over each calibration voxel")
     return reference_mask_from_pv(pv, grid.affine, calib.shape[:3], calib.affine, world,

@@ -265,24 +265,36 @@ def ref_mask_path(folder: str | os.PathLike, run: AslRun) -> Path | None:
 def anat_paths(folder: str | os.PathLike, run: AslRun) -> tuple[Path | None, Path | None]:
     """The run's brain-extracted T1w and its ASL->T1w FLIRT matrix in ``folder``.
 
-    Looked up in ``sub-X/ses-Y/anat/`` then ``sub-X/anat/`` (one structural for all
-    sessions): ``sub-X[_ses-Y]_desc-brain_T1w.nii[.gz]`` and
-    ``sub-X[_ses-Y]_from-asl_to-T1w_mode-image_xfm.mat``.  ``(None, None)`` when there
-    is no image; the matrix is None when absent (the images are then taken as aligned
-    in world coordinates, as BIDS images of one session are).
+    The T1w: ``sub-X/ses-Y/anat/sub-X_ses-Y_desc-brain_T1w.nii[.gz]``, else
+    ``sub-X/anat/sub-X_desc-brain_T1w.nii[.gz]`` (one structural for all sessions).
+    The matrix, the most specific first: ``<run key>_from-asl_to-T1w_mode-image_xfm.mat``
+    (the ASL run's own, e.g. ``sub-X_ses-Y_run-2_...``), then
+    ``sub-X_ses-Y_from-asl_to-T1w_mode-image_xfm.mat`` in the session's ``anat/`` folder,
+    then the subject-level ones.  ``(None, None)`` when there is no image; the matrix is
+    None when absent (the images are then taken as aligned in world coordinates, as
+    BIDS images of one session are).
     """
+    subject = Path(folder) / f"sub-{run.subject}"
     places = []
     if run.session:
-        places.append((Path(folder) / f"sub-{run.subject}" / f"ses-{run.session}" / "anat",
-                       f"sub-{run.subject}_ses-{run.session}"))
-    places.append((Path(folder) / f"sub-{run.subject}" / "anat", f"sub-{run.subject}"))
+        places.append((subject / f"ses-{run.session}" / "anat", f"sub-{run.subject}_ses-{run.session}"))
+    places.append((subject / "anat", f"sub-{run.subject}"))
+    image = None
     for base, prefix in places:
         for ext in (".nii.gz", ".nii"):
-            image = base / f"{prefix}_desc-brain_T1w{ext}"
-            if image.is_file():
-                mat = base / f"{prefix}_from-asl_to-T1w_mode-image_xfm.mat"
-                return image, (mat if mat.is_file() else None)
-    return None, None
+            if (base / f"{prefix}_desc-brain_T1w{ext}").is_file():
+                image = base / f"{prefix}_desc-brain_T1w{ext}"
+                break
+        if image is not None:
+            break
+    if image is None:
+        return None, None
+    suffix = "_from-asl_to-T1w_mode-image_xfm.mat"
+    for base, prefix in places:
+        for stem in dict.fromkeys((run.key, prefix)):  # the run's own matrix, then the session's
+            if (base / f"{stem}{suffix}").is_file():
+                return image, base / f"{stem}{suffix}"
+    return image, None
 
 
 # --------------------------------------------------------------------------- prepared
@@ -461,6 +473,12 @@ def _load_reference(run: AslRun, asl, options: CohortOptions):
         return img.data, path, None
     from ..io.transforms import read_flirt_matrix
 
+    if mat is None and run.session and path.parent.parent.name != f"ses-{run.session}":
+        # the subject's one structural for a session's ASL: another session's scanner
+        # coordinates, unless the images were registered into one space beforehand
+        log.warning("%s: no ASL->T1w matrix (%s) for the subject-level T1w %s: the images are taken "
+                    "as aligned in world coordinates", run.key,
+                    f"{run.key}_from-asl_to-T1w_mode-image_xfm.mat", path.name)
     return None, path, (img, None if mat is None else read_flirt_matrix(mat), mat)
 
 
@@ -548,7 +566,8 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, check
         from ..masks import reference_mask_from_structural
 
         t1w, mat, _ = anat
-        world = np.eye(4) if mat is None else flirt_to_world(mat, asl.affine, shape, t1w.affine, t1w.shape[:3])
+        world = np.eye(4) if mat is None else flirt_to_world(mat, asl.affine, shape, t1w.affine, t1w.shape[:3],
+                                                                src_zooms=asl.voxel_size, ref_zooms=t1w.voxel_size)
         auto = reference_mask_from_structural(
             t1w.data, t1w.affine, shape, asl.affine, world, tissref=options.tissref,
             all_csf=options.all_csf, threshold=options.pve_threshold, name=f"T1w {t1w.path.name}",

@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+import numpy as np
+
 from ..backend import array_namespace
 from ..errors import InputError
 from .resample import resample_to_grid
+from .ventricles import check_fractions
 
 __all__ = ["ReferenceMask", "DEFAULT_PVE_THRESHOLD", "reference_mask_from_pv"]
 
@@ -74,6 +77,7 @@ def reference_mask_from_pv(
     if not (0.0 < float(threshold) <= 1.0):
         raise InputError(f"pve threshold={threshold!r}: expected a value in (0, 1]")
     xp = array_namespace(ref_pv)
+    check_fractions("ref_pv", ref_pv if hasattr(ref_pv, "shape") else np.asarray(ref_pv), xp)
     pv = resample_to_grid(ref_pv, struct_affine, tuple(int(s) for s in calib_shape[:3]), calib_affine,
                           world_calib_to_struct)
     mask = pv >= threshold

@@ -217,6 +217,25 @@ def _host(values: Any) -> list:
     return np.asarray(values).tolist()
 
 
+#: Partial-volume maps may overshoot [0, 1] by this much (interpolation); more is an error.
+FRACTION_TOL = 0.01
+
+
+def check_fractions(name: str, pv: Any, xp) -> None:
+    """Refuse a partial-volume map whose (finite) values leave [-tol, 1 + tol]: a
+    percentage or a probability-times-something map would be clipped into nonsense."""
+    if not int(pv.size):
+        return
+    finite = pv[xp.isfinite(pv)]
+    if not int(finite.size):
+        return
+    lo, hi = float(xp.min(finite)), float(xp.max(finite))
+    if lo < -FRACTION_TOL or hi > 1.0 + FRACTION_TOL:
+        hint = "; a percentage map? divide it by 100" if hi <= 100.0 + FRACTION_TOL and lo >= -FRACTION_TOL else ""
+        raise InputError(f"{name}: values range from {lo:.4g} to {hi:.4g}; expected partial-volume "
+                         f"fractions in [0, 1]{hint}")
+
+
 def _count(xp, mask: Any) -> int:
     return int(xp.count_nonzero(mask))
 
@@ -327,6 +346,7 @@ def lateral_ventricles(
     pv = pv if pv.dtype.kind == "f" else xp.astype(pv, xp.float64)
     if not bool(xp.all(xp.isfinite(pv))):
         raise InputError("csf_pv: the map contains NaN or Inf; expected CSF fractions in [0, 1]")
+    check_fractions("csf_pv", pv, xp)
     aff = None if affine is None else _affine("affine", affine)
     if voxel_size is None:
         if aff is None:
