@@ -389,6 +389,30 @@ def test_unavailable_backend_is_refused_before_any_work(cohort, tmp_path, capsys
     assert not out.exists()
 
 
+def test_unavailable_backend_from_the_environment_is_refused_too(cohort, tmp_path, capsys, monkeypatch):
+    """ASLCAL_BACKEND=cuda is as explicit as --backend cuda: refused before any work
+    (every fitted subject failed at its fit, and an output folder was left); --backend auto
+    overrides it."""
+    from aslcal.backend import available_backends
+
+    if available_backends()["cuda"][0]:
+        pytest.skip("a CUDA GPU is present")
+    from aslcal import config
+
+    monkeypatch.setenv("ASLCAL_BACKEND", "cuda")
+    monkeypatch.setattr(config, "_ENV_DEFAULTS", None)  # read the environment afresh
+    out = tmp_path / "env"
+    code = main(["cohort", str(cohort.root), str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "backend 'cuda' is unavailable" in err, err
+    assert not out.exists()
+    good = sorted(t.subject for t in cohort.good.values())[:2]
+    assert good
+    code = main(["cohort", str(cohort.root), str(tmp_path / "auto"), "--no-progress", "--backend", "auto",
+                 "--participant-label", *good])
+    assert code == 0, capsys.readouterr().err
+
+
 def test_quiet_cohort_prints_where_the_results_are(cohort, reference_run, capsys):
     refs = str(cohort.root / "derivatives" / "refmasks")
     good = sorted(t.subject for t in cohort.good.values())

@@ -142,7 +142,7 @@ def _options(args):
         voxel_pc=args.voxel_pc, voxel_t1t=args.voxel_t1t, edge_correction=args.edgecorr,
         quantification=args.quantification,
         tissue_overrides=load_tissue_file(args.tissue_table) if args.tissue_table else None,
-        backend=None if args.backend in (None, "auto") else args.backend, dtype=args.dtype,
+        backend=args.backend, dtype=args.dtype,  # "auto" given: automatic whatever $ASLCAL_BACKEND says
         bs_efficiency=args.bs_efficiency,
     )
 

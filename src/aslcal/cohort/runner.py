@@ -190,10 +190,15 @@ def run_cohort(
         raise InputError(f"max_batch_bytes={max_batch_bytes!r}: expected a number of bytes >= 1")
     if shard_spec is not None:
         parse_shard(shard_spec)
-    if options.backend is not None and dask in (None, "local"):
+    if dask in (None, "local"):
         from ..backend import resolve_backend
+        from ..config import get_config
 
-        resolve_backend(options.backend)  # an explicit backend that cannot run here: refuse now
+        # an explicit backend (the option, else $ASLCAL_BACKEND) that cannot run here:
+        # refuse now, before any work
+        explicit = options.backend if options.backend is not None else get_config()["backend"]
+        if explicit != "auto":
+            resolve_backend(explicit)
     # Folders named relative to here are made absolute: the same run from another working
     # directory (a shard, --resume, a Dask worker) must find them and record the same bytes.
     options = dataclasses.replace(options, **{
