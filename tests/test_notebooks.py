@@ -1,4 +1,4 @@
-"""Every notebook in notebooks/ executes top to bottom (they are thin and use small phantoms)."""
+"""Every notebook in notebooks/ executes top to bottom (they are thin; the phantom of the demo)."""
 
 from __future__ import annotations
 
@@ -23,3 +23,7 @@ def test_notebook_executes(path, tmp_path):
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+    # a figure drawn is a figure shown: every cell that plots has an image among its outputs
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "plt.subplots" in cell.source:
+            assert any("image/png" in o.get("data", {}) for o in cell.get("outputs", [])), cell.source[:80]

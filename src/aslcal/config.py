@@ -51,7 +51,7 @@ def _from_env(skip: Any = ()) -> dict[str, Any]:
     for key, var in env.items():
         if key in skip:
             continue
-        if os.environ.get(var):
+        if os.environ.get(var, "").strip():  # empty or blank: unset
             try:
                 cfg[key] = _validate(key, os.environ[var].strip().lower())
             except InputError as exc:

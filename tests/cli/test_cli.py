@@ -208,3 +208,29 @@ def test_file_system_errors_are_one_line_and_exit_2(monkeypatch, tmp_path, capsy
     assert main(["cohort", str(tmp_path / "bids"), str(tmp_path / "o"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == f"aslcal: error: Read-only file system: {tmp_path / 'o' / 'logs' / 'run.lock'}"
+
+
+def test_debug_shows_the_traceback_and_keeps_exit_status_2(tmp_path, capsys):
+    """--debug adds the traceback of an error; the exit status stays 2 (scripts check it)."""
+    assert main(["--debug", "calib", "-c", str(tmp_path / "nosuch.nii.gz"), "-m", str(tmp_path / "m.nii.gz")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.rstrip().splitlines()[-1].startswith("aslcal: error: ")
+
+
+def test_debug_logging_is_aslcal_s_own(capsys):
+    """--debug lowers aslcal's logger only: other libraries (numba's compiler logs every
+    pass at DEBUG) stay at INFO."""
+    import logging
+
+    assert main(["--debug", "info"]) == 0
+    assert logging.getLogger("aslcal").getEffectiveLevel() == logging.DEBUG
+    assert logging.getLogger("numba").getEffectiveLevel() >= logging.INFO
+    capsys.readouterr()
+
+
+def test_blank_environment_variable_is_unset(monkeypatch):
+    from aslcal import config
+
+    monkeypatch.setenv("ASLCAL_BACKEND", "  ")
+    monkeypatch.setattr(config, "_ENV_DEFAULTS", None)
+    assert config.get_config()["backend"] == "auto"

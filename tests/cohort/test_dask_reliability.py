@@ -376,3 +376,17 @@ def test_cpu_backend_on_a_gpu_machine_keeps_the_cpu_workers(monkeypatch):
         assert described == "dask LocalCluster (2 workers)" and len(cluster.workers) == 2
     finally:
         cluster.close()
+
+
+def test_missing_dask_is_refused_before_any_output(tmp_path, monkeypatch):
+    """--dask without dask.distributed installed: refused before the output folder exists."""
+    import sys
+
+    from aslcal.cohort import run_cohort
+    from aslcal.errors import BackendUnavailableError
+
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=1, seed=1, broken=0, shape=(12, 12, 8))
+    monkeypatch.setitem(sys.modules, "dask.distributed", None)  # import fails
+    with pytest.raises(BackendUnavailableError, match=r"aslcal\[dask\]"):
+        run_cohort(truth.root, tmp_path / "out", dask="local")
+    assert not (tmp_path / "out").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
 
@@ -91,7 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for provenance records
     level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
-    logging.basicConfig(level=level, format="aslcal: %(message)s", stream=sys.stderr, force=True)
+    # aslcal's own messages at that level; other libraries' only from INFO (numba's compiler
+    # logs its every pass at DEBUG: hundreds of thousands of lines on a cold cache)
+    logging.basicConfig(level=max(level, logging.INFO), format="aslcal: %(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("aslcal").setLevel(level)
     try:
         with warnings.catch_warnings(record=True) as caught:
             # aslcal's own warnings (e.g. an assumed labelling efficiency) become one line each
@@ -103,13 +107,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for w in caught:
                     print(f"aslcal: warning: {w.message}", file=sys.stderr)
     except AslcalError as exc:
-        if args.debug:
-            raise
+        if args.debug:  # the traceback too, with the same exit status
+            traceback.print_exc(file=sys.stderr)
         print(f"aslcal: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:  # the file system refused (read-only, full, permissions): one line
         if args.debug:
-            raise
+            traceback.print_exc(file=sys.stderr)
         where = f": {exc.filename}" if exc.filename else ""
         print(f"aslcal: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return EXIT_ERROR

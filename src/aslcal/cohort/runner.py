@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import logging
 import threading
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from ..errors import BackendUnavailableError, InputError
 from ..io.atomic import write_text
 from ..io.bids import AslRun, dataset_path, discover
 from ..io.derivatives import DerivativesWriter, entities_from_key, write_summary_tsv
@@ -206,6 +207,10 @@ def run_cohort(
         if (value := getattr(options, name)) is not None})
     bids_root = Path(bids_root)
     if dask is not None:
+        try:  # before any output exists (importlib: ``dask`` is this function's argument)
+            importlib.import_module("dask.distributed")
+        except ImportError:
+            raise BackendUnavailableError("--dask needs dask.distributed: pip install \"aslcal[dask]\"") from None
         # Dask workers run elsewhere (another working directory, another machine): they
         # get absolute paths
         bids_root, out_root = bids_root.resolve(), Path(out_root).resolve()
