@@ -271,3 +271,15 @@ def test_t1t_in_milliseconds_warns():
 
     with pytest.warns(CalibrationWarning, match="t1t=1300 s looks like milliseconds"):
         m0_voxelwise(np.ones((3, 3, 3)), np.ones((3, 3, 3)), tr=3.2, t1t=1300.0, edge_correction=False)
+
+
+@pytest.mark.parametrize("nz", [1, 2])
+def test_edge_correction_of_one_or_two_slices(nz):
+    """A slab of 1-2 slices: the erosion is in-plane (no voxel has 26 neighbours in the
+    image), so a constant image stays that constant (it failed: nothing to fill from)."""
+    calib = np.full((20, 20, nz), 1000.0)
+    brain = np.zeros(calib.shape, dtype=bool)
+    brain[5:15, 5:15] = True
+    res = m0_voxelwise(calib, brain, tr=None, pc=1.0)
+    np.testing.assert_allclose(res.m0[brain], 1000.0, rtol=1e-12)
+    assert np.all(res.m0[~brain] == 0)

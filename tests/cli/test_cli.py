@@ -234,3 +234,24 @@ def test_blank_environment_variable_is_unset(monkeypatch):
     monkeypatch.setenv("ASLCAL_BACKEND", "  ")
     monkeypatch.setattr(config, "_ENV_DEFAULTS", None)
     assert config.get_config()["backend"] == "auto"
+
+
+def test_failed_demo_overwrite_keeps_the_previous_data_set_whole(tmp_path, capsys, monkeypatch):
+    """--overwrite of an earlier demo that fails part-way: the earlier data set is left as
+    it was (it was a mix of new and old files: new images beside the old summary.json)."""
+    import aslcal.calibration
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "summary.json").write_text('{"phantom_seed": 0}')
+    (out / "calib.nii.gz").write_bytes(b"old image")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise aslcal.errors.InputError("simulated failure")
+
+    monkeypatch.setattr(aslcal.calibration, "m0_refregion_satrecov", broken)
+    assert main(["demo", str(out), "-q", "--overwrite", "--seed", "1"]) == 2
+    assert "simulated failure" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no staging folder left

@@ -57,7 +57,7 @@ def test_series_slices_and_result_objects(tmp_path, data):
     dest = tmp_path / "qc2.png"
     qc_figure(dest, series, brain_mask=bm, slices=[5, 12], dpi=50)
     img = _read_png(dest)
-    assert img.shape[1] == 300  # 2 panels of 3 inches at 50 dpi
+    assert img.shape[1] == 375  # 2 panels of 3 inches, widened to 7.5 inches for the title and legend, at 50 dpi
     qc_figure(dest, calib)  # no masks at all; overwrites
     _read_png(dest)
 

@@ -8,7 +8,8 @@ non-brain and give too low an M0.  Exactly as §5:
 1. 3×3×3 median filter of the M0 map (the whole image: it is masked only afterwards);
 2. mask with the brain mask;
 3. erode by one voxel (3×3×3): a voxel keeps its value only if all 26 neighbours are
-   non-zero (FSL ``fslmaths -ero``; outside the array counts as zero);
+   non-zero (FSL ``fslmaths -ero``; outside the array counts as zero); an image of one
+   or two slices is eroded in-plane (3×3×1), since no voxel of it has 26 neighbours;
 4. fill every brain voxel that is now zero with the mean of the non-zero values in its
    5×5 in-plane neighbourhood, all such voxels at once per pass, repeating while passes
    fill something; where in-plane passes cannot progress (a slice left empty), a 3-D
@@ -134,7 +135,10 @@ def edge_correct(m0: Any, brain_mask: Any) -> tuple[Any, int, dict[str, int]]:
     out = ndi.median_filter(m0, size=3)
     out = xp.where(brain_mask, out, zero)
     support = out != 0
-    kept = ndi.binary_erosion(support, structure=xp.ones((3, 3, 3), dtype=bool), border_value=0)
+    # a slab of one or two slices has no voxel with all 26 neighbours inside the image:
+    # there the erosion is in-plane (8 neighbours), else nothing would be kept
+    box = (3, 3, 3) if int(m0.shape[2]) >= 3 else (3, 3, 1)
+    kept = ndi.binary_erosion(support, structure=xp.ones(box, dtype=bool), border_value=0)
     out = xp.where(kept, out, zero)
 
     todo = brain_mask & (out == 0)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,22 +62,35 @@ def run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(f"OUTDIR {out}: cannot create it ({exc.strerror})") from None
+    # --overwrite of a previous data set: the new one is made in a staging folder beside
+    # it and replaces the old contents only once complete, so that a failure leaves the
+    # old data set whole (not old and new files mixed)
+    work = out if fresh else Path(tempfile.mkdtemp(prefix=f".{out.name}.aslcal-demo-", dir=out.parent))
     try:
-        return _run(args, out)
+        code = _run(args, work, shown=out)
+        if work is not out:
+            for child in list(out.iterdir()):
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            for child in list(work.iterdir()):
+                child.rename(out / child.name)
+            work.rmdir()
+        return code
     except BaseException as exc:
-        if fresh:
-            if created:
-                shutil.rmtree(out, ignore_errors=True)
-            else:
-                for child in out.iterdir():
-                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+        if work is not out:
+            shutil.rmtree(work, ignore_errors=True)
+        elif created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for child in out.iterdir():
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
         if isinstance(exc, OSError):
             where = f" {exc.filename}" if exc.filename else ""
             raise InputError(f"OUTDIR {out}: cannot write{where} ({exc.strerror})") from None
         raise
 
 
-def _run(args, out: Path) -> int:
+def _run(args, out: Path, shown: Path) -> int:
+    """Make the demo data set in ``out``; messages name ``shown`` (where it ends up)."""
     from .. import save_image
     from ..calibration import apply_calibration, coil_sensitivity, m0_refregion_satrecov, m0_voxelwise
     from ..io import load_image, write_json
@@ -86,7 +100,7 @@ def _run(args, out: Path) -> int:
     t0 = time.perf_counter()
     ph = make_phantom(seed=args.seed)
     files = write_dataset(ph, out, snr=args.snr or None, seed=args.seed, overwrite=True)
-    say(f"phantom (seed {args.seed}, {ph.shape[0]}x{ph.shape[1]}x{ph.shape[2]}) written to {out} "
+    say(f"phantom (seed {args.seed}, {ph.shape[0]}x{ph.shape[1]}x{ph.shape[2]}) written to {shown} "
         f"in {time.perf_counter() - t0:.1f} s")
 
     t0 = time.perf_counter()
@@ -158,5 +172,5 @@ def _run(args, out: Path) -> int:
     print(f"calibration: {elapsed:.2f} s; whole-brain fit {fit.n_fitted} voxels on {fit.backend}/{fit.dtype} "
           f"in {fit.timings.get('fit', 0):.3f} s ({fit.fits_per_second:,.0f} voxel-fits/s); "
           f"status {fit.status_counts()}")
-    print(f"outputs: {out}")
+    print(f"outputs: {shown}")
     return 0

@@ -192,7 +192,8 @@ def qc_figure(
     nrows = math.ceil(len(zs) / 4)
     ncols = math.ceil(len(zs) / nrows)
     aspect = shape[1] / shape[0]
-    fig = Figure(figsize=(3.0 * ncols, 3.0 * nrows * aspect + 0.9), layout="constrained")
+    # at least 7.5 in wide: the title and the legend (one row) need it with 1-2 panels
+    fig = Figure(figsize=(max(3.0 * ncols, 7.5), 3.0 * nrows * aspect + 0.9), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     outlines = [(m, c) for m, c in ((ref, REF_COLOUR), (brain, BRAIN_COLOUR)) if m is not None]
