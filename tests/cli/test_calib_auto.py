@@ -21,6 +21,13 @@ def _outputs(root: Path):
     return ["--Mo", paths[0], "--om", paths[1], "--outdir", root / "outdir"], paths
 
 
+def _calib_error(phantom_ds, bad_input, tmp_path, *args) -> str:
+    """``aslcal calib -c calib ARGS`` with every output asked for: the bad-input contract
+    (exit 2, one line, nothing written); returns the error line."""
+    outs, paths = _outputs(tmp_path)
+    return bad_input(["calib", "-c", phantom_ds.root / "calib.nii.gz", *args, *outs], tmp_path, outputs=paths)
+
+
 def test_structural_and_transform_make_the_mask(phantom_ds, cli, tmp_path):
     """asl_calib's default path: -c calib -s struct_brain -t asl2struct.mat, no -m."""
     root, ph = phantom_ds.root, phantom_ds.ph
@@ -75,9 +82,7 @@ def test_segmentation_that_cannot_separate_three_classes(phantom_ds, bad_input, 
     root, ph = phantom_ds.root, phantom_ds.ph
     st = ph.structural
     flat = _save(tmp_path / "flat_brain.nii.gz", np.where(st.brain_mask, 100.0, 0.0), st.affine)
-    outs, paths = _outputs(tmp_path)
-    err = bad_input(["calib", "-c", root / "calib.nii.gz", "-s", flat, "-t", root / "asl2struct.mat", *outs],
-                    tmp_path, outputs=paths)
+    err = _calib_error(phantom_ds, bad_input, tmp_path, "-s", flat, "-t", root / "asl2struct.mat")
     assert "class" in err or "separate" in err
 
 
@@ -85,9 +90,8 @@ def test_empty_automatic_mask(phantom_ds, bad_input, tmp_path):
     """A transform that moves the structural far away: no calibration voxel gets any CSF."""
     root = phantom_ds.root
     (tmp_path / "away.mat").write_text("1 0 0 500\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
-    outs, paths = _outputs(tmp_path)
-    err = bad_input(["calib", "-c", root / "calib.nii.gz", "--refpve", root / "struct_pv_csf.nii.gz",
-                     "--csfmaskingoff", "-t", tmp_path / "away.mat", *outs], tmp_path, outputs=paths)
+    err = _calib_error(phantom_ds, bad_input, tmp_path, "--refpve", root / "struct_pv_csf.nii.gz",
+                       "--csfmaskingoff", "-t", tmp_path / "away.mat")
     assert "empty" in err and "brain extraction" in err and "-m" in err
 
 
@@ -98,18 +102,15 @@ def test_refpve_in_percent_is_refused(phantom_ds, bad_input, tmp_path):
     root = phantom_ds.root
     img = nib.load(root / "struct_pv_csf.nii.gz")
     pct = _save(tmp_path / "csf_pct.nii.gz", 100.0 * img.get_fdata(), img.affine)
-    outs, paths = _outputs(tmp_path)
-    err = bad_input(["calib", "-c", root / "calib.nii.gz", "--refpve", pct, "-t", root / "asl2struct.mat", *outs],
-                    tmp_path, outputs=paths)
+    err = _calib_error(phantom_ds, bad_input, tmp_path, "--refpve", pct, "-t", root / "asl2struct.mat")
     assert "values range from 0 to 100" in err and "divide it by 100" in err
 
 
 def test_tissref_none_without_a_mask_is_one_clear_error(phantom_ds, bad_input, tmp_path):
     root = phantom_ds.root
-    outs, paths = _outputs(tmp_path)
     for route in (["-s", root / "struct_brain.nii.gz"], ["--refpve", root / "struct_pv_csf.nii.gz"]):
-        err = bad_input(["calib", "-c", root / "calib.nii.gz", *route, "-t", root / "asl2struct.mat",
-                         "--tissref", "none", "--t1r", "4.3", "--pc", "1.15", *outs], tmp_path, outputs=paths)
+        err = _calib_error(phantom_ds, bad_input, tmp_path, *route, "-t", root / "asl2struct.mat",
+                           "--tissref", "none", "--t1r", "4.3", "--pc", "1.15")
         assert "--tissref none" in err and "(-m)" in err
 
 
@@ -126,7 +127,5 @@ def test_tissue_maps_on_different_grids_are_refused(phantom_ds, bad_input, tmp_p
             data = data[::-1]
             aff = aff @ np.array([[-1, 0, 0, data.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
         _save(fast / f"s_pve_{k}.nii.gz", data, aff)
-    outs, paths = _outputs(tmp_path)
-    err = bad_input(["calib", "-c", root / "calib.nii.gz", "--tissue-maps", fast / "s", "-t", root / "asl2struct.mat",
-                     *outs], tmp_path, outputs=paths)
+    err = _calib_error(phantom_ds, bad_input, tmp_path, "--tissue-maps", fast / "s", "-t", root / "asl2struct.mat")
     assert "wm partial-volume map" in err and "not on the same grid" in err
