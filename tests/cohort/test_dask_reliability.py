@@ -25,7 +25,7 @@ distributed = pytest.importorskip("dask.distributed")
 
 import dask  # noqa: E402
 
-from aslcal.cohort import CohortOptions, FailureLog, run_cohort  # noqa: E402
+from aslcal.cohort import FailureLog, run_cohort  # noqa: E402
 from aslcal.cohort import distributed as dask_executor  # noqa: E402
 from aslcal.io.atomic import _TEMP_MARKER  # noqa: E402
 from aslcal.io.derivatives import DerivativesWriter  # noqa: E402
