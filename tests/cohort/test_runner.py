@@ -931,3 +931,33 @@ def test_linked_reference_masks_outside_the_dataset_are_named_by_their_links(tmp
     assert run_cohort(truth.root, tmp_path / "out", options=CohortOptions(ref_masks=str(masks))).exit_code == 0
     (sidecar,) = (tmp_path / "out").rglob(f"{key}_desc-ref_mask.json")
     assert json.loads(sidecar.read_text())["Sources"] == [mask.absolute().as_uri()]
+
+
+def test_resume_removes_a_killed_run_s_run_level_temporary_files(cohort, reference_run, tmp_path):
+    """A SIGKILL while summary.tsv/summary.json (or a log) was being replaced leaves its
+    hidden temporary file in the derivative root: the next (unsharded) run removes it."""
+    out = tmp_path / "out"
+    shutil.copytree(reference_run[0], out)
+    root = out / "derivatives" / "aslcal"
+    stray = [root / ".summary.tmp-deadbeef.json", root / "logs" / ".failures.tmp-0badf00d.jsonl"]
+    for path in stray:
+        path.write_text("half")
+    refs = str(cohort.root / "derivatives" / "refmasks")
+    good = sorted(t.subject for t in cohort.good.values())
+    report = run_cohort(cohort.root, out, options=CohortOptions(ref_masks=refs), resume=True, participant_label=good)
+    assert not report.failed
+    assert not any(p.exists() for p in stray)
+
+
+def test_failure_messages_do_not_depend_on_how_the_root_was_named(tmp_path, monkeypatch):
+    """The BIDS root given relative or absolute (or run by Dask workers, which get it
+    absolute): the same failure messages, so summary.tsv and the failure log are the
+    same bytes (a relative root made them differ from a --dask run's)."""
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=3, seed=4, broken=2, shape=(12, 12, 8))
+    monkeypatch.chdir(tmp_path)
+    run_cohort(Path("bids"), Path("rel"), workers=1)
+    run_cohort(truth.root, tmp_path / "abs", workers=1)
+    for name in ("summary.tsv", "logs/failures.jsonl"):
+        rel = (tmp_path / "rel" / "derivatives" / "aslcal" / name).read_bytes()
+        assert rel == (tmp_path / "abs" / "derivatives" / "aslcal" / name).read_bytes(), name
+        assert str(truth.root).encode() in rel

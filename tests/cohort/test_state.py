@@ -258,3 +258,36 @@ def test_folder_lock_between_processes(tmp_path):
     release()
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "", out.stderr
+
+
+def test_an_input_that_applies_now_marks_the_subject_changed(tmp_path):
+    """--resume with --anat: a subject done without an ASL->T1w matrix (images taken as
+    aligned), whose matrix has been added since, is redone (it was kept, stale)."""
+    from aslcal.cohort.state import changed_inputs
+
+    root = tmp_path / "bids"
+    anat = root / "derivatives" / "anat" / "sub-02" / "anat"
+    anat.mkdir(parents=True)
+    t1w = anat / "sub-02_desc-brain_T1w.nii.gz"
+    t1w.write_bytes(b"t1w")
+    prov = tmp_path / "prov.json"
+    prov.write_text(json.dumps({"inputs": {"files": {"derivatives/anat/sub-02/anat/sub-02_desc-brain_T1w.nii.gz": 3}}}))
+    assert changed_inputs(prov, root, None, [t1w]) is None
+    mat = anat / "sub-02_from-asl_to-T1w_mode-image_xfm.mat"
+    mat.write_text("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    why = changed_inputs(prov, root, None, [t1w, mat])
+    assert why == "derivatives/anat/sub-02/anat/sub-02_from-asl_to-T1w_mode-image_xfm.mat applies to it now"
+
+
+def test_failure_log_sorts_by_key_keeping_each_key_s_order(tmp_path):
+    """Dask workers append in the order they finish; the run sorts the log at its end so
+    that it is the same bytes whichever finished first."""
+    a = FailureLog(tmp_path / "a.jsonl")
+    for key, stage in (("sub-12", "fit"), ("sub-05", "metadata"), ("sub-12", "calibrate")):
+        a.record(key, stage, f"{key} {stage}")
+    b = FailureLog(tmp_path / "b.jsonl")
+    for key, stage in (("sub-05", "metadata"), ("sub-12", "fit"), ("sub-12", "calibrate")):
+        b.record(key, stage, f"{key} {stage}")
+    a.sort()
+    assert [(r.key, r.stage) for r in a.load()] == [("sub-05", "metadata"), ("sub-12", "fit"), ("sub-12", "calibrate")]
+    assert a.path.read_bytes() == b.path.read_bytes()

@@ -653,3 +653,38 @@ def test_anat_paths_take_the_most_specific_matrix(tmp_path):
     run_mat = sub / "ses-1" / "anat" / f"sub-04_ses-1_run-2{suffix}"
     run_mat.write_text(subject_mat.read_text())
     assert anat_paths(tmp_path, run) == (t1w, run_mat)
+
+
+def test_two_t1w_images_of_one_run_are_refused(tmp_path):
+    """--anat: a .nii.gz and a .nii T1w side by side; which one is meant is unknown (as
+    for two reference masks or two ASL images): the run fails naming both."""
+    from aslcal.cohort.subject import _load_reference
+    from aslcal.io.bids import AslRun
+
+    anat = tmp_path / "anat" / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    img = np.zeros((4, 4, 4), np.float32)
+    for ext in (".nii.gz", ".nii"):
+        save_image(anat / f"sub-01_desc-brain_T1w{ext}", img, np.eye(4))
+    run = AslRun(subject="01", session=None, run=None, entities={"sub": "01"}, key="sub-01",
+                 asl=tmp_path / "sub-01_asl.nii.gz", sidecar=tmp_path / "sub-01_asl.json",
+                 aslcontext=tmp_path / "sub-01_aslcontext.tsv")
+    with pytest.raises(InputError, match="two brain-extracted T1w images for sub-01"):
+        _load_reference(run, None, CohortOptions(anat=str(tmp_path / "anat")))
+
+
+@pytest.mark.parametrize("value", [10**400, -1, 2.5, "4", True])
+def test_background_suppression_pulse_count_is_checked_with_the_metadata(cohort, runs, tmp_path, value):
+    """BackgroundSuppressionNumberPulses, when present, is an integer 0..20: anything else
+    fails the run at its metadata, naming the file and the field (a 400-digit integer was
+    an OverflowError after the fit)."""
+    key = _first(cohort, "separate")
+    run = _copy_subject(cohort, key, tmp_path / "copy")
+    meta = json.loads(run.sidecar.read_text())
+    meta["BackgroundSuppressionNumberPulses"] = value
+    run.sidecar.write_text(json.dumps(meta))
+    with pytest.raises(SubjectError) as info:
+        load_subject(run, CohortOptions(bs_efficiency=0.95), bids_root=tmp_path / "copy")
+    err = info.value
+    assert err.stage == "metadata" and "BackgroundSuppressionNumberPulses" in err.message
+    assert str(run.sidecar) in err.message

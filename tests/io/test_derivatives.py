@@ -390,3 +390,17 @@ def test_derivative_root_has_a_bidsignore(tmp_path):
         assert pattern in ignore
     DerivativesWriter(tmp_path / "out")  # a second writer (resume, shards) finds it and keeps it
     assert (writer.root / ".bidsignore").read_text().splitlines() == ignore
+    # a user's own lines survive a later run; aslcal's come back if removed
+    (writer.root / ".bidsignore").write_text("work/\nlogs/\n")
+    DerivativesWriter(tmp_path / "out")
+    lines = (writer.root / ".bidsignore").read_text().splitlines()
+    assert lines[:2] == ["work/", "logs/"] and sorted(lines[2:]) == sorted(p for p in ignore if p != "logs/")
+    # a folder refused as another pipeline's: its .bidsignore is not touched
+    other = tmp_path / "other" / "derivatives" / "aslcal"
+    other.mkdir(parents=True)
+    (other / "dataset_description.json").write_text(json.dumps(
+        {"Name": "x", "BIDSVersion": "1.9.0", "DatasetType": "derivative", "GeneratedBy": [{"Name": "fmriprep"}]}))
+    (other / ".bidsignore").write_text("work/\n")
+    with pytest.raises(InputError, match="another pipeline"):
+        DerivativesWriter(tmp_path / "other")
+    assert (other / ".bidsignore").read_text() == "work/\n"

@@ -28,6 +28,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -43,7 +44,7 @@ from .pipeline import DEFAULT_BATCH_SIZE, BatchOutcome, run_subjects
 from .state import (
     RUN_OPTIONS_FILE, FailureLog, FailureRecord, changed_inputs, check_run_options, folder_lock, parse_shard, plan_run, shard,
 )
-from .subject import CohortOptions
+from .subject import CohortOptions, anat_paths
 
 log = logging.getLogger("aslcal")
 
@@ -205,15 +206,15 @@ def run_cohort(
     options = dataclasses.replace(options, **{
         name: str(Path(value).resolve()) for name in ("ref_masks", "anat")
         if (value := getattr(options, name)) is not None})
-    bids_root = Path(bids_root)
+    # Absolute paths (symbolic links kept as given): Dask workers run elsewhere (another
+    # working directory, another machine), and the messages recorded in the failure logs
+    # and summary.tsv must read the same whichever executor or working directory ran them.
+    bids_root, out_root = Path(os.path.abspath(bids_root)), Path(os.path.abspath(out_root))
     if dask is not None:
         try:  # before any output exists (importlib: ``dask`` is this function's argument)
             importlib.import_module("dask.distributed")
         except ImportError:
             raise BackendUnavailableError("--dask needs dask.distributed: pip install \"aslcal[dask]\"") from None
-        # Dask workers run elsewhere (another working directory, another machine): they
-        # get absolute paths
-        bids_root, out_root = bids_root.resolve(), Path(out_root).resolve()
     rejected: list[tuple[Path, str]] = []
     runs = discover(bids_root, participant_label=participant_label, rejected=rejected)
     for path, reason in rejected:
@@ -226,9 +227,16 @@ def run_cohort(
     logs = writer.root / LOG_FOLDER
     logs.mkdir(exist_ok=True)
     with _holding(folder_lock(logs, shard_spec)), _options_record(logs, options, writer):
-        plan = plan_run(selected, writer, resume=resume,
-                        stale=lambda key: changed_inputs(writer.subject_paths(key)["provenance"], bids_root,
-                                                         by_key[key]))
+        if shard_spec is None:
+            # the folder is this run's alone (exclusive lock): a killed run's temporary
+            # files of the run-level records (summary table, logs) go
+            _remove_run_level_temps(writer.root, logs)
+        def stale(key: str) -> str | None:
+            # with --anat, the T1w and matrix the lookup picks now (a matrix added since)
+            now = [p for p in anat_paths(options.anat, by_key[key]) if p is not None] if options.anat else []
+            return changed_inputs(writer.subject_paths(key)["provenance"], bids_root, by_key[key], now)
+
+        plan = plan_run(selected, writer, resume=resume, stale=stale)
         for key, reason in plan.changed:
             log.warning("%s: its inputs changed since it was done (%s): redone", key, reason)
         _record_rejected(logs, bids_root, rejected)
@@ -265,6 +273,7 @@ def run_cohort(
             )
         report.done = sorted(outcome.done)
         report.failed = sorted(outcome.failed, key=lambda r: r["key"])
+        failure_log.sort()  # the same bytes whichever worker finished first
         report.interrupted = outcome.interrupted
         report.launches = outcome.launches
         # summary.tsv covers the whole dataset: a run on some participants keeps the others' rows
@@ -300,6 +309,15 @@ def _options_record(logs: Path, options: CohortOptions, writer: DerivativesWrite
 
 #: The *_asl files of the dataset that are no runs, with the reason (rewritten by every run).
 REJECTED_FILE = "rejected.tsv"
+
+
+def _remove_run_level_temps(*folders: Path) -> None:
+    from ..io.atomic import _TEMP_MARKER
+
+    for folder in folders:
+        for path in folder.iterdir():
+            if path.name.startswith(".") and _TEMP_MARKER in path.name and path.is_file():
+                path.unlink(missing_ok=True)
 
 
 def _record_rejected(logs: Path, bids_root: Path, rejected: Sequence[tuple[Path, str]]) -> None:

@@ -181,6 +181,15 @@ class FailureLog:
         """Keys with at least one record, sorted."""
         return sorted({r.key for r in self.load()})
 
+    def sort(self) -> None:
+        """Rewrite the log in key order (each key's records in the order written), atomically;
+        parallel workers append in the order they finish, which varies from run to run."""
+        records = self.load()
+        ordered = sorted(records, key=lambda r: r.key)  # stable
+        if ordered != records:
+            write_text(self.path, "".join(json.dumps(r.to_json(), default=str) + "\n" for r in ordered),
+                       overwrite=True)
+
     def discard(self, keys: Iterable[str]) -> int:
         """Drop the records of ``keys`` (e.g. subjects about to be redone); atomic rewrite.
 
@@ -224,7 +233,8 @@ class RunPlan:
     changed: list[tuple[str, str]] = field(default_factory=list)
 
 
-def changed_inputs(provenance: StrPath, bids_root: StrPath, run: AslRun | None = None) -> str | None:
+def changed_inputs(provenance: StrPath, bids_root: StrPath, run: AslRun | None = None,
+                   applicable: Sequence[StrPath] = ()) -> str | None:
     """Why a complete subject's recorded inputs no longer match the dataset, or None.
 
     The provenance records every input's size and checksum (the CRC-32 of an image's
@@ -232,7 +242,9 @@ def changed_inputs(provenance: StrPath, bids_root: StrPath, run: AslRun | None =
     has another size or other content is a change.  With ``run`` (the run as discovered
     now), a sidecar that applies to it but was not read then (an ``asl.json`` added at
     the root, say) or a second image beside its ASL or m0scan image is one too.  Paths
-    are relative to ``bids_root`` (absolute ones outside it).  A provenance without such
+    are relative to ``bids_root`` (absolute ones outside it).  ``applicable``: files the
+    run would read now besides those (the ``--anat`` T1w and ASL->T1w matrix the lookup
+    picks today); one that was not read then is a change too.  A provenance without such
     a record (or unreadable) is no evidence of change.
     """
     try:
@@ -261,6 +273,10 @@ def changed_inputs(provenance: StrPath, bids_root: StrPath, run: AslRun | None =
         for second in (run.duplicate, run.m0scan_duplicate if m0_read else None):
             if second is not None:
                 return f"{dataset_path(second, root)} is a second image beside the one read"
+    for path in applicable:
+        rel = dataset_path(Path(path), root)
+        if rel not in sizes:
+            return f"{rel} applies to it now"
     return None
 
 
@@ -349,7 +365,7 @@ _FLAGS = {
     "cgain": "--cgain", "taq": "--taq", "m0_scale": "--m0-scale", "priors": "--priors", "fix_a": "--fixa",
     "allow_control_m0": "--allow-control-m0", "voxel_pc": "--voxel-pc", "voxel_t1t": "--voxel-t1t",
     "edge_correction": "--no-edgecorr", "tissue_overrides": "--tissue-table", "m0_mode": "--ref-masks/--anat",
-    "quantification": "--quantification",
+    "quantification": "--quantification", "bs_efficiency": "--bs-efficiency",
 }
 
 

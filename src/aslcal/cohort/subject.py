@@ -467,6 +467,12 @@ def _load_reference(run: AslRun, asl, options: CohortOptions):
         what, expected = "brain-extracted T1w", f"{sub}anat/<sub>[_<ses>]_desc-brain_T1w.nii.gz"
     if path is None:
         raise InputError(f"no {what} for {run.key} in {str(folder)!r} (expected {expected})")
+    if not given:
+        stem = path.name.removesuffix(".gz").removesuffix(".nii")
+        twins = [path.with_name(stem + ext) for ext in (".nii.gz", ".nii")]
+        if all(t.is_file() for t in twins):
+            raise InputError(f"two {what} images for {run.key}: {twins[0]} and {twins[1]}; which one is meant is "
+                             "unknown (keep one)")
     img = load_image(path, dtype="float32", ndim=3, name=f"{what} of {run.key}")
     if given:
         _check_grid(img.data.shape, img.affine, asl, path)
@@ -504,6 +510,8 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, check
              bids_root, anat=None) -> PreparedSubject:
     from ..masks import brain_mask_from_calib
 
+    if acq.metadata.get("LabelingEfficiency") is None:
+        _background_suppressed_alpha(acq, options)  # a missing pulse count fails here, before any fit
     data = asl.data if asl.data.ndim == 4 else asl.data[..., None]
     shape = tuple(int(s) for s in data.shape[:3])
     control, label, deltam = (acq.volumes_of(t) for t in ("control", "label", "deltam"))
@@ -652,33 +660,37 @@ def _design_of(acq: AslAcquisition) -> tuple[tuple[float, ...], float | None, fl
         raise InputError(f"{where}: field 'InversionTime' is required for a Look-Locker M0 series")
     if not src.flip_angle:
         raise InputError(f"{where}: field 'FlipAngle' is required for a Look-Locker M0 series")
+    from ..io.bids import BidsFieldError
+
+    where = src.source_of("FlipAngle")
     angles = sorted(set(float(a) for a in src.flip_angle))
     if len(angles) == 1:
         return tuple(float(t) for t in src.tis), angles[0], None, 1
     if len(angles) > 2:
-        raise InputError(
+        raise BidsFieldError(
             f"{where}: field 'FlipAngle' has {len(angles)} distinct values {angles}; expected one "
-            "(Look-Locker) or two (high, then low flip-angle phase)"
+            "(Look-Locker) or two (high, then low flip-angle phase)", file=where, field="FlipAngle",
         )
     low, high = angles
     n = len(src.flip_angle)
     first_low = src.flip_angle.index(low)
     if any(float(a) != low for a in src.flip_angle[first_low:]):
-        raise InputError(
+        raise BidsFieldError(
             f"{where}: field 'FlipAngle': the low flip angle ({low}) must be the last phase "
-            "(after every high-flip-angle volume)"
+            "(after every high-flip-angle volume)", file=where, field="FlipAngle",
         )
     n_low = n - first_low
     if n_low * 2 > n:
-        raise InputError(
+        raise BidsFieldError(
             f"{where}: field 'FlipAngle': {n_low} of {n} volumes have the low flip angle "
-            f"({low}); expected one low-flip-angle phase, no longer than the high-flip-angle part"
+            f"({low}); expected one low-flip-angle phase, no longer than the high-flip-angle part",
+            file=where, field="FlipAngle",
         )
     if first_low % n_low:
-        raise InputError(
+        raise BidsFieldError(
             f"{where}: field 'FlipAngle': {first_low} high-flip-angle volumes do not make whole phases "
             f"of the low-flip-angle phase's {n_low} volumes; expected the high flip angle in phases as "
-            "long as the last, low one"
+            "long as the last, low one", file=where, field="FlipAngle",
         )
     return tuple(float(t) for t in src.tis), high, low, first_low // n_low
 
@@ -800,15 +812,12 @@ def _background_suppressed_alpha(acq: AslAcquisition, options: CohortOptions) ->
     from ..io.bids import BidsFieldError
 
     name = "BackgroundSuppressionNumberPulses"
-    n = acq.metadata.get(name)
+    n = acq.metadata.get(name)  # an integer 0..20 when present (checked by read_run)
     where = acq.source_of(name)
     if n is None:
         raise BidsFieldError(
             f"{where}: field {name!r} is missing: --bs-efficiency needs the number of background-"
             "suppression pulses (BackgroundSuppression is true)", file=where, field=name)
-    if isinstance(n, bool) or not isinstance(n, int | float) or not (float(n).is_integer() and 0 <= n <= 20):
-        raise BidsFieldError(f"{where}: field {name!r} = {n!r}: expected a number of pulses, 0 to 20",
-                             file=where, field=name)
     n = int(n)
     base = ALPHA_DEFAULTS[labelling_name(acq.labeling_type)]
     alpha = base * options.bs_efficiency ** n

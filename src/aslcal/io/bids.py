@@ -731,6 +731,29 @@ def _require(meta: dict, path: Path, name: str, why: str = "") -> Any:
     return meta[name]
 
 
+#: Most background-suppression pulses a sequence has (a larger count is not one).
+MAX_BS_PULSES = 20
+
+
+def _bs_pulses(meta: dict, path: Path) -> int | None:
+    """``BackgroundSuppressionNumberPulses``: None if absent, else an integer 0..20."""
+    name = "BackgroundSuppressionNumberPulses"
+    value = meta.get(name)
+    if value is None:
+        return None
+    where = _src(meta, path, name)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        ok = False
+    elif isinstance(value, int):  # any size: compared as an integer, never converted
+        ok = 0 <= value <= MAX_BS_PULSES
+    else:
+        ok = math.isfinite(value) and value.is_integer() and 0 <= value <= MAX_BS_PULSES
+    if not ok:
+        raise BidsFieldError(f"{where}: field {name!r} = {_shown(value)}: expected a number of pulses, "
+                             f"0 to {MAX_BS_PULSES}", file=where, field=name)
+    return int(value)
+
+
 def _field(meta: dict, path: Path, name: str, *, required: bool, why: str = "") -> Any:
     """The field's value; a missing required field is an InputError, a missing optional one None."""
     return _require(meta, path, name, why) if required else meta.get(name)
@@ -977,6 +1000,7 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
     ti = _per_volume(meta, js, "InversionTime", n, required=False, high=MAX_DELAY_S, unit="s")
     ld = _per_volume(meta, js, "LabelingDuration", n, required=False, high=MAX_DELAY_S, unit="s")
     bs = _flag(meta, js, "BackgroundSuppression")
+    _bs_pulses(meta, js)  # checked when present: a count of pulses
 
     if m0_type == "Separate":
         m0 = _separate_m0(run)

@@ -301,26 +301,31 @@ class DerivativesWriter:
         return self.root / "dataset_description.json"
 
     def _write_description(self) -> None:
-        self._write_bidsignore()
         path = self.description_path
         if not path.exists():
             try:
                 write_json(path, self.description, overwrite=False)
+                self._write_bidsignore()
                 return
             except InputError:
                 if not path.exists():
                     raise
                 # Another process wrote it meanwhile: check theirs below.
         self._check_description(path)
+        self._write_bidsignore()  # only in a folder accepted as this pipeline's
 
     def _write_bidsignore(self) -> None:
         """``.bidsignore``: the files a BIDS validator should skip (run logs, the summary
         table, the per-subject summary/provenance records and completion markers), as
         fMRIPrep and ASLPrep write one."""
         path = self.root / ".bidsignore"
-        if path.exists() and path.read_text(encoding="utf-8") == BIDSIGNORE:
-            return
-        write_text(path, BIDSIGNORE, overwrite=True)
+        try:
+            have = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        except (OSError, UnicodeDecodeError):
+            have = []
+        missing = [line for line in BIDSIGNORE.splitlines() if line not in have]
+        if missing:  # a user's own lines are kept; aslcal's are added once
+            write_text(path, "".join(f"{line}\n" for line in have + missing), overwrite=True)
 
     def _check_description(self, path: Path) -> None:
         try:
@@ -681,7 +686,8 @@ _COLUMN_DOCS: dict[str, dict[str, str]] = {
     "run": {"Description": "run entity of the ASL run"},
     "status": {"Description": "ok: every output written; failed: see stage and message",
                "Levels": {"ok": "processed", "failed": "not processed (see stage, message)"}},
-    "stage": {"Description": "Pipeline stage at which the run failed (metadata, load, prepare, fit, finish, write)"},
+    "stage": {"Description": "Pipeline stage at which the run failed (metadata, load, prepare, fit, calibrate, "
+                             "write, worker)"},
     "message": {"Description": "Why the run failed, naming the file and field at fault"},
     "M0a": {"Description": "M0 of arterial blood used for CBF (reference region, or M0Estimate); n/a with a voxelwise M0 map",
             "Units": "arbitrary (scanner signal units)"},
