@@ -89,12 +89,11 @@ def flirt_scaling(affine: Any, shape: Any) -> np.ndarray:
 
 
 def _scaling(aff: np.ndarray, nx: int, zooms: Any = None) -> np.ndarray:
-    if zooms is None:
-        vox = np.linalg.norm(aff[:3, :3], axis=0)
-    else:
-        vox = np.asarray([float(z) for z in tuple(zooms)[:3]], dtype=np.float64)
-        if vox.shape != (3,) or not np.all(np.isfinite(vox) & (vox > 0)):
-            raise InputError(f"voxel sizes {zooms!r}: expected 3 positive numbers (mm)")
+    vox = np.linalg.norm(aff[:3, :3], axis=0)
+    if zooms is not None:
+        z = np.abs(np.asarray([float(v) for v in tuple(zooms)[:3]], dtype=np.float64))
+        if z.shape == (3,) and np.all(np.isfinite(z) & (z > 0)):
+            vox = z  # the header's pixdim (its sign ignored, as FSL does); else the affine's
     s = np.diag([vox[0], vox[1], vox[2], 1.0])
     if np.linalg.det(aff[:3, :3]) > 0:
         s[0, 0] = -vox[0]

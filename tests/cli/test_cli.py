@@ -255,3 +255,18 @@ def test_failed_demo_overwrite_keeps_the_previous_data_set_whole(tmp_path, capsy
     assert "simulated failure" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no staging folder left
+
+
+def test_demo_overwrite_keeps_other_files_and_works_in_the_current_folder(tmp_path, capsys, monkeypatch):
+    """--overwrite replaces the demo's files only (a user's file beside them stays), also
+    with OUTDIR '.', whose staging folder must go beside it, not inside."""
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "my_notes.txt").write_text("mine")
+    (out / "summary.json").write_text("old")
+    monkeypatch.chdir(out)
+    assert main(["demo", ".", "-q", "--overwrite"]) == 0, capsys.readouterr().err
+    assert (out / "my_notes.txt").read_text() == "mine"
+    assert json.loads((out / "summary.json").read_text())["phantom_seed"] == 0
+    assert (out / "calib_ll.nii.gz").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # no staging folder left

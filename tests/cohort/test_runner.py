@@ -961,3 +961,16 @@ def test_failure_messages_do_not_depend_on_how_the_root_was_named(tmp_path, monk
         rel = (tmp_path / "rel" / "derivatives" / "aslcal" / name).read_bytes()
         assert rel == (tmp_path / "abs" / "derivatives" / "aslcal" / name).read_bytes(), name
         assert str(truth.root).encode() in rel
+
+
+def test_resume_with_anat_keeps_a_complete_estimate_subject(tmp_path):
+    """--resume --anat with nothing changed redoes nothing: an M0Estimate run reads no
+    anatomy, so the T1w the lookup finds for it is no new input (it was redone every time)."""
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=3, seed=1, broken=0, anat=True, shape=(16, 16, 8))
+    (key,) = [k for k, t in truth.runs.items() if t.variant == "estimate"]
+    label = truth.runs[key].subject
+    opts = CohortOptions(anat=str(truth.root / "derivatives" / "anat"))
+    first = run_cohort(truth.root, tmp_path / "out", options=opts, participant_label=[label], workers=1)
+    assert first.done == [key]
+    again = run_cohort(truth.root, tmp_path / "out", options=opts, participant_label=[label], workers=1, resume=True)
+    assert again.skipped == [key] and not again.redo and not again.done

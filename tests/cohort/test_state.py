@@ -275,8 +275,12 @@ def test_an_input_that_applies_now_marks_the_subject_changed(tmp_path):
     assert changed_inputs(prov, root, None, [t1w]) is None
     mat = anat / "sub-02_from-asl_to-T1w_mode-image_xfm.mat"
     mat.write_text("1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
-    why = changed_inputs(prov, root, None, [t1w, mat])
+    why = changed_inputs(prov, root, None, [t1w, mat], applicable_under=root / "derivatives" / "anat")
     assert why == "derivatives/anat/sub-02/anat/sub-02_from-asl_to-T1w_mode-image_xfm.mat applies to it now"
+    # a run that read no anatomy (M0Estimate): the anatomy the lookup finds is not its input
+    estimate = tmp_path / "estimate.json"
+    estimate.write_text(json.dumps({"inputs": {"files": {}}}))
+    assert changed_inputs(estimate, root, None, [t1w, mat], applicable_under=root / "derivatives" / "anat") is None
 
 
 def test_failure_log_sorts_by_key_keeping_each_key_s_order(tmp_path):

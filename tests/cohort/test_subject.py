@@ -653,6 +653,13 @@ def test_anat_paths_take_the_most_specific_matrix(tmp_path):
     run_mat = sub / "ses-1" / "anat" / f"sub-04_ses-1_run-2{suffix}"
     run_mat.write_text(subject_mat.read_text())
     assert anat_paths(tmp_path, run) == (t1w, run_mat)
+    # the session's own T1w: never paired with the subject-level matrix (made against
+    # the other T1w); without a matrix of its own the images are taken as aligned
+    for f in (session_mat, run_mat):
+        f.unlink()
+    ses_t1w = sub / "ses-1" / "anat" / "sub-04_ses-1_desc-brain_T1w.nii.gz"
+    ses_t1w.write_bytes(b"")
+    assert anat_paths(tmp_path, run) == (ses_t1w, None)
 
 
 def test_two_t1w_images_of_one_run_are_refused(tmp_path):
@@ -674,17 +681,21 @@ def test_two_t1w_images_of_one_run_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("value", [10**400, -1, 2.5, "4", True])
-def test_background_suppression_pulse_count_is_checked_with_the_metadata(cohort, runs, tmp_path, value):
-    """BackgroundSuppressionNumberPulses, when present, is an integer 0..20: anything else
-    fails the run at its metadata, naming the file and the field (a 400-digit integer was
-    an OverflowError after the fit)."""
+def test_background_suppression_pulse_count_is_checked_before_the_fit(cohort, runs, tmp_path, value):
+    """With --bs-efficiency, BackgroundSuppressionNumberPulses must be an integer 0..20:
+    anything else fails the run while it is prepared (before any fit), naming the file
+    and the field (a 400-digit integer was an OverflowError after the fit); without the
+    option the field is not read."""
     key = _first(cohort, "separate")
     run = _copy_subject(cohort, key, tmp_path / "copy")
     meta = json.loads(run.sidecar.read_text())
+    meta.pop("LabelingEfficiency", None)
+    meta["BackgroundSuppression"] = True
     meta["BackgroundSuppressionNumberPulses"] = value
     run.sidecar.write_text(json.dumps(meta))
     with pytest.raises(SubjectError) as info:
         load_subject(run, CohortOptions(bs_efficiency=0.95), bids_root=tmp_path / "copy")
     err = info.value
-    assert err.stage == "metadata" and "BackgroundSuppressionNumberPulses" in err.message
+    assert err.stage == "prepare" and "BackgroundSuppressionNumberPulses" in err.message
     assert str(run.sidecar) in err.message
+    load_subject(run, CohortOptions(), bids_root=tmp_path / "copy")  # not read: no error

@@ -404,3 +404,13 @@ def test_derivative_root_has_a_bidsignore(tmp_path):
     with pytest.raises(InputError, match="another pipeline"):
         DerivativesWriter(tmp_path / "other")
     assert (other / ".bidsignore").read_text() == "work/\n"
+
+
+def test_an_unreadable_bidsignore_is_left_alone(tmp_path):
+    """A .bidsignore that is not UTF-8 (someone else's): kept byte for byte, not replaced."""
+    root = tmp_path / "out" / "derivatives" / "aslcal"
+    root.mkdir(parents=True)
+    raw = "# caf\xe9\nwork/\n".encode("latin-1")
+    (root / ".bidsignore").write_bytes(raw)
+    DerivativesWriter(tmp_path / "out")
+    assert (root / ".bidsignore").read_bytes() == raw

@@ -383,3 +383,15 @@ def test_flirt_voxel_sizes_from_the_header_when_given():
     np.testing.assert_allclose(got, expected, atol=1e-12)
     by_norms = flirt_to_world(mat, src_aff, src_shape, ref_aff, ref_shape)
     assert np.abs(by_norms - expected).max() > 1.0  # the column norms (3.3) map elsewhere
+
+
+def test_flirt_header_voxel_sizes_unusable_fall_back_to_the_affine():
+    """pixdim of 0 or NaN (a broken header with a valid sform): the affine's column norms,
+    as without header sizes; a negative pixdim counts by its size (FSL takes |pixdim|)."""
+    from aslcal.geometry import flirt_to_world
+
+    aff = np.diag([2.0, 2.0, 3.0, 1.0])
+    base = flirt_to_world(np.eye(4), aff, (10, 10, 10), aff, (10, 10, 10))
+    for zooms in ((0.0, 0.0, 0.0), (float("nan"), 2.0, 3.0), (-2.0, 2.0, -3.0)):
+        got = flirt_to_world(np.eye(4), aff, (10, 10, 10), aff, (10, 10, 10), src_zooms=zooms, ref_zooms=zooms)
+        np.testing.assert_allclose(got, base, atol=1e-12)

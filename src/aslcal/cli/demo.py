@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -47,7 +48,7 @@ def add_parser(sub, common) -> None:
 
 
 def run(args) -> int:
-    out = Path(args.outdir)
+    out = Path(os.path.abspath(args.outdir))  # "." too: its staging folder goes beside it
     if out.exists() and not out.is_dir():
         raise InputError(f"OUTDIR {out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
@@ -69,10 +70,15 @@ def run(args) -> int:
     try:
         code = _run(args, work, shown=out)
         if work is not out:
-            for child in list(out.iterdir()):
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            # the demo's own files and folders replace their old versions; anything else
+            # in the folder (the user's) stays
             for child in list(work.iterdir()):
-                child.rename(out / child.name)
+                old = out / child.name
+                if old.is_dir() and not old.is_symlink():
+                    shutil.rmtree(old)
+                elif old.exists() or old.is_symlink():
+                    old.unlink()
+                child.rename(old)
             work.rmdir()
         return code
     except BaseException as exc:

@@ -313,7 +313,10 @@ def run_dask(
     try:
         if scheduler == "local":
             try:
-                cluster, described = _local_cluster(workers, options.backend)
+                from ..config import get_config
+
+                cluster, described = _local_cluster(
+                    workers, options.backend if options.backend is not None else get_config()["backend"])
             except Exception:
                 if not stop.is_set():
                     raise

@@ -234,7 +234,8 @@ def run_cohort(
         def stale(key: str) -> str | None:
             # with --anat, the T1w and matrix the lookup picks now (a matrix added since)
             now = [p for p in anat_paths(options.anat, by_key[key]) if p is not None] if options.anat else []
-            return changed_inputs(writer.subject_paths(key)["provenance"], bids_root, by_key[key], now)
+            return changed_inputs(writer.subject_paths(key)["provenance"], bids_root, by_key[key], now,
+                                  applicable_under=options.anat)
 
         plan = plan_run(selected, writer, resume=resume, stale=stale)
         for key, reason in plan.changed:

@@ -234,7 +234,7 @@ class RunPlan:
 
 
 def changed_inputs(provenance: StrPath, bids_root: StrPath, run: AslRun | None = None,
-                   applicable: Sequence[StrPath] = ()) -> str | None:
+                   applicable: Sequence[StrPath] = (), applicable_under: StrPath | None = None) -> str | None:
     """Why a complete subject's recorded inputs no longer match the dataset, or None.
 
     The provenance records every input's size and checksum (the CRC-32 of an image's
@@ -244,8 +244,9 @@ def changed_inputs(provenance: StrPath, bids_root: StrPath, run: AslRun | None =
     the root, say) or a second image beside its ASL or m0scan image is one too.  Paths
     are relative to ``bids_root`` (absolute ones outside it).  ``applicable``: files the
     run would read now besides those (the ``--anat`` T1w and ASL->T1w matrix the lookup
-    picks today); one that was not read then is a change too.  A provenance without such
-    a record (or unreadable) is no evidence of change.
+    picks today); one that was not read then is a change too, when the run read any file
+    under ``applicable_under`` (the anatomy folder: a run with an ``M0Estimate`` reads
+    none).  A provenance without such a record (or unreadable) is no evidence of change.
     """
     try:
         inputs = json.loads(Path(provenance).read_text(encoding="utf-8"))["inputs"]
@@ -273,6 +274,10 @@ def changed_inputs(provenance: StrPath, bids_root: StrPath, run: AslRun | None =
         for second in (run.duplicate, run.m0scan_duplicate if m0_read else None):
             if second is not None:
                 return f"{dataset_path(second, root)} is a second image beside the one read"
+    if applicable and applicable_under is not None:
+        under = dataset_path(Path(applicable_under), root).rstrip("/") + "/"
+        if not any(rel.startswith(under) for rel in sizes):
+            applicable = ()  # this run read no anatomy
     for path in applicable:
         rel = dataset_path(Path(path), root)
         if rel not in sizes:

@@ -279,22 +279,21 @@ def anat_paths(folder: str | os.PathLike, run: AslRun) -> tuple[Path | None, Pat
     if run.session:
         places.append((subject / f"ses-{run.session}" / "anat", f"sub-{run.subject}_ses-{run.session}"))
     places.append((subject / "anat", f"sub-{run.subject}"))
-    image = None
-    for base, prefix in places:
-        for ext in (".nii.gz", ".nii"):
-            if (base / f"{prefix}_desc-brain_T1w{ext}").is_file():
-                image = base / f"{prefix}_desc-brain_T1w{ext}"
-                break
-        if image is not None:
-            break
-    if image is None:
-        return None, None
-    suffix = "_from-asl_to-T1w_mode-image_xfm.mat"
-    for base, prefix in places:
-        for stem in dict.fromkeys((run.key, prefix)):  # the run's own matrix, then the session's
-            if (base / f"{stem}{suffix}").is_file():
-                return image, base / f"{stem}{suffix}"
-    return image, None
+    for i, (base, prefix) in enumerate(places):
+        image = next((base / f"{prefix}_desc-brain_T1w{ext}" for ext in (".nii.gz", ".nii")
+                      if (base / f"{prefix}_desc-brain_T1w{ext}").is_file()), None)
+        if image is None:
+            continue
+        # a matrix registers the ASL to this T1w: looked for where the T1w is and, for the
+        # subject's one T1w, in the session's folder too (never a matrix made against
+        # another T1w); the run's own first, then the folder's
+        suffix = "_from-asl_to-T1w_mode-image_xfm.mat"
+        for mat_base, mat_prefix in places[:i + 1]:
+            for stem in dict.fromkeys((run.key, mat_prefix)):
+                if (mat_base / f"{stem}{suffix}").is_file():
+                    return image, mat_base / f"{stem}{suffix}"
+        return image, None
+    return None, None
 
 
 # --------------------------------------------------------------------------- prepared
@@ -809,16 +808,15 @@ def _background_suppressed_alpha(acq: AslAcquisition, options: CohortOptions) ->
     if options.bs_efficiency is None or not acq.background_suppression:
         return None
     from ..calibration.apply import ALPHA_DEFAULTS, labelling_name
-    from ..io.bids import BidsFieldError
+    from ..io.bids import BidsFieldError, background_suppression_pulses
 
     name = "BackgroundSuppressionNumberPulses"
-    n = acq.metadata.get(name)  # an integer 0..20 when present (checked by read_run)
+    n = background_suppression_pulses(acq)  # an integer 0..20, or a BidsFieldError
     where = acq.source_of(name)
     if n is None:
         raise BidsFieldError(
             f"{where}: field {name!r} is missing: --bs-efficiency needs the number of background-"
             "suppression pulses (BackgroundSuppression is true)", file=where, field=name)
-    n = int(n)
     base = ALPHA_DEFAULTS[labelling_name(acq.labeling_type)]
     alpha = base * options.bs_efficiency ** n
     return alpha, (f"{acq.labeling_type} default {base:g} x background-suppression efficiency "

@@ -735,13 +735,14 @@ def _require(meta: dict, path: Path, name: str, why: str = "") -> Any:
 MAX_BS_PULSES = 20
 
 
-def _bs_pulses(meta: dict, path: Path) -> int | None:
-    """``BackgroundSuppressionNumberPulses``: None if absent, else an integer 0..20."""
+def background_suppression_pulses(acq: AslAcquisition) -> int | None:
+    """The run's ``BackgroundSuppressionNumberPulses``: None if absent, else an integer
+    0..20 (read only by what uses it: anything else is a :class:`BidsFieldError`)."""
     name = "BackgroundSuppressionNumberPulses"
-    value = meta.get(name)
+    value = acq.metadata.get(name)
     if value is None:
         return None
-    where = _src(meta, path, name)
+    where = acq.source_of(name)
     if isinstance(value, bool) or not isinstance(value, int | float):
         ok = False
     elif isinstance(value, int):  # any size: compared as an integer, never converted
@@ -1000,7 +1001,6 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
     ti = _per_volume(meta, js, "InversionTime", n, required=False, high=MAX_DELAY_S, unit="s")
     ld = _per_volume(meta, js, "LabelingDuration", n, required=False, high=MAX_DELAY_S, unit="s")
     bs = _flag(meta, js, "BackgroundSuppression")
-    _bs_pulses(meta, js)  # checked when present: a count of pulses
 
     if m0_type == "Separate":
         m0 = _separate_m0(run)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -321,8 +322,10 @@ class DerivativesWriter:
         path = self.root / ".bidsignore"
         try:
             have = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
-        except (OSError, UnicodeDecodeError):
-            have = []
+        except (OSError, UnicodeDecodeError) as exc:
+            # someone else's file we cannot read as text: left as it is
+            logging.getLogger("aslcal").warning("%s: not read (%s); aslcal's lines not added", path, exc)
+            return
         missing = [line for line in BIDSIGNORE.splitlines() if line not in have]
         if missing:  # a user's own lines are kept; aslcal's are added once
             write_text(path, "".join(f"{line}\n" for line in have + missing), overwrite=True)

@@ -18,8 +18,9 @@ drops the scalp:
    (thicker than the thin bridges through the skull that partial volume makes between
    scalp and brain), the largest connected component (6-connected) is kept — the
    brain — and dilated back with the same ball, within the candidates.  Along an axis
-   where the image is thinner than the ball (a slab of one or two slices) the ball is
-   flattened to its central plane.
+   where the image has fewer voxels than the ball's width + 2 (a slab of a few slices:
+   up to 6 with the default 7 mm ball and 3.4-5 mm slices) the ball is flattened to its
+   central plane.
 4. **Clean-up**: holes filled in each axial slice (third array axis) and in 3-D, a
    closing with a ball of radius ``close_mm`` (border-safe: the image edge does not
    erode the mask), holes filled again.
@@ -371,9 +372,10 @@ def brain_mask_from_calib(
     settings = {"fraction": fraction, "erode": erode_r, "close": close_r,
                 "voxel_size_mm": None if voxel_size is None else list(vox), "radius_unit": unit}
     ball = _ellipsoid(erode_r, vox)
-    # A slab thinner than the ball (one or two slices of a 2-D acquisition) cannot keep
-    # anything through a 3-D erosion (outside the field of view counts as background):
-    # along such an axis the ball is flattened to its central plane.
+    # A slab not more than 2 voxels thicker than the ball (a few slices of a 2-D
+    # acquisition) keeps nothing, or only a sliver, through a 3-D erosion (outside the
+    # field of view counts as background): along such an axis the ball is flattened to
+    # its central plane.
     for ax in range(3):
         if int(img.shape[ax]) < ball.shape[ax] + 2 and ball.shape[ax] > 1:
             c = ball.shape[ax] // 2
