@@ -134,6 +134,11 @@ def test_user_tissue_table_is_the_recorded_source():
     res = quantify_whitepaper(np.full((2, 2, 1), 10.0), 1000.0, labelling="pcasl", pld=1.8, tau=1.8,
                               field_strength=1.5, tissue_table=table)
     assert res.t1b == 1.9 and res.t1b_source == "user tissue table"
+    # a table that overrides other tissues only: blood T1 is still the built-in table's
+    other = tissue_table(1.5, overrides={"csf": {"t1": 4.2}})
+    res2 = quantify_whitepaper(np.full((2, 2, 1), 10.0), 1000.0, labelling="pcasl", pld=1.8, tau=1.8,
+                               field_strength=1.5, tissue_table=other)
+    assert res2.t1b == 1.35 and res2.t1b_source == "table 1.5 T"
     # m0a is the blood M0 (λ already in it): CBF = 6000·ΔM·K/(M0a·α)
     expected = 6000 * 10.0 * math.exp(1.8 / 1.9) / (2 * 0.85 * 1.9 * 1000.0 * (1 - math.exp(-1.8 / 1.9)))
     np.testing.assert_allclose(res.image, expected, rtol=1e-12)

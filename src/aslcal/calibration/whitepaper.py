@@ -191,7 +191,12 @@ def quantify_whitepaper(
                     + (type(tissue_table).__name__ if not isinstance(tissue_table, Mapping) else
                        f"entries {sorted(tissue_table)}" if blood is None else f"blood={blood!r}")
                 )
-            t1b_v, t1b_src = _seconds("tissue_table['blood'].t1", blood.t1), "user tissue table"
+            t1b_v = _seconds("tissue_table['blood'].t1", blood.t1)
+            try:  # a table of overrides that leaves blood alone: the built-in value
+                builtin = float(_table(field_strength)["blood"].t1)
+            except InputError:
+                builtin = None
+            t1b_src = f"table {float(field_strength):g} T" if builtin == t1b_v else "user tissue table"
         else:
             t1b_v, t1b_src = float(_table(field_strength)["blood"].t1), f"table {float(field_strength):g} T"
     else:
