@@ -407,3 +407,20 @@ def test_tis_in_milliseconds_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         make_design(5, [0.1, 1.0, 3.4, 8.0, 30.0])
+
+
+def test_small_cuda_grids_are_not_an_error_under_warnings_as_errors():
+    """numba-cuda warns that a grid of fewer blocks than the GPU can hold under-uses it;
+    a small fit is no error, also where warnings are errors (this suite, a user's)."""
+    import warnings
+
+    from aslcal.fitting._dispatch import _small_grids_allowed
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with _small_grids_allowed():
+            warnings.warn("Grid size 1 will likely result in GPU under-utilization due to low occupancy.",
+                          RuntimeWarning, stacklevel=1)
+        with pytest.raises(RuntimeWarning):  # outside it, the filter is as it was
+            warnings.warn("Grid size 1 will likely result in GPU under-utilization due to low occupancy.",
+                          RuntimeWarning, stacklevel=1)
