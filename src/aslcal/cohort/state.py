@@ -187,8 +187,7 @@ class FailureLog:
         records = self.load()
         ordered = sorted(records, key=lambda r: r.key)  # stable
         if ordered != records:
-            write_text(self.path, "".join(json.dumps(r.to_json(), default=str) + "\n" for r in ordered),
-                       overwrite=True)
+            self._rewrite(ordered)
 
     def discard(self, keys: Iterable[str]) -> int:
         """Drop the records of ``keys`` (e.g. subjects about to be redone); atomic rewrite.
@@ -199,9 +198,13 @@ class FailureLog:
         records = self.load()
         keep = [r for r in records if r.key not in drop]
         if len(keep) != len(records):
-            text = "".join(json.dumps(r.to_json(), default=str) + "\n" for r in keep)
-            write_text(self.path, text, overwrite=True)
+            self._rewrite(keep)
         return len(records) - len(keep)
+
+    def _rewrite(self, records: Sequence[FailureRecord]) -> None:
+        """Replace the log with ``records`` (one atomic write)."""
+        write_text(self.path, "".join(json.dumps(r.to_json(), default=str) + "\n" for r in records),
+                   overwrite=True)
 
 
 # --------------------------------------------------------------------------- plans

@@ -743,13 +743,7 @@ def background_suppression_pulses(acq: AslAcquisition) -> int | None:
     if value is None:
         return None
     where = acq.source_of(name)
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        ok = False
-    elif isinstance(value, int):  # any size: compared as an integer, never converted
-        ok = 0 <= value <= MAX_BS_PULSES
-    else:
-        ok = math.isfinite(value) and value.is_integer() and 0 <= value <= MAX_BS_PULSES
-    if not ok:
+    if not (_is_number(value) and float(value).is_integer() and 0 <= value <= MAX_BS_PULSES):
         raise BidsFieldError(f"{where}: field {name!r} = {_shown(value)}: expected a number of pulses, "
                              f"0 to {MAX_BS_PULSES}", file=where, field=name)
     return int(value)

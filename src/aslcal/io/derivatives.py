@@ -303,16 +303,17 @@ class DerivativesWriter:
 
     def _write_description(self) -> None:
         path = self.description_path
+        written = False
         if not path.exists():
             try:
                 write_json(path, self.description, overwrite=False)
-                self._write_bidsignore()
-                return
+                written = True
             except InputError:
                 if not path.exists():
                     raise
                 # Another process wrote it meanwhile: check theirs below.
-        self._check_description(path)
+        if not written:
+            self._check_description(path)
         self._write_bidsignore()  # only in a folder accepted as this pipeline's
 
     def _write_bidsignore(self) -> None:

@@ -58,6 +58,11 @@ _NIFTI_CODE_SCANNER = 1
 # Factor from the header's spatial unit to millimetres (NIfTI-1 xyzt_units).
 _TO_MM = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3, "unknown": 1.0}
 
+
+def _unit_to_mm(header: Any) -> float:
+    """Millimetres per unit of the header's spatial unit (an unset unit: mm)."""
+    return _TO_MM.get(header.get_xyzt_units()[0], 1.0)
+
 # Exceptions that mean "the gzip stream is truncated or corrupt": the standard library
 # raises EOFError (truncated), gzip.BadGzipFile (an OSError: bad header, CRC or length)
 # and zlib.error; ISA-L raises EOFError, gzip.BadGzipFile and isal_zlib.error
@@ -226,8 +231,7 @@ class Image:
         """
         zooms = [float(z) for z in self.header.get_zooms()[:3]]
         zooms += [1.0] * (3 - len(zooms))
-        unit = self.header.get_xyzt_units()[0]
-        factor = _TO_MM.get(unit, 1.0)
+        factor = _unit_to_mm(self.header)
         return (zooms[0] * factor, zooms[1] * factor, zooms[2] * factor)
 
     def __repr__(self) -> str:
@@ -451,7 +455,7 @@ def load_image(
 
     affine = np.array(img.affine, dtype=np.float64)
     header = img.header.copy()
-    unit_to_mm = _TO_MM.get(header.get_xyzt_units()[0], 1.0)
+    unit_to_mm = _unit_to_mm(header)
     if unit_to_mm != 1.0:
         # A file in metres or micrometres: the affine (and the zooms) in millimetres, as
         # everywhere in aslcal; the header then says mm so that nothing converts twice.
@@ -665,7 +669,7 @@ def encode_image(
         assert header is not None
         affine_arr = np.array(header.get_best_affine(), dtype=np.float64)
         # in the header's spatial unit: millimetres, as the file written below says
-        affine_arr[:3, :] *= _TO_MM.get(header.get_xyzt_units()[0], 1.0)
+        affine_arr[:3, :] *= _unit_to_mm(header)
     else:
         try:
             affine_arr = np.array(affine, dtype=np.float64)
