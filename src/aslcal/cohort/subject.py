@@ -53,7 +53,10 @@ from typing import Any
 import numpy as np
 
 from ..errors import AslcalError, InputError
-from ..io.bids import AslAcquisition, AslRun, dataset_path, input_checksum, read_run
+from ..io.bids import (
+    AslAcquisition, AslRun, BidsFieldError, asl_slice_timing, background_suppression_pulses, bolus_cutoff,
+    dataset_path, input_checksum, read_run,
+)
 from ..io.nifti import load_image
 
 __all__ = [
@@ -247,6 +250,11 @@ class CohortOptions:
         return out
 
 
+def _image_files(base: Path, stem: str) -> list[Path]:
+    """``stem.nii.gz`` and ``stem.nii`` in ``base``, those that exist (``.nii.gz`` first)."""
+    return [p for p in (base / f"{stem}.nii.gz", base / f"{stem}.nii") if p.is_file()]
+
+
 def ref_mask_path(folder: str | os.PathLike, run: AslRun) -> Path | None:
     """The run's reference mask in ``folder`` (``.nii.gz`` or ``.nii``), None if absent;
     both present is an :class:`~aslcal.errors.InputError` (which one is meant is unknown)."""
@@ -254,8 +262,7 @@ def ref_mask_path(folder: str | os.PathLike, run: AslRun) -> Path | None:
     if run.session:
         base = base / f"ses-{run.session}"
     base = base / "perf"
-    found = [p for p in (base / f"{run.key}_desc-ref_mask.nii.gz", base / f"{run.key}_desc-ref_mask.nii")
-             if p.is_file()]
+    found = _image_files(base, f"{run.key}_desc-ref_mask")
     if len(found) > 1:
         raise InputError(f"{found[0]}: two reference masks for {run.key}, {found[0].name} and "
                          f"{found[1].name}; keep one")
@@ -280,10 +287,10 @@ def anat_paths(folder: str | os.PathLike, run: AslRun) -> tuple[Path | None, Pat
         places.append((subject / f"ses-{run.session}" / "anat", f"sub-{run.subject}_ses-{run.session}"))
     places.append((subject / "anat", f"sub-{run.subject}"))
     for i, (base, prefix) in enumerate(places):
-        image = next((base / f"{prefix}_desc-brain_T1w{ext}" for ext in (".nii.gz", ".nii")
-                      if (base / f"{prefix}_desc-brain_T1w{ext}").is_file()), None)
-        if image is None:
+        found = _image_files(base, f"{prefix}_desc-brain_T1w")
+        if not found:
             continue
+        image = found[0]
         # a matrix registers the ASL to this T1w: looked for where the T1w is and, for the
         # subject's one T1w, in the session's folder too (never a matrix made against
         # another T1w); the run's own first, then the folder's
@@ -369,6 +376,8 @@ class PreparedSubject:
     tissue_masks: dict[str, np.ndarray] | None = field(default=None, repr=False)
     #: white-paper timing (quantification "whitepaper"): labelling, pld, tau, ti1, slice times
     kinetics: dict[str, Any] | None = None
+    #: (α, its source) with background-suppression pulses (``--bs-efficiency``), else None
+    bs_alpha: tuple[float, str] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -467,9 +476,8 @@ def _load_reference(run: AslRun, asl, options: CohortOptions):
     if path is None:
         raise InputError(f"no {what} for {run.key} in {str(folder)!r} (expected {expected})")
     if not given:
-        stem = path.name.removesuffix(".gz").removesuffix(".nii")
-        twins = [path.with_name(stem + ext) for ext in (".nii.gz", ".nii")]
-        if all(t.is_file() for t in twins):
+        twins = _image_files(path.parent, path.name.removesuffix(".gz").removesuffix(".nii"))
+        if len(twins) > 1:
             raise InputError(f"two {what} images for {run.key}: {twins[0]} and {twins[1]}; which one is meant is "
                              "unknown (keep one)")
     img = load_image(path, dtype="float32", ndim=3, name=f"{what} of {run.key}")
@@ -509,8 +517,9 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, check
              bids_root, anat=None) -> PreparedSubject:
     from ..masks import brain_mask_from_calib
 
-    if acq.metadata.get("LabelingEfficiency") is None:
-        _background_suppressed_alpha(acq, options)  # a missing pulse count fails here, before any fit
+    # α with background suppression (--bs-efficiency): here, so that a missing pulse count
+    # fails the run before any fit
+    bs_alpha = _background_suppressed_alpha(acq, options) if acq.metadata.get("LabelingEfficiency") is None else None
     data = asl.data if asl.data.ndim == 4 else asl.data[..., None]
     shape = tuple(int(s) for s in data.shape[:3])
     control, label, deltam = (acq.volumes_of(t) for t in ("control", "label", "deltam"))
@@ -598,7 +607,7 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, check
         m0_image=m0_image, m0_tr=m0_tr, jobs=jobs, inputs=inputs, input_checksums=checksums, ref_info=ref_info,
         tissue_masks=None if tissue_pv is None else {
             t: np.asarray(v) >= options.pve_threshold for t, v in tissue_pv.items()},
-        kinetics=kinetics,
+        kinetics=kinetics, bs_alpha=bs_alpha,
     )
 
 
@@ -608,7 +617,6 @@ def _whitepaper_kinetics(acq: AslAcquisition, volumes: tuple[int, ...]) -> dict[
     Raises a :class:`~aslcal.io.bids.BidsFieldError` naming the sidecar and the field when
     one is missing, or when the volumes have several PLDs (the model is single-PLD).
     """
-    from ..io.bids import BidsFieldError, asl_slice_timing, bolus_cutoff
 
     js = acq.run.sidecar
     slice_times, slice_axis = asl_slice_timing(acq)
@@ -659,45 +667,36 @@ def _design_of(acq: AslAcquisition) -> tuple[tuple[float, ...], float | None, fl
         raise InputError(f"{where}: field 'InversionTime' is required for a Look-Locker M0 series")
     if not src.flip_angle:
         raise InputError(f"{where}: field 'FlipAngle' is required for a Look-Locker M0 series")
-    from ..io.bids import BidsFieldError
-
     where = src.source_of("FlipAngle")
+
+    def flip_angle_error(problem: str) -> BidsFieldError:
+        return BidsFieldError(f"{where}: field 'FlipAngle'{problem}", file=where, field="FlipAngle")
+
     angles = sorted(set(float(a) for a in src.flip_angle))
     if len(angles) == 1:
         return tuple(float(t) for t in src.tis), angles[0], None, 1
     if len(angles) > 2:
-        raise BidsFieldError(
-            f"{where}: field 'FlipAngle' has {len(angles)} distinct values {angles}; expected one "
-            "(Look-Locker) or two (high, then low flip-angle phase)", file=where, field="FlipAngle",
-        )
+        raise flip_angle_error(f" has {len(angles)} distinct values {angles}; expected one (Look-Locker) or "
+                               "two (high, then low flip-angle phase)")
     low, high = angles
     n = len(src.flip_angle)
     first_low = src.flip_angle.index(low)
     if any(float(a) != low for a in src.flip_angle[first_low:]):
-        raise BidsFieldError(
-            f"{where}: field 'FlipAngle': the low flip angle ({low}) must be the last phase "
-            "(after every high-flip-angle volume)", file=where, field="FlipAngle",
-        )
+        raise flip_angle_error(f": the low flip angle ({low}) must be the last phase (after every "
+                               "high-flip-angle volume)")
     n_low = n - first_low
     if n_low * 2 > n:
-        raise BidsFieldError(
-            f"{where}: field 'FlipAngle': {n_low} of {n} volumes have the low flip angle "
-            f"({low}); expected one low-flip-angle phase, no longer than the high-flip-angle part",
-            file=where, field="FlipAngle",
-        )
+        raise flip_angle_error(f": {n_low} of {n} volumes have the low flip angle ({low}); expected one "
+                               "low-flip-angle phase, no longer than the high-flip-angle part")
     if first_low % n_low:
-        raise BidsFieldError(
-            f"{where}: field 'FlipAngle': {first_low} high-flip-angle volumes do not make whole phases "
-            f"of the low-flip-angle phase's {n_low} volumes; expected the high flip angle in phases as "
-            "long as the last, low one", file=where, field="FlipAngle",
-        )
+        raise flip_angle_error(f": {first_low} high-flip-angle volumes do not make whole phases of the "
+                               f"low-flip-angle phase's {n_low} volumes; expected the high flip angle in phases "
+                               "as long as the last, low one")
     return tuple(float(t) for t in src.tis), high, low, first_low // n_low
 
 
 def _fit_jobs(acq, series: np.ndarray, brain: np.ndarray, ref: np.ndarray | None,
               options: CohortOptions) -> list[FitJob]:
-    from ..io.bids import BidsFieldError
-
     tis, fa, lfa, nphases = _design_of(acq)
     # enough distinct times for the model (M0, T1 and A; A fixed with --fixa), said up
     # front with the field instead of every voxel failing as underdetermined
@@ -808,7 +807,6 @@ def _background_suppressed_alpha(acq: AslAcquisition, options: CohortOptions) ->
     if options.bs_efficiency is None or not acq.background_suppression:
         return None
     from ..calibration.apply import ALPHA_DEFAULTS, labelling_name
-    from ..io.bids import BidsFieldError, background_suppression_pulses
 
     name = "BackgroundSuppressionNumberPulses"
     n = background_suppression_pulses(acq)  # an integer 0..20, or a BidsFieldError
@@ -854,17 +852,14 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
         f = fits[job.role]
         mask = dev(job.mask)
         fit_prov[job.role] = _fit_summary(f)
-        if job.role == "brain":
-            # the M0t standard errors only weigh a reference-region M0a
-            names = ("m0t", "m0t_se", "t1t", "g") if options.m0_mode == "refregion" else ("m0t", "t1t", "g")
-            for name in names:
-                maps[name] = _unpack(xp, f[name], mask, prep.shape)
-            # converged voxels only in the T1 summaries (a singular one sits on a bound)
-            maps["t1_ok"] = _unpack(xp, f["status"] == 0, mask, prep.shape, fill=False)
-        else:
-            for name in ("m0t", "m0t_se", "g", "t1t"):
-                maps[f"ref_{name}"] = _unpack(xp, f[name], mask, prep.shape)
-            maps["ref_t1_ok"] = _unpack(xp, f["status"] == 0, mask, prep.shape, fill=False)
+        # the brain fit's maps by their names, the reference fit's (priors) as ref_<name>; the
+        # M0t standard errors only weigh a reference-region M0a
+        prefix = "" if job.role == "brain" else "ref_"
+        names = ("m0t", "m0t_se", "t1t", "g") if prefix or options.m0_mode == "refregion" else ("m0t", "t1t", "g")
+        for name in names:
+            maps[prefix + name] = _unpack(xp, f[name], mask, prep.shape)
+        # converged voxels only in the T1 summaries (a singular one sits on a bound)
+        maps[prefix + "t1_ok"] = _unpack(xp, f["status"] == 0, mask, prep.shape, fill=False)
 
     design = prep.jobs[0] if prep.jobs else None
     m0_scale = options.m0_scale
@@ -931,11 +926,9 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     alpha_arg = acq.alpha if alpha_given else None
     alpha_used = acq.alpha
     alpha_source = "LabelingEfficiency" if alpha_given else "ArterialSpinLabelingType default"
-    if not alpha_given:
-        with_bs = _background_suppressed_alpha(acq, options)
-        if with_bs is not None:
-            alpha_arg, alpha_source = with_bs
-            alpha_used = alpha_arg
+    if prep.bs_alpha is not None:
+        alpha_arg, alpha_source = prep.bs_alpha
+        alpha_used = alpha_arg
     if prep.kinetics is not None:
         k = prep.kinetics
         wp = quantify_whitepaper(dev(prep.perf), m0_used, labelling=k["labelling"], pld=k["pld"], tau=k["tau"],
