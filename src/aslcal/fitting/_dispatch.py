@@ -73,6 +73,17 @@ def _small_grids_allowed():
         yield
 
 
+def _compile_first(kernel, launch_one, synchronize, timings: dict[str, float]) -> None:
+    """Before the first launch for these argument types (numba-cuda compiles then): a
+    launch of one thread (voxel 0, redone by the real launch), timed as ``compile``, so
+    that compiling is not timed as fitting."""
+    if not getattr(kernel, "overloads", True):  # numba-cuda: its compiled specialisations
+        t0 = time.perf_counter()
+        launch_one()
+        synchronize()
+        timings["compile"] = time.perf_counter() - t0
+
+
 def _run_cuda(y, small: tuple, outs: tuple, timings: dict[str, float]) -> None:
     from numba import cuda
 
@@ -88,20 +99,13 @@ def _run_cuda(y, small: tuple, outs: tuple, timings: dict[str, float]) -> None:
         ti, sidx, shifts, gu, gw, fpar, ipar = (cupy.asarray(a) for a in small)
         args = (y, ti, sidx, shifts, gu, gw, fpar, ipar, *outs)
         # the kernel on CuPy's current stream, so that CuPy's later work sees its results
-        ptr = cupy.cuda.get_current_stream().ptr
-        launch = kernel[blocks, THREADS_PER_BLOCK] if not ptr else \
-            kernel[blocks, THREADS_PER_BLOCK, cuda.external_stream(ptr)]
+        current = cupy.cuda.get_current_stream()
+        stream = (cuda.external_stream(current.ptr),) if current.ptr else ()
         with _small_grids_allowed():
-            if not getattr(kernel, "overloads", True):  # numba-cuda: compiled specialisations
-                # first call: numba compiles for these argument types; done by a launch of
-                # one thread (voxel 0, redone below) so that compiling is not timed as fitting
-                t0 = time.perf_counter()
-                (kernel[1, 1] if not ptr else kernel[1, 1, cuda.external_stream(ptr)])(*args)
-                cupy.cuda.get_current_stream().synchronize()
-                timings["compile"] = time.perf_counter() - t0
+            _compile_first(kernel, lambda: kernel[(1, 1, *stream)](*args), current.synchronize, timings)
             start, stop = cupy.cuda.Event(), cupy.cuda.Event()
             start.record()
-            launch(*args)
+            kernel[(blocks, THREADS_PER_BLOCK, *stream)](*args)
             stop.record()
         stop.synchronize()
         timings["fit"] = cupy.cuda.get_elapsed_time(start, stop) / 1e3
@@ -114,11 +118,7 @@ def _run_cuda(y, small: tuple, outs: tuple, timings: dict[str, float]) -> None:
     cuda.synchronize()
     timings["h2d"] = time.perf_counter() - t0
     with _small_grids_allowed():
-        if not getattr(kernel, "overloads", True):
-            t0 = time.perf_counter()
-            kernel[1, 1](*d_in, *d_out)
-            cuda.synchronize()
-            timings["compile"] = time.perf_counter() - t0
+        _compile_first(kernel, lambda: kernel[1, 1](*d_in, *d_out), cuda.synchronize, timings)
         t0 = time.perf_counter()
         kernel[blocks, THREADS_PER_BLOCK](*d_in, *d_out)
         cuda.synchronize()
