@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 
 from aslcal.calibration import apply_calibration, m0_refregion, m0_refregion_satrecov
-from aslcal.calibration.satrecov import RELIABLE_REL_SE, m0a_from_satrecov_maps
+from aslcal.calibration.satrecov import NOISE_FLOOR_LIMIT, RELIABLE_REL_SE, m0a_from_satrecov_maps, rician_mean
 from aslcal.errors import InputError
 from aslcal.testing.phantoms import (
     DEFAULT_LOOK_LOCKER,
@@ -185,6 +185,71 @@ def test_reference_m0t_relative_standard_error_is_the_median_over_used_voxels():
     assert m0a_from_satrecov_maps(m0t, np.ones_like(m0t), None, ref)[0].m0t_rel_se is None
     with pytest.raises(InputError, match="m0t_se"):
         m0a_from_satrecov_maps(m0t, np.ones_like(m0t), None, ref, m0t_se=se[:2])
+
+
+def test_rician_mean_matches_its_limits_and_a_monte_carlo():
+    """E|S + n| under complex Gaussian noise: the Rayleigh mean σ·sqrt(π/2) at S = 0,
+    S + σ²/(2S) far above the noise, and the sample mean of 4e6 draws in between."""
+    sigma = 3.0
+    assert rician_mean(0.0, sigma) == pytest.approx(sigma * math.sqrt(math.pi / 2), rel=1e-12)
+    big = 400.0 * sigma
+    assert rician_mean(big, sigma) == pytest.approx(big + sigma**2 / (2 * big), rel=1e-9)
+    rng = np.random.default_rng(7)
+    n = rng.normal(0.0, sigma, (2, 4_000_000))
+    for s in (0.5 * sigma, 1.0 * sigma, 2.5 * sigma):
+        r = np.hypot(s + n[0], n[1])
+        assert rician_mean(s, sigma) == pytest.approx(r.mean(), abs=4 * r.std() / math.sqrt(r.size))
+    assert np.array_equal(rician_mean(np.array([-2.0, 5.0]), 0.0), [2.0, 5.0])  # no noise: |S|
+
+
+def test_reference_series_near_the_noise_floor_is_flagged_even_with_priors(ph, pure_ref, caplog):
+    """fabber's priors keep the standard errors small when the CSF Look-Locker series sinks
+    into the magnitude noise floor, so only the noise-floor lift can flag the biased M0a.
+
+    Grey-matter SNR 10 (Rician, aslcal.testing.phantoms): measured lift 15-16 % and M0a
+    +13 %; at SNR 50: lift 2 % and M0a +0.1 %, no warning.
+    """
+    kw = dict(fa=LL["fa"], lfa=LL["lfa"], nphases=LL["nphases"], dt=LL["dt"],
+              sensitivity=ph.sensitivity, m0_scale="relaxed", priors=True)
+    data, truth = look_locker_series(ph, **LL, snr=10, seed=0, dtype=np.float64)
+    with caplog.at_level(logging.WARNING, logger="aslcal"):
+        low = m0_refregion_satrecov(data, truth["tis"], pure_ref, **kw)
+    assert low.m0a / ph.m0a - 1 > 0.05  # the bias the warning is about
+    assert low.refregion.m0t_rel_se < RELIABLE_REL_SE[True]  # the standard errors do not see it
+    assert low.refregion.noise_floor_lift > NOISE_FLOOR_LIMIT
+    flagged = [r.message for r in caplog.records if "noise floor" in r.message]
+    assert len(flagged) == 1 and "reference-region fit unreliable" in flagged[0]
+    assert low.as_dict()["noise_floor_lift"] == low.refregion.noise_floor_lift  # in the provenance
+    caplog.clear()
+    data, truth = look_locker_series(ph, **LL, snr=50, seed=0, dtype=np.float64)
+    with caplog.at_level(logging.WARNING, logger="aslcal"):
+        good = m0_refregion_satrecov(data, truth["tis"], pure_ref, **kw)
+    assert abs(good.m0a / ph.m0a - 1) < 0.01
+    assert 0 < good.refregion.noise_floor_lift < 0.05
+    assert not [r for r in caplog.records if "unreliable" in r.message]
+
+
+def test_noise_floor_lift_is_the_rician_lift_of_the_median_fitted_curve():
+    """noise_floor_lift: the curve of the median parameters over the averaged voxels and
+    σ̂ = sqrt(median RSS / (n − p)), against the same computed here by hand."""
+    from aslcal.fitting import make_design
+
+    tis = [0.5, 1.0, 2.0, 4.0, 8.0]
+    design = make_design(5, tis)
+    shape = (3, 3, 1)
+    m0t = np.full(shape, 100.0)
+    m0t[0, 0, 0] = 1e6  # one outlier: the median ignores it
+    t1t, a, g = np.full(shape, 4.0), np.full(shape, 0.9), np.ones(shape)
+    rss = np.full(shape, 2.0 * 8.0**2)  # dof 5 - 3 = 2: σ̂ = 8
+    ref = np.ones(shape, bool)
+    res, _ = m0a_from_satrecov_maps(m0t, g, None, ref, design=design, t1t=t1t, a=a, rss=rss)
+    curve = 100.0 * (1.0 - 0.9 * np.exp(-np.array(tis) / 4.0))
+    x = curve**2 / (2 * 64.0)
+    from scipy.special import ive
+
+    mean = 8.0 * math.sqrt(math.pi / 2) * ((1 + x) * ive(0, x / 2) + x * ive(1, x / 2))
+    assert res.noise_floor_lift == pytest.approx(np.mean(mean - curve) / np.mean(curve), rel=1e-9)
+    assert m0a_from_satrecov_maps(m0t, g, None, ref)[0].noise_floor_lift is None  # no design given
 
 
 def test_satrecov_te_cgain_and_plain_saturation_recovery(ph, pure_ref):

@@ -103,8 +103,9 @@ def test_good_subjects_m0a_and_cbf_match_truth(cohort, reference_run):
         # reliability of a fitted reference region: noise-free, every M0t is exact
         if truth.variant in ("satrecov", "look_locker"):
             assert 0 <= float(row["ref_m0t_rel_se"]) < 1e-6, key
+            assert 0 <= float(row["ref_noise_floor_lift"]) < 1e-6, key
         else:
-            assert row["ref_m0t_rel_se"] == "n/a", key
+            assert row["ref_m0t_rel_se"] == row["ref_noise_floor_lift"] == "n/a", key
 
 
 def test_summary_tsv_from_memory_equals_one_read_back_from_disk(cohort, reference_run, tmp_path):
@@ -645,6 +646,31 @@ def test_unreliable_reference_fit_is_flagged_in_the_summary(tmp_path):
     for key in ll:
         assert float(rows[key]["ref_m0t_rel_se"]) > 0.10
         assert "reference-region fit unreliable" in rows[key]["warnings"] and "--priors" in rows[key]["warnings"]
+
+
+def test_reference_series_near_the_noise_floor_is_flagged_with_priors(tmp_path):
+    """With fabber's priors the standard errors stay small, but a Look-Locker CSF series at
+    grey-matter SNR 10 sits in the magnitude noise floor: its lift flags the biased M0a
+    (measured: lift 0.19, M0a +13 %), while the saturation-recovery subject's series
+    (lift 0.06, M0a +0.4 %) passes."""
+    from aslcal.calibration.satrecov import NOISE_FLOOR_LIMIT
+
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=6, seed=2, shape=(32, 32, 12), broken=0, snr=10)
+    fitted = {k: t for k, t in truth.runs.items() if t.variant in ("look_locker", "satrecov")}
+    assert {t.variant for t in fitted.values()} == {"look_locker", "satrecov"}
+    report = run_cohort(truth.root, tmp_path / "out",
+                        options=CohortOptions(ref_masks=str(truth.root / "derivatives" / "refmasks"), priors=True),
+                        participant_label=[t.subject for t in fitted.values()])
+    assert report.exit_code == 0
+    rows = _summary_rows(tmp_path / "out")
+    for key, t in fitted.items():
+        row, bias = rows[key], float(rows[key]["M0a"]) / t.m0a_te - 1
+        if t.variant == "look_locker":
+            assert bias > 0.05 and float(row["ref_noise_floor_lift"]) > NOISE_FLOOR_LIMIT, key
+            assert "noise floor" in row["warnings"], key
+        else:
+            assert abs(bias) < 0.02 and 0 < float(row["ref_noise_floor_lift"]) < NOISE_FLOOR_LIMIT, key
+            assert row["warnings"] == "n/a", key
 
 
 def test_a_run_that_fails_before_any_subject_leaves_no_options_record(cohort, tmp_path, monkeypatch):

@@ -99,6 +99,10 @@ class RefRegionM0:
         averaged reference voxels of the fitted M0t's relative standard error.  Above
         :data:`aslcal.calibration.satrecov.RELIABLE_REL_SE` the voxels' M0t are too noisy
         for their mean to be trusted (see :func:`~aslcal.calibration.satrecov.reliability_warning`).
+    noise_floor_lift : float or None
+        Satrecov mode, when the fit's design and maps were given: the mean lift of the
+        fitted reference series by the magnitude (Rician) noise floor over its mean signal;
+        above :data:`aslcal.calibration.satrecov.NOISE_FLOOR_LIMIT` M0a is biased high.
     """
 
     m0a: float
@@ -128,6 +132,7 @@ class RefRegionM0:
     image_voxels: dict[str, int] = field(default_factory=dict)
     te_blood: float = 0.0
     m0t_rel_se: float | None = None
+    noise_floor_lift: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-friendly provenance record: every value, factor and source, with units."""

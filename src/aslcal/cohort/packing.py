@@ -33,9 +33,10 @@ def fit_packed(jobs: Sequence[FitJob], options: CohortOptions) -> tuple[list[dic
     Returns
     -------
     results : list of dict
-        One per job, in order: 1-D ``m0t``, ``m0t_se``, ``t1t``, ``g``, ``status`` over the job's
-        voxels (on the fit's device) and ``backend``, ``dtype``, ``n_fitted``,
-        ``status_counts``, ``design``.
+        One per job, in order: 1-D ``m0t``, ``m0t_se``, ``t1t``, ``a``, ``g``, ``rss``,
+        ``status`` over the job's voxels (on the fit's device) and ``backend``, ``dtype``,
+        ``n_fitted``, ``status_counts``, ``design`` (its record) and ``fit_design`` (the
+        :class:`~aslcal.fitting.FitDesign`).
     launches : list of dict
         One per launch: ``n_jobs``, ``n_vox``, ``n_obs``, ``backend``, ``seconds``.
     """
@@ -69,9 +70,9 @@ def fit_packed(jobs: Sequence[FitJob], options: CohortOptions) -> tuple[list[dic
         start = 0
         for i in members:
             stop = start + jobs[i].n_vox
-            part = {name: getattr(fit, name)[start:stop] for name in ("m0t", "m0t_se", "t1t", "g", "status")}
+            part = {name: getattr(fit, name)[start:stop] for name in ("m0t", "m0t_se", "t1t", "a", "g", "rss", "status")}
             part.update(backend=fit.backend, dtype=fit.dtype, n_fitted=stop - start,
-                        status_counts=status_counts(part["status"]), design=design)
+                        status_counts=status_counts(part["status"]), design=design, fit_design=fit.design)
             results[i] = part
             start = stop
     return [r for r in results if r is not None], launches

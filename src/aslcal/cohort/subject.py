@@ -853,9 +853,10 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
         mask = dev(job.mask)
         fit_prov[job.role] = _fit_summary(f)
         # the brain fit's maps by their names, the reference fit's (priors) as ref_<name>; the
-        # M0t standard errors only weigh a reference-region M0a
+        # M0t standard errors, A and the residuals only weigh a reference-region M0a
         prefix = "" if job.role == "brain" else "ref_"
-        names = ("m0t", "m0t_se", "t1t", "g") if prefix or options.m0_mode == "refregion" else ("m0t", "t1t", "g")
+        names = (("m0t", "m0t_se", "t1t", "a", "g", "rss") if prefix or options.m0_mode == "refregion"
+                 else ("m0t", "t1t", "g"))
         for name in names:
             maps[prefix + name] = _unpack(xp, f[name], mask, prep.shape)
         # converged voxels only in the T1 summaries (a singular one sits on a bound)
@@ -868,6 +869,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
 
     m0a: float | None = None
     m0t_rel_se: float | None = None
+    noise_lift: float | None = None
     m0_map = None
     # the M0 this subject used: its M0Estimate, whatever the run's mode
     m0_mode = "estimate" if prep.m0_kind == "estimate" else options.m0_mode
@@ -891,16 +893,16 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
             calib_prov["refregion"] = res.as_dict()
         else:
             tissue = _resolve_tissue(acq, options, ref, xp=xp, need_t1r=options.priors)
-            src_m0 = maps.get("ref_m0t", maps["m0t"])
-            src_g = maps.get("ref_g", maps["g"])
-            src_se = maps.get("ref_m0t_se", maps["m0t_se"])
+            src = "ref_" if "ref_m0t" in maps else ""
             res, readout = m0a_from_satrecov_maps(
-                src_m0, src_g, design.fa, ref, m0_scale=m0_scale, tissref=options.tissref,
+                maps[src + "m0t"], maps[src + "g"], design.fa, ref, m0_scale=m0_scale, tissref=options.tissref,
                 tissue=tissue, te=te, te_blood=acq.te_ms, cgain=options.cgain, t2star=options.t2star,
-                field_strength=acq.field_strength, m0t_se=src_se,
+                field_strength=acq.field_strength, m0t_se=maps[src + "m0t_se"],
+                design=fits["ref" if src else "brain"]["fit_design"], t1t=maps[src + "t1t"], a=maps[src + "a"],
+                rss=maps[src + "rss"],
             )
             m0a = float(res.m0a)
-            m0t_rel_se = res.m0t_rel_se
+            m0t_rel_se, noise_lift = res.m0t_rel_se, res.noise_floor_lift
             warning = reliability_warning(res, priors=options.priors)
             if warning:
                 log.warning("%s: %s", prep.key, warning)
@@ -1024,6 +1026,8 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     if m0t_rel_se is not None:
         # reliability of a fitted reference region (aslcal.calibration.satrecov)
         summary["ref_m0t_rel_se"] = m0t_rel_se
+    if noise_lift is not None:
+        summary["ref_noise_floor_lift"] = noise_lift
     if calib_prov.get("warnings"):  # a subject that is ok but doubtful
         summary["warnings"] = "; ".join(calib_prov["warnings"])
     if "t1t" in maps:

@@ -703,6 +703,8 @@ _COLUMN_DOCS: dict[str, dict[str, str]] = {
     "cbf_mean_brain": {"Description": "Mean CBF over the brain mask (finite voxels)", "Units": "mL/100g/min"},
     "n_brain_nonfinite_cbf": {"Description": "Brain voxels whose CBF is not finite (non-finite input data)"},
     "ref_m0t_rel_se": {"Description": "Median relative standard error of the fitted M0t over the reference region"},
+    "ref_noise_floor_lift": {"Description": "Mean lift of the fitted reference series by the magnitude (Rician) noise "
+                             "floor over its mean signal; above 0.10 M0a may be biased high"},
     "warnings": {"Description": "Warnings of an otherwise processed run"},
     "T1_median_brain": {"Description": "Median fitted tissue T1 over the brain mask (converged fits)", "Units": "s"},
 }
