@@ -185,6 +185,51 @@ def test_one_ti_per_volume_with_variable_repeats_sr(rng):
         _assert_truth(res, i, p + (1.0,), fit_g=False, what=i)
 
 
+def test_one_ti_per_volume_look_locker_phases_of_unequal_size_are_refused():
+    """The volumes split into equal phases (the LFA one last): a high phase of 12 readouts
+    and an LFA phase of 12 readouts x 2 repeats (36 volumes) would put 6 LFA volumes in
+    the high phase and fit them with the wrong flip angle (measured before the check:
+    T1 2.5 s for 1.3 s, status converged)."""
+    p = (1000.0, 1.3, 1.0, 1.1)
+    data = np.concatenate([ll_readouts(*p), np.repeat(ll_readouts(*p, low=True), 2)])[None]
+    ti_vol = np.concatenate([LL_TIS, np.repeat(LL_TIS, 2)])
+    with pytest.raises(InputError, match=r"\[12, 24\] volumes.*one size"):
+        fit_satrecov(data, ti_vol, fa=FA, lfa=LFA, backend="numba")
+    # the same phases of one size are fitted exactly
+    data = np.concatenate([np.repeat(ll_readouts(*p), 2), np.repeat(ll_readouts(*p, low=True), 2)])[None]
+    res = fit_satrecov(data, np.tile(np.repeat(LL_TIS, 2), 2), fa=FA, lfa=LFA, backend="numba")
+    _assert_truth(res, 0, _truth_ll(p))
+
+
+def test_one_ti_per_volume_high_phases_starting_at_different_times_are_refused():
+    """Every high-flip-angle train is modelled from one first readout; trains listed as
+    starting at 0.1, 0.4 and 0.7 s were fitted from 0.1 s (T1 +8.5 %, silently)."""
+    p = (1000.0, 1.3, 1.0, 1.1)
+    starts = (0.1, 0.4, 0.7)
+    data = np.concatenate([ll_readouts(*p, ti1=t) for t in starts] + [ll_readouts(*p, low=True)])[None]
+    ti_vol = np.concatenate([t + DT * np.arange(N_RO) for t in starts] + [LL_TIS])
+    with pytest.raises(InputError, match=r"start at different times \[0.1, 0.4, 0.7\]"):
+        fit_satrecov(data, ti_vol, nphases=3, fa=FA, lfa=LFA, dt=DT, backend="numba")
+
+
+def test_one_ti_per_volume_equal_tis_computed_two_ways_are_one_ti():
+    """0.1 + 0.3k computed in floating point and the same TIs as written in a sidecar
+    differ by 1 ulp: the readout spacing is still inferred as 0.3 s (it was refused with
+    spacings of 1e-16 s)."""
+    p = (1000.0, 1.3, 1.0, 1.0)
+    computed = 0.1 + 0.3 * np.arange(N_RO)
+    assert np.any(computed != np.round(computed, 6))
+    data = np.tile(ll_readouts(*p), 2)[None]
+    res = fit_satrecov(data, np.concatenate([computed, np.round(computed, 6)]), nphases=2, fa=FA, backend="numba")
+    assert res.design.dt == pytest.approx(DT, rel=1e-12)
+    _assert_truth(res, 0, (m0t_of(1000.0, 1.0), 1.3, 1.0, 1.0), fit_g=False)
+
+
+def test_flip_angle_just_below_90_without_lfa_says_why():
+    with pytest.raises(InputError, match=r"fa=89.95 deg.*below 89.9 deg"):
+        make_design(N_RO, LL_TIS, fa=89.95)
+
+
 # -- slice timing ---------------------------------------------------------------------
 
 

@@ -136,6 +136,38 @@ def _check_angle(name: str, value: Any) -> float:
     return v
 
 
+def _check_phase_trains(ti_vol: np.ndarray, n_phases: int, has_lfa: bool) -> None:
+    """One TI per volume under Look-Locker: where the list shows its phases, check them.
+
+    The design splits the volumes into ``n_phases`` equal phases (the low-flip-angle one
+    last) and starts every high-flip-angle train at the smallest TI of those phases.  In
+    the documented order (phase slowest, TIs rising within a phase) a phase starts where
+    the TI drops; when the list splits into exactly ``n_phases`` such runs, each must have
+    the same size, and the high-flip-angle ones the same first readout, else the fit would
+    model volumes with the wrong flip angle or train silently.  Lists in another order
+    are taken as they come.
+    """
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(ti_vol) < -1e-9) + 1))
+    if starts.size != n_phases or n_phases < 2:
+        return
+    sizes = np.diff(np.concatenate((starts, [ti_vol.size])))
+    if np.any(sizes != sizes[0]):
+        raise InputError(
+            f"tis gives one TI per volume, and its readout trains (a new one where the TI drops) have "
+            f"{sizes.tolist()} volumes: the {n_phases} phases{' (the last the low-flip-angle one)' if has_lfa else ''} "
+            f"must have one size, since the volumes are split into equal phases; fit phases of one size "
+            f"(e.g. leave out the extra repeats)"
+        )
+    high = starts[: n_phases - 1] if has_lfa else starts
+    first = np.round(ti_vol[high], 9)
+    if np.any(first != first[0]):
+        raise InputError(
+            f"tis gives one TI per volume, and its high-flip-angle readout trains start at different times "
+            f"{first.tolist()} s: every train is modelled as starting at the first readout after its own "
+            f"saturation, at one time for all high-flip-angle phases"
+        )
+
+
 def make_design(
     n_vol: int,
     tis: Any,
@@ -211,7 +243,10 @@ def make_design(
             notes.append("dt ignored: plain saturation recovery (no fa)")
     else:
         mode = MODE_LL if model == "exact" else MODE_LL_FABBER
-        distinct = np.unique(ti_vol[low == 0])
+        if tis_arr.size == n_vol and expected != n_vol:
+            _check_phase_trains(ti_vol, n_phase_total, lfa_v is not None)
+        # rounded as n_distinct is: one TI computed two ways (0.1 + 2*0.3 and 0.7) is one TI
+        distinct = np.unique(np.round(ti_vol[low == 0], 9))
         if dt is None:
             if distinct.size < 2:
                 raise InputError(
@@ -280,6 +315,11 @@ def make_design(
     a_init = 1.0 if lo_t[2] <= 1.0 <= hi_t[2] else float(np.clip(1.0, lo_t[2], hi_t[2]))
     if fix_a and not (lo_t[2] <= 1.0 <= hi_t[2]):
         raise InputError(f"fix_a=True fixes A = 1, outside bounds['a']=({lo_t[2]:g}, {hi_t[2]:g})")
+    if fa_v is not None and not fit_g and g_hi < 1.0 <= lower["g"][1]:
+        raise InputError(
+            f"fa={fa_v:g} deg: without a low-flip-angle phase (lfa) the flip angle is taken as nominal (g = 1), "
+            f"and the Look-Locker model needs it below {_MAX_ANGLE_DEG} deg"
+        )
     if fa_v is not None and not fit_g and not (g_lo <= 1.0 <= g_hi):
         raise InputError(
             f"bounds['g']=({g_lo:g}, {g_hi:g}) exclude g = 1: without a low-flip-angle phase (lfa) g is "

@@ -216,7 +216,12 @@ def fit_satrecov(
         low-flip-angle phase, if any, last.
     tis : sequence of float, seconds
         Either the distinct TIs of one phase (then ``len(tis) * repeats * (nphases + [1
-        if lfa]) == n_vol``) or one TI per volume (any order, variable repeats).
+        if lfa]) == n_vol``) or one TI per volume (any order, variable repeats).  With
+        several phases the volumes split into ``nphases`` (+ 1) phases of one size, the
+        low-flip-angle one last; every Look-Locker train starts at the smallest TI of its
+        flip angle.  Where a per-volume list shows its phases (a new train where the TI
+        drops), unequal sizes or high-flip-angle trains starting at different times are
+        an :class:`InputError`.
     mask : bool array of shape ``spatial``, optional
         Voxels to fit (all when None).  Only these are packed and fitted.
     repeats : int
