@@ -206,6 +206,15 @@ def test_longtr_calibrated_perfusion_and_outputs(syn, cli):
     assert float((outdir / "M0.txt").read_text()) == res.m0
 
 
+def test_of_is_asl_calibs_name_for_the_calibrated_perfusion(syn, cli):
+    """Scripts written for asl_calib pass --of OUT: the same image as -o OUT."""
+    out = syn.root / "cbf_of.nii.gz"
+    res = cli("calib", "-c", syn.calib_path, "-m", syn.mask_path, "-i", syn.perf_path, "--of", out, "--alpha", 0.9)
+    assert res.rc == 0, res.err
+    cbf = 6000.0 * syn.perf.astype(np.float64) / (m0a_longtr(syn.calib, syn.mask, t1r=4.3, pc=1.15) * 0.9)
+    np.testing.assert_allclose(read_nifti(out), cbf, rtol=1e-5)
+
+
 def test_image_names_without_extension_as_fsl(syn, cli):
     """FSL-style names: an input without extension is NAME.nii.gz (else NAME.nii), an
     output without one gets .nii.gz; the result equals the run with full names."""

@@ -100,7 +100,8 @@ def add_parser(sub, common) -> None:
                    help="fitting backend (default: $ASLCAL_BACKEND, else auto)")
     s.add_argument("--dtype", choices=("float32", "float64"), help="fitting precision (default: the backend's)")
     o = p.add_argument_group("outputs")
-    o.add_argument("-o", dest="outfile", metavar="OUT", help="calibrated perfusion image, ml/100g/min (with -i)")
+    o.add_argument("-o", "--of", dest="outfile", metavar="OUT",
+                   help="calibrated perfusion image, ml/100g/min (with -i; --of as in asl_calib)")
     o.add_argument("--Mo", dest="mo", metavar="FILE", help="write M0a to this text file")
     o.add_argument("--om", metavar="FILE", help="save the reference mask used")
     o.add_argument("--outdir", metavar="DIR", help="write every map and a provenance JSON here")
