@@ -215,6 +215,57 @@ def test_of_is_asl_calibs_name_for_the_calibrated_perfusion(syn, cli):
     np.testing.assert_allclose(read_nifti(out), cbf, rtol=1e-5)
 
 
+def test_known_m0a_calibrates_the_perfusion_without_a_calibration_image(syn, cli):
+    """--m0a VALUE (oxford_asl's --M0): CBF = 6000·perf/(s·M0a·α), the same image as the
+    run that estimated that M0a; its outputs and provenance say the M0a was given."""
+    m0a = 1234.5
+    out, outdir = syn.root / "cbf_known.nii.gz", syn.root / "known"
+    res = cli("calib", "--m0a", m0a, "-i", syn.perf_path, "-o", out, "--alpha", 0.9, "--isen", syn.sens_path,
+              "--outdir", outdir, "--Mo", syn.root / "m0a.txt")
+    assert res.rc == 0, res.err
+    assert res.m0 == m0a and float((syn.root / "m0a.txt").read_text()) == m0a
+    cbf = 6000.0 * syn.perf.astype(np.float64) / (syn.sens.astype(np.float64) * m0a * 0.9)
+    np.testing.assert_allclose(read_nifti(out), cbf, rtol=1e-6)
+    assert sorted(p.name for p in outdir.iterdir()) == [
+        "M0.txt", "perfusion_calib.nii.gz", "provenance.json", "sensitivity.nii.gz"]
+    prov = json.loads((outdir / "provenance.json").read_text())
+    assert prov["m0a"] == m0a and prov["calibration"] == {"source": "--m0a (given)"}
+    assert prov["calibrated"]["alpha"] == 0.9
+    # the M0a of a calibration run, given back, calibrates to the same image
+    est = cli("calib", "-c", syn.calib_path, "-m", syn.mask_path, "-i", syn.perf_path, "-o", syn.root / "est.nii.gz")
+    again = cli("calib", "--m0a", repr(est.m0), "-i", syn.perf_path, "-o", syn.root / "again.nii.gz")
+    assert est.rc == again.rc == 0, (est.err, again.err)
+    np.testing.assert_allclose(read_nifti(syn.root / "again.nii.gz"), read_nifti(syn.root / "est.nii.gz"), rtol=1e-6)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["-c", "CALIB"], "do not combine it with -c"),
+    (["-m", "MASK"], "do not combine it with -m"),
+    (["--mode", "satrecov"], "nothing to fit"),
+    (["--m0a-only"], "needs -i PERF and -o OUT"),
+])
+def test_known_m0a_refuses_what_it_makes_meaningless(syn, cli, extra, message):
+    args = ["calib", "--m0a", 1000.0]
+    if extra != ["--m0a-only"]:
+        args += ["-i", syn.perf_path, "-o", syn.root / "x.nii.gz"]
+        args += [{"CALIB": syn.calib_path, "MASK": syn.mask_path}.get(a, a) for a in extra]
+    res = cli(*args)
+    assert res.rc == 2 and message in res.err, res.err
+    assert not (syn.root / "x.nii.gz").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "inf"])
+def test_known_m0a_must_be_positive(syn, cli, value):
+    res = cli("calib", "--m0a", value, "-i", syn.perf_path, "-o", syn.root / "x.nii.gz")
+    assert res.rc == 2 and "M0a must be a positive number" in res.err, res.err
+
+
+def test_known_m0a_says_which_options_it_ignores(syn, cli):
+    res = cli("calib", "--m0a", 1000.0, "-i", syn.perf_path, "-o", syn.root / "x.nii.gz", "--te", 12, "--pc", 0.9)
+    assert res.rc == 0, res.err
+    assert "--te, --pc: no effect with --m0a" in res.err
+
+
 def test_image_names_without_extension_as_fsl(syn, cli):
     """FSL-style names: an input without extension is NAME.nii.gz (else NAME.nii), an
     output without one gets .nii.gz; the result equals the run with full names."""

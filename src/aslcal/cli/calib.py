@@ -46,7 +46,11 @@ def add_parser(sub, common) -> None:
         ),
     )
     g = p.add_argument_group("inputs")
-    g.add_argument("-c", dest="calib", metavar="CALIB", help="calibration image (required); 4-D series in satrecov mode")
+    g.add_argument("-c", dest="calib", metavar="CALIB",
+                   help="calibration image (required unless --m0a); 4-D series in satrecov mode")
+    g.add_argument("--m0a", type=float, metavar="VALUE",
+                   help="a known M0a (e.g. from an earlier run, as oxford_asl's --M0): no calibration image; "
+                        "calibrates -i into -o")
     g.add_argument("-m", dest="mask", metavar="MASK", help="reference-region mask, in calibration space")
     g.add_argument("-s", dest="struc", metavar="STRUC", help="brain-extracted structural (automatic reference mask)")
     g.add_argument("-t", dest="trans", metavar="TRANS",
@@ -126,9 +130,50 @@ _SATRECOV_ONLY = {
 _LONGTR_ONLY = {"tr": ("--tr", 3.2), "taq": ("--taq", 0.0)}
 
 
+#: What --m0a replaces: the calibration image and everything that describes or masks it.
+_CALIBRATION_INPUTS = {
+    "calib": "-c", "mask": "-m", "struc": "-s", "trans": "-t", "refpve": "--refpve", "tissue_maps": "--tissue-maps",
+    "ventricle_atlas": "--ventricle-atlas", "str2std": "--str2std", "bmask": "--bmask", "cref": "--cref",
+    "cact": "--cact", "tis": "--tis", "fa": "--fa", "lfa": "--lfa", "om": "--om",
+}
+
+
+def _check_known_m0a(args) -> None:
+    """``--m0a VALUE``: calibrate -i with a known M0a; nothing else to estimate."""
+    import math
+
+    if not (math.isfinite(args.m0a) and args.m0a > 0):
+        raise InputError(f"--m0a {args.m0a:g}: M0a must be a positive number (scanner signal units)")
+    clash = [flag for dest, flag in _CALIBRATION_INPUTS.items() if getattr(args, dest)]
+    if clash:
+        raise InputError(
+            f"--m0a gives M0a, so there is nothing to calibrate it from: do not combine it with {', '.join(clash)}"
+        )
+    if args.mode != "longtr":
+        raise InputError("--m0a gives M0a: --mode satrecov has nothing to fit")
+    if args.infile is None or args.outfile is None:
+        raise InputError("--m0a needs -i PERF and -o OUT: the perfusion image to calibrate and where to write it")
+    if args.outfile is not None and Path(args.outfile).is_dir():
+        raise InputError(f"-o {args.outfile}: is a folder; -o names the calibrated perfusion image")
+    if args.osen and not args.isen:
+        raise InputError("--osen saves the coil sensitivity map, but none is used: give --isen")
+    unused = [flag for dest, (flag, default) in {
+        **_SATRECOV_ONLY, **_LONGTR_ONLY, "te": ("--te", 0.0), "t1r": ("--t1r", None), "t2r": ("--t2r", None),
+        "t2b": ("--t2b", None), "t2star": ("--t2star", False), "pc": ("--pc", None), "cgain": ("--cgain", 1.0),
+        "tissref": ("--tissref", "csf"), "field_strength": ("--field-strength", 3.0),
+        "tissue_table": ("--tissue-table", None), "pve_threshold": ("--pve-threshold", 0.9),
+        "csfmaskingoff": ("--csfmaskingoff", False),
+    }.items() if getattr(args, dest) != default]
+    if unused:
+        log.warning("%s: no effect with --m0a (M0a is given; ignored)", ", ".join(unused))
+
+
 def _check_options(args) -> None:
+    if args.m0a is not None:
+        _check_known_m0a(args)
+        return
     if args.calib is None:
-        raise InputError("-c CALIB is required: the calibration image")
+        raise InputError("-c CALIB is required: the calibration image (or --m0a VALUE, a known M0a)")
     if args.mask is None:
         if args.tissref == "none":
             raise InputError(
@@ -185,7 +230,11 @@ def _check_options(args) -> None:
 
 def _outputs(args, outdir: Path | None) -> list[Path]:
     paths = [Path(p) for p in (args.outfile, args.mo, args.om, args.osen) if p]
-    if outdir is not None:
+    if outdir is not None and args.m0a is not None:
+        paths += [outdir / n for n in ("M0.txt", "perfusion_calib.nii.gz", "provenance.json")]
+        if args.isen:
+            paths.append(outdir / "sensitivity.nii.gz")
+    elif outdir is not None:
         names = ["M0.txt", "refmask.nii.gz", "brainmask.nii.gz", "provenance.json", "qc.png"]
         # brainmask.nii.gz is written when a brain mask exists (given, or made from the calibration image)
         if args.mask is None:
@@ -218,7 +267,7 @@ def run(args) -> int:
     try:
         out.check(*_outputs(args, outdir))
         with out:
-            result = _calibrate(args, out, outdir)
+            result = (_calibrate if args.m0a is None else _apply_known_m0a)(args, out, outdir)
     except BaseException:
         cleanup_outdir(outdir, created)
         raise
@@ -350,6 +399,38 @@ def _calibrate(args, out, outdir: Path | None) -> dict:
             calibrated=None if calibrated is None else calibrated.as_dict(), timings_s=timings,
         ))
     return {"m0a": m0a, "record": record, "timings": timings}
+
+
+def _apply_known_m0a(args, out, outdir: Path | None) -> dict:
+    """``--m0a VALUE``: CBF = 6000 · perfusion / (s · M0a · α) with the given M0a."""
+    from ..calibration import apply_calibration
+    from ..io import save_image, write_json, write_scalar
+
+    t0 = time.perf_counter()
+    perf = load(args.infile, "perfusion image (-i)", dtype="float64")
+    ref = (perf, "perfusion image (-i)")
+    sens = load(args.isen, "sensitivity map (--isen)", ndim=3, reference=ref).data if args.isen else None
+    calibrated = apply_calibration(perf.data, args.m0a, alpha=args.alpha, labelling=args.labelling, sensitivity=sens)
+    hdr = dict(header=perf.header)
+    desc = "aslcal CBF ml/100g/min"
+    if args.mo:
+        write_scalar(out.path(args.mo), args.m0a)
+    if args.osen:
+        save_image(out.path(args.osen), sens, perf.affine, **hdr, description="aslcal coil sensitivity")
+    save_image(out.path(args.outfile), calibrated.image, perf.affine, **hdr, description=desc)
+    timings = {"calibration": time.perf_counter() - t0}
+    if outdir is not None:
+        write_scalar(out.path(outdir / "M0.txt"), args.m0a)
+        save_image(out.path(outdir / "perfusion_calib.nii.gz"), calibrated.image, perf.affine, **hdr, description=desc)
+        if sens is not None:
+            save_image(out.path(outdir / "sensitivity.nii.gz"), sens, perf.affine, **hdr,
+                       description="aslcal coil sensitivity")
+        inputs = {k: getattr(args, k) for k in ("infile", "isen") if getattr(args, k)}
+        write_json(out.path(outdir / "provenance.json"), provenance(
+            args, "calib", inputs=inputs, m0a=args.m0a, calibration={"source": "--m0a (given)"},
+            calibrated=calibrated.as_dict(), timings_s=timings,
+        ))
+    return {"m0a": args.m0a, "record": None, "timings": timings}
 
 
 def _brain_mask(args, calib, ref, *, optional: bool = False):
