@@ -44,7 +44,11 @@ volume) and ``EchoTime``; it may hold ``LookLocker``, ``FlipAngle`` and
 with a negative direction the first entry is the highest slice index) in the sidecar
 of the M0 volumes (the m0scan's, or the ASL one for "Included") marks a 2-D multi-slice
 readout: each slice is read that much after the volume's recovery time, and the M0
-series fit adds it (``M0Source.slice_timing``).
+series fit adds it (``M0Source.slice_timing``).  Where the slice delays are used (the
+white-paper model's per-slice PLD, the fit of an M0 recovery series), ``SliceTiming`` must
+agree with ``MRAcquisitionType`` when that is given: "2D" without ``SliceTiming`` and
+"3D" with it are errors on ``SliceTiming`` (BIDS requires it for 2-D and forbids it for
+3-D readouts); without ``MRAcquisitionType``, ``SliceTiming`` alone decides.
 
 Sidecars follow the BIDS inheritance principle: every ``*_asl.json`` (``*_m0scan.json``)
 from the dataset root down to the ``perf`` folder whose entities are a subset of the
@@ -1007,7 +1011,9 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
                 file=run.aslcontext, field="volume_type",
             )
         times = ti if ti is not None else pld
-        slices, axis = _slice_timing(meta, js, shape)
+        # the slice delays enter the fit of a recovery series only
+        slices, axis = _slice_timing(meta, js, shape,
+                                     check_type=look_locker or len({tr[i] for i in idx}) > 1)
         m0 = M0Source(
             kind="included", path=run.asl, volumes=idx, trs=tuple(tr[i] for i in idx),
             tis=None if times is None else tuple(times[i] for i in idx), te_ms=te_ms,
@@ -1083,8 +1089,10 @@ def bolus_cutoff(acq: AslAcquisition) -> tuple[float, ...] | None:
 
 def asl_slice_timing(acq: AslAcquisition) -> tuple[tuple[float, ...] | None, int]:
     """``SliceTiming`` of the ASL series by slice index along its slice axis (None: a 3-D
-    readout), and that axis; a :class:`BidsFieldError` when it does not fit the image."""
-    return _slice_timing(acq.metadata, acq.run.sidecar, acq.shape)
+    readout), and that axis; a :class:`BidsFieldError` when it does not fit the image, or
+    when it contradicts ``MRAcquisitionType`` (a 2-D readout without it, a 3-D one with it)."""
+    return _slice_timing(acq.metadata, acq.run.sidecar, acq.shape, check_type=True,
+                         hint="; or use --quantification calibration")
 
 
 def _separate_m0(run: AslRun) -> M0Source:
@@ -1111,7 +1119,8 @@ def _separate_m0(run: AslRun) -> M0Source:
                        high=180.0, unit="degrees", why=" (required with LookLocker true)")
     tis = _per_volume(meta, js, "InversionTime", n, required=look_locker, high=MAX_DELAY_S, unit="s",
                       why=" (required with LookLocker true: the readout times)")
-    slices, axis = _slice_timing(meta, js, shape)
+    # the slice delays enter the fit of a recovery series only
+    slices, axis = _slice_timing(meta, js, shape, check_type=look_locker or len(set(trs)) > 1)
     return M0Source(kind="separate", path=run.m0scan, volumes=tuple(range(n)), trs=trs,
                     tis=tis, te_ms=te_ms, look_locker=look_locker, flip_angle=flip,
                     estimate=None, sidecar=js, slice_timing=slices, slice_axis=axis,
@@ -1121,8 +1130,27 @@ def _separate_m0(run: AslRun) -> M0Source:
 _SLICE_DIRECTIONS = ("i", "j", "k", "i-", "j-", "k-")
 
 
-def _slice_timing(meta: dict, js: Path, shape: tuple[int, ...]) -> tuple[tuple[float, ...] | None, int]:
-    """``SliceTiming`` by slice index along the slice axis, and that axis (module docstring)."""
+def _acquisition_type(meta: dict, js: Path) -> str | None:
+    """``MRAcquisitionType`` as "2D" or "3D", None when absent; anything else is an error."""
+    raw = meta.get("MRAcquisitionType")
+    if raw is None:
+        return None
+    kind = raw.strip().upper() if isinstance(raw, str) else None
+    if kind not in ("2D", "3D"):
+        where = _src(meta, js, "MRAcquisitionType")
+        raise BidsFieldError(f"{where}: field 'MRAcquisitionType' = {_shown(raw)}: expected '2D' or '3D'",
+                             file=where, field="MRAcquisitionType")
+    return kind
+
+
+def _slice_timing(meta: dict, js: Path, shape: tuple[int, ...], *, check_type: bool = False,
+                  hint: str = "") -> tuple[tuple[float, ...] | None, int]:
+    """``SliceTiming`` by slice index along the slice axis, and that axis (module docstring).
+
+    ``check_type`` (the slice delays are used): ``SliceTiming`` must agree with
+    ``MRAcquisitionType`` when that is given (BIDS: required for "2D", not allowed for
+    "3D"); without ``MRAcquisitionType``, ``SliceTiming`` alone decides.
+    """
     direction = meta.get("SliceEncodingDirection", "k")
     if direction not in _SLICE_DIRECTIONS:
         js = _src(meta, js, "SliceEncodingDirection")
@@ -1132,9 +1160,24 @@ def _slice_timing(meta: dict, js: Path, shape: tuple[int, ...]) -> tuple[tuple[f
         )
     axis = "ijk".index(direction[0])
     raw = meta.get("SliceTiming")
+    kind = _acquisition_type(meta, js) if check_type else None
     if raw is None:
+        if kind == "2D":
+            # without the slice delays a 2-D readout would be taken as 3-D: every slice
+            # after the first at the wrong delay (white-paper CBF -28 % in the top slices)
+            type_js = _src(meta, js, "MRAcquisitionType")
+            raise BidsFieldError(
+                f"{js}: required field 'SliceTiming' is missing: 'MRAcquisitionType' is '2D' "
+                f"(in {type_js}) and BIDS requires the slice times of a 2-D readout (each slice "
+                f"is read that much later){hint}", file=js, field="SliceTiming")
         return None, axis
     js = _src(meta, js, "SliceTiming")
+    if kind == "3D":
+        type_js = _src(meta, js, "MRAcquisitionType")
+        raise BidsFieldError(
+            f"{js}: field 'SliceTiming' is given but 'MRAcquisitionType' is '3D' (in {type_js}): "
+            "BIDS does not allow SliceTiming for a 3-D readout, so one of the two is wrong "
+            f"(slice delays or none){hint}", file=js, field="SliceTiming")
     ok = isinstance(raw, list) and all(_is_number(t) and t >= 0 for t in raw)
     if not ok:
         raise BidsFieldError(

@@ -1,0 +1,76 @@
+"""aslcal.io.bids against the BIDS ASL specification: fields it must read, valid data it
+must accept, contradictions it must refuse (each naming the file and the field)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from aslcal.io import save_image
+from aslcal.io.bids import BidsFieldError, discover, read_run
+
+AFFINE = np.diag([3.0, 3.0, 4.0, 1.0])
+
+
+def _meta(**extra):
+    meta = {"ArterialSpinLabelingType": "PCASL", "M0Type": "Separate", "RepetitionTimePreparation": 4.0,
+            "EchoTime": 0.012, "MagneticFieldStrength": 3, "BackgroundSuppression": False,
+            "PostLabelingDelay": 1.8, "LabelingDuration": 1.8}
+    meta.update(extra)
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def _write(root, key="sub-01", *, types=("control", "label") * 2, meta=None, m0=None, m0_meta=None,
+           data=None):
+    """One ASL run in ``root/sub-01/perf`` (a 4x4x3 grid); ``m0``: m0scan volumes."""
+    (root / "dataset_description.json").parent.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.10.0"}')
+    perf = root / "sub-01" / "perf"
+    perf.mkdir(parents=True, exist_ok=True)
+    n = len(types)
+    if data is None:
+        data = np.arange(4 * 4 * 3 * n, dtype=np.float32).reshape(4, 4, 3, n) + 100.0
+    save_image(perf / f"{key}_asl.nii.gz", data, AFFINE)
+    (perf / f"{key}_asl.json").write_text(json.dumps(_meta() if meta is None else meta))
+    (perf / f"{key}_aslcontext.tsv").write_text("volume_type\n" + "".join(f"{t}\n" for t in types))
+    if m0 is not None:
+        save_image(perf / f"{key}_m0scan.nii.gz", np.full((4, 4, 3, m0), 500.0, np.float32), AFFINE)
+        mm = {"RepetitionTimePreparation": 6.0, "EchoTime": 0.012} if m0_meta is None else m0_meta
+        (perf / f"{key}_m0scan.json").write_text(json.dumps(mm))
+    return perf
+
+
+def _run(root, key="sub-01"):
+    return next(r for r in discover(root) if r.key == key)
+
+
+# ------------------------------------------------------------ MRAcquisitionType
+
+
+def test_recovery_m0_series_slice_timing_must_agree_with_the_acquisition_type(tmp_path):
+    """The slice delays of a 2-D saturation-recovery M0 enter its fit: a 2-D series
+    without SliceTiming (or a 3-D one with it) is refused on the m0scan JSON."""
+    sr = {"RepetitionTimePreparation": [0.5, 1.0, 2.0], "EchoTime": 0.012}
+    perf = _write(tmp_path / "a", m0=3, m0_meta={**sr, "MRAcquisitionType": "2D"})
+    with pytest.raises(BidsFieldError, match="MRAcquisitionType") as info:
+        read_run(_run(tmp_path / "a"))
+    assert info.value.field == "SliceTiming" and info.value.file == str(perf / "sub-01_m0scan.json")
+    perf = _write(tmp_path / "b", m0=3, m0_meta={**sr, "MRAcquisitionType": "3D", "SliceTiming": [0, 0.1, 0.2]})
+    with pytest.raises(BidsFieldError, match="'3D'") as info:
+        read_run(_run(tmp_path / "b"))
+    assert info.value.field == "SliceTiming" and info.value.file == str(perf / "sub-01_m0scan.json")
+    # agreeing, or without MRAcquisitionType: read
+    _write(tmp_path / "c", m0=3, m0_meta={**sr, "MRAcquisitionType": "2d", "SliceTiming": [0, 0.1, 0.2]})
+    assert read_run(_run(tmp_path / "c")).m0.slice_timing == pytest.approx((0, 0.1, 0.2))
+    _write(tmp_path / "d", m0=3, m0_meta=sr)
+    assert read_run(_run(tmp_path / "d")).m0.slice_timing is None
+    # a long-TR M0 uses no slice delays: not refused for them
+    _write(tmp_path / "e", m0=1, m0_meta={"RepetitionTimePreparation": 6.0, "EchoTime": 0.012,
+                                          "MRAcquisitionType": "2D"})
+    assert read_run(_run(tmp_path / "e")).m0.kind == "separate"
+    _write(tmp_path / "f", m0=3, m0_meta={**sr, "MRAcquisitionType": "4D"})
+    with pytest.raises(BidsFieldError, match="'2D' or '3D'") as info:
+        read_run(_run(tmp_path / "f"))
+    assert info.value.field == "MRAcquisitionType"
