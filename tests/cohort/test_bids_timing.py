@@ -86,3 +86,98 @@ def test_without_acquisition_type_slice_timing_decides(wp_cohort, tmp_path):
     cbf, brain, _ = _calibrate(root, "sub-01")
     truth = _phantom_cbf(wp_cohort.runs["sub-01"])
     np.testing.assert_allclose(cbf[brain], truth[brain], rtol=1e-4, atol=1e-3)
+
+
+# ------------------------------------------------------------ IntendedFor of the m0scan
+
+
+@pytest.fixture(scope="module")
+def cal_cohort(tmp_path_factory):
+    # sub-01: PCASL, a separate long-TR m0scan whose IntendedFor names its ASL image
+    return make_bids_cohort(tmp_path_factory.mktemp("cal"), n_subjects=1, seed=1, broken=0, n_pairs=1,
+                            shape=(32, 32, 12))
+
+
+def _rename(perf, old, new, masks=None):
+    for f in list(perf.iterdir()):
+        if f.name.startswith(old + "_"):
+            f.rename(perf / (new + f.name[len(old):]))
+    if masks is not None:
+        (masks / f"{old}_desc-ref_mask.nii.gz").rename(masks / f"{new}_desc-ref_mask.nii.gz")
+
+
+def _scale_image(path, factor):
+    import nibabel
+
+    img = nibabel.load(str(path))
+    nibabel.save(nibabel.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32) * factor, img.affine), str(path))
+
+
+def _two_runs(cohort, tmp_path):
+    """sub-01_run-1 and sub-01_run-2: the same data, run-2's m0scan twice as bright."""
+    root = _copy(cohort, tmp_path)
+    perf, masks = root / "sub-01" / "perf", root / "derivatives" / "refmasks" / "sub-01" / "perf"
+    _rename(perf, "sub-01", "sub-01_run-1", masks)
+    for f in list(perf.iterdir()):
+        shutil.copy(f, perf / f.name.replace("run-1", "run-2"))
+    shutil.copy(masks / "sub-01_run-1_desc-ref_mask.nii.gz", masks / "sub-01_run-2_desc-ref_mask.nii.gz")
+    _scale_image(perf / "sub-01_run-2_m0scan.nii.gz", 2.0)
+    return root, perf
+
+
+def _m0a(root, key):
+    _, _, out = _calibrate(root, key, quantification="calibration")
+    return out.records["summary"]["M0a"], out
+
+
+def test_m0scan_intended_for_another_run_is_refused(cal_cohort, tmp_path):
+    """The m0scans' IntendedFor crossed (run-1's names run-2's ASL and back): pairing by
+    name gave run-1 the M0 BIDS says is run-2's (M0a off by 2x), silently."""
+    root, perf = _two_runs(cal_cohort, tmp_path)
+    _edit(perf / "sub-01_run-1_m0scan.json", IntendedFor="bids::sub-01/perf/sub-01_run-2_asl.nii.gz")
+    _edit(perf / "sub-01_run-2_m0scan.json", IntendedFor=["perf/sub-01_run-1_asl.nii.gz"])
+    for key in ("sub-01_run-1", "sub-01_run-2"):
+        with pytest.raises(SubjectError) as info:
+            _calibrate(root, key, quantification="calibration")
+        assert info.value.stage == "metadata" and info.value.details["field"] == "IntendedFor"
+        assert info.value.details["file"] == str(perf / f"{key}_m0scan.json")
+
+
+def test_m0scan_intended_for_its_run_in_any_bids_form_is_used(cal_cohort, tmp_path):
+    truth = cal_cohort.runs["sub-01"].m0a_te
+    root, perf = _two_runs(cal_cohort, tmp_path)
+    # deprecated subject-relative path, .nii for .nii.gz, in a list
+    _edit(perf / "sub-01_run-1_m0scan.json", IntendedFor=["perf/sub-01_run-1_asl.nii", "bids::x.nii"])
+    _edit(perf / "sub-01_run-2_m0scan.json", IntendedFor="bids::sub-01/perf/sub-01_run-2_asl.nii.gz")
+    assert _m0a(root, "sub-01_run-1")[0] == pytest.approx(truth, rel=1e-5)
+    assert _m0a(root, "sub-01_run-2")[0] == pytest.approx(2 * truth, rel=1e-5)
+
+
+def test_m0scan_found_by_intended_for_is_used_and_recorded(cal_cohort, tmp_path):
+    """An ASL image with an acq- entity its m0scan lacks (valid BIDS: IntendedFor links
+    them) was refused as having no m0scan; a decoy m0scan meant for another image is not
+    taken."""
+    truth = cal_cohort.runs["sub-01"].m0a_te
+    root = _copy(cal_cohort, tmp_path)
+    perf, masks = root / "sub-01" / "perf", root / "derivatives" / "refmasks" / "sub-01" / "perf"
+    for suffix in ("asl.nii.gz", "asl.json", "aslcontext.tsv"):
+        (perf / f"sub-01_{suffix}").rename(perf / f"sub-01_acq-pcasl_{suffix}")
+    (masks / "sub-01_desc-ref_mask.nii.gz").rename(masks / "sub-01_acq-pcasl_desc-ref_mask.nii.gz")
+    _edit(perf / "sub-01_m0scan.json", IntendedFor="bids::sub-01/perf/sub-01_acq-pcasl_asl.nii.gz")
+    shutil.copy(perf / "sub-01_m0scan.nii.gz", perf / "sub-01_acq-other_m0scan.nii.gz")
+    _scale_image(perf / "sub-01_acq-other_m0scan.nii.gz", 3.0)
+    shutil.copy(perf / "sub-01_m0scan.json", perf / "sub-01_acq-other_m0scan.json")
+    _edit(perf / "sub-01_acq-other_m0scan.json", IntendedFor="bids::sub-01/perf/sub-01_acq-other_asl.nii.gz")
+    m0a, out = _m0a(root, "sub-01_acq-pcasl")
+    assert m0a == pytest.approx(truth, rel=1e-5)
+    inputs = out.provenance["inputs"]
+    for name in ("sub-01/perf/sub-01_m0scan.nii.gz", "sub-01/perf/sub-01_m0scan.json"):
+        assert name in inputs["files"] and inputs["checksums"][name]
+    assert not any("acq-other" in name for name in inputs["files"])
+    # a second m0scan naming it too: which one is meant is unknown
+    _edit(perf / "sub-01_acq-other_m0scan.json", IntendedFor=["bids::sub-01/perf/sub-01_acq-pcasl_asl.nii.gz"])
+    with pytest.raises(SubjectError) as info:
+        _calibrate(root, "sub-01_acq-pcasl", quantification="calibration")
+    assert info.value.details["field"] == "IntendedFor"
+    assert info.value.details["file"] == str(perf / "sub-01_acq-other_m0scan.json")
+    assert "sub-01_m0scan.json" in info.value.message

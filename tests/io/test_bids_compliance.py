@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from aslcal.io import save_image
+from aslcal.io import bids, save_image
 from aslcal.io.bids import BidsFieldError, discover, read_run
 
 AFFINE = np.diag([3.0, 3.0, 4.0, 1.0])
@@ -74,3 +74,37 @@ def test_recovery_m0_series_slice_timing_must_agree_with_the_acquisition_type(tm
     with pytest.raises(BidsFieldError, match="'2D' or '3D'") as info:
         read_run(_run(tmp_path / "f"))
     assert info.value.field == "MRAcquisitionType"
+
+
+# ------------------------------------------------------------ IntendedFor
+
+
+def test_m0scan_linked_by_intended_for_is_the_runs_m0_for_resume_too(tmp_path):
+    """Discovery pairs an ASL image with the m0scan naming it in IntendedFor when none
+    shares its name; its sidecars (inherited ones included) are the run's m0 sidecars, as
+    a resume checks them."""
+    perf = _write(tmp_path, key="sub-01_acq-pcasl", m0=None)
+    save_image(perf / "sub-01_m0scan.nii.gz", np.full((4, 4, 3), 500.0, np.float32), AFFINE)
+    (perf / "sub-01_m0scan.json").write_text(json.dumps(
+        {"RepetitionTimePreparation": 6.0, "IntendedFor": "bids::sub-01/perf/sub-01_acq-pcasl_asl.nii.gz"}))
+    (tmp_path / "m0scan.json").write_text(json.dumps({"EchoTime": 0.02}))
+    run = _run(tmp_path, "sub-01_acq-pcasl")
+    assert run.m0scan == perf / "sub-01_m0scan.nii.gz" and run.m0scan_linked
+    assert bids.run_sidecars(run)[1] == [tmp_path / "m0scan.json", perf / "sub-01_m0scan.json"]
+    m0 = read_run(run).m0
+    assert m0.path == perf / "sub-01_m0scan.nii.gz" and m0.te_ms == pytest.approx(20.0)
+    # named by no m0scan: M0Type Separate says what is missing
+    (perf / "sub-01_m0scan.json").write_text(json.dumps({"RepetitionTimePreparation": 6.0,
+                                                         "IntendedFor": "bids::sub-01/perf/sub-01_asl.nii.gz"}))
+    with pytest.raises(BidsFieldError, match="IntendedFor") as info:
+        read_run(_run(tmp_path, "sub-01_acq-pcasl"))
+    assert info.value.field == "M0Type"
+
+
+@pytest.mark.parametrize("value", [5, ["bids::sub-01/perf/sub-01_asl.nii.gz", 3]])
+def test_malformed_intended_for_names_the_field(tmp_path, value):
+    perf = _write(tmp_path, m0=1, m0_meta={"RepetitionTimePreparation": 6.0, "EchoTime": 0.012,
+                                           "IntendedFor": value})
+    with pytest.raises(BidsFieldError, match="expected a path or BIDS URI") as info:
+        read_run(_run(tmp_path))
+    assert info.value.field == "IntendedFor" and info.value.file == str(perf / "sub-01_m0scan.json")

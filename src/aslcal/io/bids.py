@@ -56,8 +56,13 @@ run's applies, the nearer overriding the farther (e.g. ``asl.json`` at the root 
 the fields shared by all subjects); two applicable files at one level are an error.  A
 field's error names the file that gave it.
 
-Not supported: multi-echo ASL, and ``M0Type`` "Separate" with the M0 scan linked only by
-``IntendedFor`` under another name (the m0scan must share the ASL file's entities).
+The m0scan of ``M0Type`` "Separate" is the one with the ASL file's entities; its
+``IntendedFor`` (a BIDS URI ``bids::sub-01/perf/sub-01_asl.nii.gz`` or the deprecated
+path relative to the subject folder, a string or a list) must then name the ASL image when
+given.  Without such an m0scan, the m0scan of the same ``perf`` folder whose own JSON names
+the ASL image in ``IntendedFor`` is the M0 (two of them are an error).
+
+Not supported: multi-echo ASL, and an m0scan in another folder (e.g. ``fmap/``).
 """
 
 from __future__ import annotations
@@ -189,7 +194,16 @@ class AslRun:
         ``*_asl.json`` and ``*_aslcontext.tsv`` (they may not exist; :func:`read_run`
         reports that).
     m0scan, m0scan_sidecar : pathlib.Path or None
-        ``*_m0scan.nii[.gz]`` and its JSON with the same entities, if the image exists.
+        ``*_m0scan.nii[.gz]`` and its JSON with the same entities, if the image exists;
+        else the m0scan of the same folder whose own JSON names this ASL image in
+        ``IntendedFor`` (e.g. one M0 shared by several runs, or an ASL file with an
+        ``acq-`` entity the m0scan lacks), if there is one.
+    m0scan_linked : bool
+        The m0scan was found by its ``IntendedFor``, not by its name.
+    m0scan_others : tuple of pathlib.Path
+        Further m0scan images whose ``IntendedFor`` name this ASL image (besides
+        ``m0scan``; :func:`read_run` refuses the run then, since which one is meant is
+        unknown).
     duplicate : pathlib.Path or None
         A second image of the same run (``.nii`` beside ``.nii.gz``): :func:`read_run`
         refuses the run, since which one is meant is unknown.
@@ -209,6 +223,8 @@ class AslRun:
     m0scan_sidecar: Path | None = None
     duplicate: Path | None = None
     m0scan_duplicate: Path | None = None
+    m0scan_linked: bool = False
+    m0scan_others: tuple[Path, ...] = ()
 
 
 #: Entities of a BIDS ASL file name (perf datatype), in their order.
@@ -355,11 +371,79 @@ def discover(
     return runs
 
 
+_M0SCAN_NAME = re.compile(r"^(?P<prefix>sub-[A-Za-z0-9]+(?:_[A-Za-z]+-[A-Za-z0-9]+)*)_m0scan\.nii(?:\.gz)?$")
+
+
+def _m0scan_images(perf: Path, prefix: str) -> list[Path]:
+    """``<prefix>_m0scan.nii.gz`` and ``.nii`` in ``perf``, those present (``.nii.gz`` first)."""
+    # a link whose content is not fetched counts as present: reading it then says so
+    return [c for c in (perf / f"{prefix}_m0scan.nii.gz", perf / f"{prefix}_m0scan.nii")
+            if c.is_file() or c.is_symlink()]
+
+
+def _intended_for(value: Any) -> list[str] | None:
+    """``IntendedFor`` as a list of strings (a string is one), None when malformed."""
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+        return None
+    return values
+
+
+def _names_image(target: str, subject: str, rel: str) -> bool:
+    """Whether an ``IntendedFor`` entry names the image ``rel`` (relative to the dataset
+    root, e.g. ``sub-01/perf/sub-01_asl.nii.gz``): a BIDS URI ``bids::<rel>`` or the
+    deprecated path relative to the subject folder; ``.nii`` and ``.nii.gz`` alike."""
+    def stem(path: str) -> str:
+        path = path.strip().lstrip("/")
+        for ext in (".nii.gz", ".nii"):
+            if path.endswith(ext):
+                return path[: -len(ext)]
+        return path
+
+    target = target.strip()
+    want = stem(rel)
+    if target.startswith("bids:"):
+        dataset, _, path = target[5:].partition(":")
+        return dataset == "" and stem(path) == want
+    return stem(f"sub-{subject}/{target.lstrip('/')}") == want
+
+
+def _asl_rel(subject: str, session: str | None, asl: Path) -> str:
+    """The ASL image's path relative to the dataset root."""
+    return "/".join([f"sub-{subject}"] + ([f"ses-{session}"] if session else []) + ["perf", asl.name])
+
+
+def _linked_m0scans(perf: Path, asl: Path, subject: str, session: str | None) -> list[str]:
+    """Prefixes of the m0scans in ``perf`` whose own JSON names ``asl`` in ``IntendedFor``
+    (an unreadable JSON is skipped here: it names nothing)."""
+    rel = _asl_rel(subject, session, asl)
+    prefixes = sorted({m.group("prefix") for f in perf.iterdir() if (m := _M0SCAN_NAME.match(f.name))})
+    out = []
+    for prefix in prefixes:
+        try:
+            obj = json.loads((perf / f"{prefix}_m0scan.json").read_text(encoding="utf-8-sig"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            continue
+        targets = _intended_for(obj.get("IntendedFor")) if isinstance(obj, dict) else None
+        if targets and any(_names_image(t, subject, rel) for t in targets):
+            out.append(prefix)
+    return out
+
+
 def _make_run(perf: Path, asl: Path, prefix: str) -> AslRun:
     entities = dict(_ENTITY.findall(prefix))
-    # a link whose content is not fetched counts as present: reading it then says so
-    found = [c for c in (perf / f"{prefix}_m0scan.nii.gz", perf / f"{prefix}_m0scan.nii")
-             if c.is_file() or c.is_symlink()]
+    found = _m0scan_images(perf, prefix)
+    linked = False
+    others: tuple[Path, ...] = ()
+    m0_prefix = prefix
+    if not found:
+        # BIDS links an m0scan to its ASL image(s) by IntendedFor: one without this run's
+        # name may be meant for it
+        prefixes = _linked_m0scans(perf, asl, entities["sub"], entities.get("ses"))
+        if prefixes:
+            m0_prefix, linked = prefixes[0], True
+            found = _m0scan_images(perf, m0_prefix)
+            others = tuple(_m0scan_images(perf, p)[0] for p in prefixes[1:])
     m0scan = found[0] if found else None
     return AslRun(
         subject=entities["sub"],
@@ -371,8 +455,10 @@ def _make_run(perf: Path, asl: Path, prefix: str) -> AslRun:
         sidecar=perf / f"{prefix}_asl.json",
         aslcontext=perf / f"{prefix}_aslcontext.tsv",
         m0scan=m0scan,
-        m0scan_sidecar=None if m0scan is None else perf / f"{prefix}_m0scan.json",
+        m0scan_sidecar=None if m0scan is None else perf / f"{m0_prefix}_m0scan.json",
         m0scan_duplicate=found[1] if len(found) > 1 else None,
+        m0scan_linked=linked,
+        m0scan_others=others,
     )
 
 
@@ -602,13 +688,15 @@ def _applicable_sidecars(own: Path, run: "AslRun") -> list[Path]:
     folders, whose root holds every subject of the dataset.
     """
     suffix = own.name.rsplit("_", 1)[-1]  # "asl.json", "m0scan.json"
+    # the file's own entities: an m0scan found by IntendedFor may have fewer than the run
+    entities = _ENTITY.findall(own.name[: -len(suffix) - 1])
     perf = own.parent
     top = perf.parent.parent.parent if run.session is not None else perf.parent.parent
     levels = [top, top / f"sub-{run.subject}"]
     if run.session is not None:
         levels.append(top / f"sub-{run.subject}" / f"ses-{run.session}")
     levels.append(perf)
-    pairs = [f"{k}-{v}" for k, v in run.entities.items()]  # in BIDS order (discover checked)
+    pairs = [f"{k}-{v}" for k, v in entities]  # in BIDS order (discover checked the run's)
     names = ["_".join(p for bit, p in enumerate(pairs) if mask >> bit & 1) for mask in range(1 << len(pairs))]
     names = sorted({f"{n}_{suffix}" if n else suffix for n in names}, key=len)
     out: list[Path] = []
@@ -1001,7 +1089,7 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
     bs = _flag(meta, js, "BackgroundSuppression")
 
     if m0_type == "Separate":
-        m0 = _separate_m0(run)
+        m0 = _separate_m0(run, m0js)
     elif m0_type == "Included":
         idx = tuple(i for i, v in enumerate(volume_types) if v == "m0scan")
         if not idx:
@@ -1095,12 +1183,20 @@ def asl_slice_timing(acq: AslAcquisition) -> tuple[tuple[float, ...] | None, int
                          hint="; or use --quantification calibration")
 
 
-def _separate_m0(run: AslRun) -> M0Source:
+def _separate_m0(run: AslRun, m0js: Path) -> M0Source:
     if run.m0scan is None or run.m0scan_sidecar is None:
         raise BidsFieldError(
-            f"{run.sidecar}: field 'M0Type' = 'Separate' but the m0scan image "
-            f"{run.key}_m0scan.nii[.gz] is missing in {run.asl.parent}",
-            file=run.sidecar, field="M0Type",
+            f"{m0js}: field 'M0Type' = 'Separate' but the m0scan image "
+            f"{run.key}_m0scan.nii[.gz] is missing in {run.asl.parent} (and no m0scan there names "
+            f"{run.asl.name} in its IntendedFor)",
+            file=m0js, field="M0Type",
+        )
+    if run.m0scan_others:
+        other = run.m0scan_others[0]
+        other_js = other.parent / (_M0SCAN_NAME.match(other.name).group("prefix") + "_m0scan.json")
+        raise BidsFieldError(
+            f"{other_js}: field 'IntendedFor' names {run.asl.name}, as {run.m0scan_sidecar.name} does: "
+            "which m0scan is this run's M0 is unknown; keep one", file=other_js, field="IntendedFor",
         )
     if run.m0scan_duplicate is not None:
         raise BidsFieldError(
@@ -1109,6 +1205,21 @@ def _separate_m0(run: AslRun) -> M0Source:
         )
     js = run.m0scan_sidecar
     meta = _read_sidecar(js, run, "m0scan")
+    if "IntendedFor" in meta:
+        # BIDS: the m0scan is for the images IntendedFor names; one paired by name alone
+        # that names another ASL image is not this run's M0
+        where = _src(meta, js, "IntendedFor")
+        targets = _intended_for(meta["IntendedFor"])
+        if targets is None:
+            raise BidsFieldError(
+                f"{where}: field 'IntendedFor' = {_shown(meta['IntendedFor'])}: expected a path or BIDS URI, "
+                "or a list of them", file=where, field="IntendedFor")
+        rel = _asl_rel(run.subject, run.session, run.asl)
+        if not any(_names_image(t, run.subject, rel) for t in targets):
+            raise BidsFieldError(
+                f"{where}: field 'IntendedFor' = {_shown(meta['IntendedFor'])} does not name {run.asl.name} "
+                f"(bids::{rel}): this m0scan is meant for other images, not this run's M0",
+                file=where, field="IntendedFor")
     shape, n = _n_volumes(run.m0scan, "m0scan")
     trs = _per_volume(meta, js, "RepetitionTimePreparation", n, required=True, low=0.0,
                       low_open=True, high=MAX_TR_S, unit="s")
