@@ -181,3 +181,21 @@ def test_m0scan_found_by_intended_for_is_used_and_recorded(cal_cohort, tmp_path)
     assert info.value.details["field"] == "IntendedFor"
     assert info.value.details["file"] == str(perf / "sub-01_acq-other_m0scan.json")
     assert "sub-01_m0scan.json" in info.value.message
+
+
+# ------------------------------------------------------------ SliceTiming offset
+
+
+def test_slice_delays_count_from_the_first_slice_acquired(wp_cohort, tmp_path):
+    """BIDS: the PLD runs until the first slice is excited, SliceTiming from the volume's
+    start.  SliceTiming all +0.1 s (the first slice read 0.1 s into the volume) is the
+    same acquisition; taken as delays it scaled every slice's CBF by exp(0.1/T1b) (+8 %)."""
+    root = _copy(wp_cohort, tmp_path)
+    js = root / "sub-01" / "perf" / "sub-01_asl.json"
+    meta = json.loads(js.read_text())
+    _edit(js, SliceTiming=[t + 0.1 for t in meta["SliceTiming"]])
+    cbf, brain, out = _calibrate(root, "sub-01")
+    truth = _phantom_cbf(wp_cohort.runs["sub-01"])
+    np.testing.assert_allclose(cbf[brain], truth[brain], rtol=1e-4, atol=1e-3)
+    times = out.provenance["calibration"]["cbf"]["slice_times_s"]
+    assert times == pytest.approx(SLICEDT * np.arange(len(times)))

@@ -108,3 +108,19 @@ def test_malformed_intended_for_names_the_field(tmp_path, value):
     with pytest.raises(BidsFieldError, match="expected a path or BIDS URI") as info:
         read_run(_run(tmp_path))
     assert info.value.field == "IntendedFor" and info.value.file == str(perf / "sub-01_m0scan.json")
+
+
+# ------------------------------------------------------------ SliceTiming offset
+
+
+def test_slice_times_are_relative_to_the_first_slice(tmp_path):
+    """ASL (white-paper PLD per slice) and M0 series (recovery delays) alike; with k-
+    the list runs from the top slice."""
+    st = [0.15, 0.25, 0.05]
+    sr = {"RepetitionTimePreparation": [0.5, 1.0, 2.0], "EchoTime": 0.012}
+    _write(tmp_path, meta=_meta(SliceTiming=st, MRAcquisitionType="2D"), m0=3, m0_meta={**sr, "SliceTiming": st})
+    acq = read_run(_run(tmp_path))
+    assert bids.asl_slice_timing(acq) == (pytest.approx((0.1, 0.2, 0.0)), 2)
+    assert acq.m0.slice_timing == pytest.approx((0.1, 0.2, 0.0))
+    _write(tmp_path / "b", m0=3, m0_meta={**sr, "SliceTiming": st, "SliceEncodingDirection": "k-"})
+    assert read_run(_run(tmp_path / "b")).m0.slice_timing == pytest.approx((0.0, 0.2, 0.1))

@@ -43,8 +43,10 @@ volume) and ``EchoTime``; it may hold ``LookLocker``, ``FlipAngle`` and
 ``SliceTiming`` (s, >= 0, one per slice along ``SliceEncodingDirection``, default k;
 with a negative direction the first entry is the highest slice index) in the sidecar
 of the M0 volumes (the m0scan's, or the ASL one for "Included") marks a 2-D multi-slice
-readout: each slice is read that much after the volume's recovery time, and the M0
-series fit adds it (``M0Source.slice_timing``).  Where the slice delays are used (the
+readout: each slice is read ``SliceTiming[z] - min(SliceTiming)`` after the volume's
+recovery time (BIDS: the PLD runs until the first slice is excited), and the M0 series
+fit adds it (``M0Source.slice_timing``; :func:`asl_slice_timing` likewise for the ASL
+series' per-slice PLD).  Where the slice delays are used (the
 white-paper model's per-slice PLD, the fit of an M0 recovery series), ``SliceTiming`` must
 agree with ``MRAcquisitionType`` when that is given: "2D" without ``SliceTiming`` and
 "3D" with it are errors on ``SliceTiming`` (BIDS requires it for 2-D and forbids it for
@@ -498,7 +500,8 @@ class M0Source:
         The merged JSON the values came from (:attr:`sidecar_files`, :meth:`source_of`).
     slice_timing : tuple of float, seconds, or None
         ``SliceTiming`` of a 2-D multi-slice readout: the acquisition time of each slice
-        along ``slice_axis``, indexed by slice (ascending array index, whatever the sign of
+        along ``slice_axis`` after the first slice acquired (``SliceTiming[z] -
+        min(SliceTiming)``), indexed by slice (ascending array index, whatever the sign of
         ``SliceEncodingDirection``), added to the volume's recovery time in the fit.
     slice_axis : int
         Array axis of the slices (``SliceEncodingDirection`` i, j, k; default k = 2).
@@ -1302,4 +1305,7 @@ def _slice_timing(meta: dict, js: Path, shape: tuple[int, ...], *, check_type: b
         )
     # A negative direction lists the slices from the highest index down (BIDS).
     times = [float(t) for t in (raw[::-1] if direction.endswith("-") else raw)]
-    return tuple(times), axis
+    # BIDS: SliceTiming counts from the start of the volume, while the PLD (the recovery
+    # time) runs until the first slice is excited: the delays are relative to that slice
+    first = min(times, default=0.0)
+    return tuple(t - first for t in times), axis
