@@ -199,3 +199,12 @@ def test_slice_delays_count_from_the_first_slice_acquired(wp_cohort, tmp_path):
     np.testing.assert_allclose(cbf[brain], truth[brain], rtol=1e-4, atol=1e-3)
     times = out.provenance["calibration"]["cbf"]["slice_times_s"]
     assert times == pytest.approx(SLICEDT * np.arange(len(times)))
+
+
+def test_inherited_aslcontext_is_read_and_recorded(cal_cohort, tmp_path):
+    root = _copy(cal_cohort, tmp_path)
+    shutil.move(root / "sub-01" / "perf" / "sub-01_aslcontext.tsv", root / "sub-01" / "sub-01_aslcontext.tsv")
+    m0a, out = _m0a(root, "sub-01")
+    assert m0a == pytest.approx(cal_cohort.runs["sub-01"].m0a_te, rel=1e-5)
+    files = out.provenance["inputs"]["files"]
+    assert "sub-01/sub-01_aslcontext.tsv" in files and "sub-01/perf/sub-01_aslcontext.tsv" not in files

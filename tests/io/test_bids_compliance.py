@@ -124,3 +124,57 @@ def test_slice_times_are_relative_to_the_first_slice(tmp_path):
     assert acq.m0.slice_timing == pytest.approx((0.1, 0.2, 0.0))
     _write(tmp_path / "b", m0=3, m0_meta={**sr, "SliceTiming": st, "SliceEncodingDirection": "k-"})
     assert read_run(_run(tmp_path / "b")).m0.slice_timing == pytest.approx((0.0, 0.2, 0.1))
+
+
+# ------------------------------------------------------------ valid BIDS accepted
+
+
+def test_na_volumes_are_ignored_like_norf(tmp_path):
+    """BIDS 1.10 'n/a' volume_type: read, never used; a zero RepetitionTimePreparation
+    (BIDS minimum 0) on such a volume or a noRF one is no error."""
+    types = ("control", "label", "n/a", "noRF")
+    _write(tmp_path, types=types, meta=_meta(RepetitionTimePreparation=[4.0, 4.0, 0, 0]), m0=1)
+    acq = read_run(_run(tmp_path))
+    assert acq.volume_types == types and acq.volumes_of("n/a") == (2,)
+    assert acq.tr == (4.0, 4.0, 0.0, 0.0)
+    # a used volume still needs a positive one
+    _write(tmp_path / "b", types=types, meta=_meta(RepetitionTimePreparation=[4.0, 0, 0, 0]), m0=1)
+    with pytest.raises(BidsFieldError, match=r"'RepetitionTimePreparation\[1\]' = 0") as info:
+        read_run(_run(tmp_path / "b"))
+    assert info.value.field == "RepetitionTimePreparation"
+    _write(tmp_path / "c", types=types, meta=_meta(RepetitionTimePreparation=0), m0=1)
+    with pytest.raises(BidsFieldError, match="'RepetitionTimePreparation' = 0"):
+        read_run(_run(tmp_path / "c"))
+
+
+def test_aslcontext_is_inherited(tmp_path):
+    """An aslcontext one level up applies (inheritance principle), the lowest one wins;
+    errors and the recorded inputs name the file read."""
+    perf = _write(tmp_path, m0=1)
+    (perf / "sub-01_aslcontext.tsv").rename(tmp_path / "sub-01" / "sub-01_aslcontext.tsv")
+    (tmp_path / "aslcontext.tsv").write_text("volume_type\n" + "deltam\n" * 4)
+    run = _run(tmp_path)
+    acq = read_run(run)
+    assert acq.volume_types == ("control", "label") * 2
+    assert acq.aslcontext == tmp_path / "sub-01" / "sub-01_aslcontext.tsv"
+    assert bids.run_sidecars(run)[0][-1] == acq.aslcontext  # a resume sees a new own one
+    (tmp_path / "sub-01" / "sub-01_aslcontext.tsv").write_text("volume_type\ncontrol\n")
+    with pytest.raises(BidsFieldError, match="has 1 entries") as info:
+        read_run(run)
+    assert info.value.file == str(tmp_path / "sub-01" / "sub-01_aslcontext.tsv")
+
+
+def test_flip_angle_is_checked_as_a_look_locker_angle_only(tmp_path):
+    """BIDS allows FlipAngle up to 360 degrees; aslcal uses it only as the Look-Locker
+    readout angle, which must be in (0, 90)."""
+    _write(tmp_path, meta=_meta(FlipAngle=200), m0=1,
+           m0_meta={"RepetitionTimePreparation": 6.0, "EchoTime": 0.012, "FlipAngle": 90})
+    assert read_run(_run(tmp_path)).flip_angle is None
+    ll = {"RepetitionTimePreparation": 4.0, "EchoTime": 0.012, "LookLocker": True,
+          "InversionTime": [0.1, 0.4, 0.7]}
+    perf = _write(tmp_path / "b", m0=3, m0_meta={**ll, "FlipAngle": [35, 35, 120]})
+    with pytest.raises(BidsFieldError, match=r"'FlipAngle\[2\]' = 120.0: expected a Look-Locker readout angle") as info:
+        read_run(_run(tmp_path / "b"))
+    assert info.value.field == "FlipAngle" and info.value.file == str(perf / "sub-01_m0scan.json")
+    _write(tmp_path / "c", m0=3, m0_meta={**ll, "FlipAngle": 35})
+    assert read_run(_run(tmp_path / "c")).m0.flip_angle == (35.0,) * 3

@@ -449,7 +449,7 @@ def load_subject(run: AslRun, options: CohortOptions, *, bids_root: Path | None 
         raise _fail(key, "load", exc) from exc
 
     m0_files = (acq.m0.path, *acq.m0.sidecar_files) if acq.m0.kind == "separate" else ()
-    paths = [p for p in (run.asl, *acq.sidecar_files, run.aslcontext, *m0_files, ref_file,
+    paths = [p for p in (run.asl, *acq.sidecar_files, acq.aslcontext, *m0_files, ref_file,
                          anat[2] if anat is not None else None) if p is not None]
     names = [dataset_path(p, bids_root) for p in paths]
     inputs = {name: _file_size(p) for name, p in zip(names, paths)}
@@ -532,7 +532,7 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, check
         perf_source = f"mean(deltam) ({len(deltam)} volumes)"
     else:
         raise InputError(
-            f"{acq.run.aslcontext}: column 'volume_type' has neither control and label nor "
+            f"{acq.aslcontext}: column 'volume_type' has neither control and label nor "
             "deltam volumes: no perfusion-weighted image to calibrate"
         )
     perf = perf.astype(np.float32)

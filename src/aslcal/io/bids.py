@@ -22,12 +22,14 @@ Fields aslcal requires in ``*_asl.json`` (beyond what BIDS requires, aslcal need
 
 * ``ArterialSpinLabelingType`` ("PCASL", "CASL" or "PASL"),
 * ``M0Type`` ("Separate", "Included", "Estimate" or "Absent"),
-* ``RepetitionTimePreparation`` (s; > 0; a number or one value per volume),
+* ``RepetitionTimePreparation`` (s; > 0, or 0 for a "noRF" / "n/a" volume, which is
+  not used; a number or one value per volume),
 * ``EchoTime`` (s; >= 0; a number, or one equal value per volume),
 * ``MagneticFieldStrength`` (T; 1.5, 3 or 7, within 0.15 T: e.g. 2.89 reads as 3),
 * ``M0Estimate`` (> 0) when ``M0Type`` is "Estimate",
-* ``FlipAngle`` (degrees, in (0, 180); a number or one value per volume) when
-  ``LookLocker`` is true,
+* ``FlipAngle`` (degrees, a Look-Locker readout angle in (0, 90); a number or one value
+  per volume) when ``LookLocker`` is true (otherwise not read: BIDS allows up to 360
+  degrees and aslcal does not use it),
 * ``BackgroundSuppression`` (bool) when ``M0Type`` is "Absent" and the mean control
   is allowed as M0.
 
@@ -56,7 +58,8 @@ Sidecars follow the BIDS inheritance principle: every ``*_asl.json`` (``*_m0scan
 from the dataset root down to the ``perf`` folder whose entities are a subset of the
 run's applies, the nearer overriding the farther (e.g. ``asl.json`` at the root with
 the fields shared by all subjects); two applicable files at one level are an error.  A
-field's error names the file that gave it.
+field's error names the file that gave it.  A run without its own ``_aslcontext.tsv``
+reads the lowest applicable one in the same hierarchy (e.g. ``sub-01/sub-01_aslcontext.tsv``).
 
 The m0scan of ``M0Type`` "Separate" is the one with the ASL file's entities; its
 ``IntendedFor`` (a BIDS URI ``bids::sub-01/perf/sub-01_asl.nii.gz`` or the deprecated
@@ -110,8 +113,11 @@ __all__ = [
 #: (Alsop et al. 2015 white paper: 0.85 for (p)CASL, 0.98 for PASL).
 DEFAULT_ALPHA = {"PCASL": 0.85, "CASL": 0.85, "PASL": 0.98}
 
-#: Allowed ``volume_type`` values of ``_aslcontext.tsv`` (BIDS 1.9 spelling).
-ASL_VOLUME_TYPES = ("control", "label", "m0scan", "deltam", "cbf", "noRF")
+#: Allowed ``volume_type`` values of ``_aslcontext.tsv`` (BIDS spelling; "n/a", BIDS 1.10,
+#: marks a volume of no listed type, ignored like "noRF").
+ASL_VOLUME_TYPES = ("control", "label", "m0scan", "deltam", "cbf", "noRF", "n/a")
+#: Volume types whose volumes aslcal never uses (their timing fields are not checked).
+_UNUSED_VOLUME_TYPES = ("noRF", "n/a")
 _VOLUME_TYPE_LOOKUP = {v.lower(): v for v in ASL_VOLUME_TYPES}
 
 _M0_TYPES = ("Separate", "Included", "Estimate", "Absent")
@@ -580,6 +586,9 @@ class AslAcquisition:
         The sidecar as read.  Fields only a kinetic model needs (bolus cut-off, the ASL
         series' slice timing) are checked when asked for: :func:`bolus_cutoff`,
         :func:`asl_slice_timing`.
+    aslcontext_file : pathlib.Path or None
+        The ``_aslcontext.tsv`` read: the run's own, or one it inherits (BIDS inheritance
+        principle); None means ``run.aslcontext``.
     """
 
     run: AslRun
@@ -601,6 +610,12 @@ class AslAcquisition:
     labeling_duration: tuple[float, ...] | None
     background_suppression: bool | None
     metadata: dict = field(repr=False, compare=False)
+    aslcontext_file: Path | None = None
+
+    @property
+    def aslcontext(self) -> Path:
+        """The ``_aslcontext.tsv`` read (the run's own or an inherited one)."""
+        return self.run.aslcontext if self.aslcontext_file is None else self.aslcontext_file
 
     @property
     def sidecar_files(self) -> tuple[Path, ...]:
@@ -716,9 +731,10 @@ def _applicable_sidecars(own: Path, run: "AslRun") -> list[Path]:
 
 
 def run_sidecars(run: "AslRun") -> tuple[list[Path], list[Path]]:
-    """The JSON files that apply to the run's ASL image and to its m0scan (none without
-    one), by the inheritance principle, most general first; as :func:`read_run` reads them."""
-    asl = _applicable_sidecars(run.sidecar, run)
+    """The JSON files that apply to the run's ASL image (and the ``_aslcontext.tsv`` it
+    reads, last) and to its m0scan (none without one), by the inheritance principle, most
+    general first; as :func:`read_run` reads them."""
+    asl = _applicable_sidecars(run.sidecar, run) + _applicable_sidecars(run.aslcontext, run)[-1:]
     m0 = _applicable_sidecars(run.m0scan_sidecar, run) if run.m0scan_sidecar is not None else []
     return asl, m0
 
@@ -887,8 +903,10 @@ def _scalar(meta: dict, path: Path, name: str, *, required: bool, low: float = 0
 
 def _per_volume(meta: dict, path: Path, name: str, n: int, *, required: bool,
                 low: float = 0.0, low_open: bool = False, high: float | None = None,
-                unit: str = "s", why: str = "") -> tuple[float, ...] | None:
-    """A number (broadcast to ``n``) or a list of exactly ``n`` numbers."""
+                unit: str = "s", why: str = "", closed_for: frozenset[int] = frozenset()
+                ) -> tuple[float, ...] | None:
+    """A number (broadcast to ``n``) or a list of exactly ``n`` numbers; the volumes in
+    ``closed_for`` (unused ones) may equal ``low`` even when ``low_open``."""
     value = _field(meta, path, name, required=required, why=why)
     if value is None:
         return None
@@ -901,11 +919,12 @@ def _per_volume(meta: dict, path: Path, name: str, n: int, *, required: bool,
                 file=path, field=name,
             )
         return tuple(
-            _check_value(v, path, f"{name}[{i}]", low=low, low_open=low_open, high=high,
-                         unit=unit, key=name)
+            _check_value(v, path, f"{name}[{i}]", low=low, low_open=low_open and i not in closed_for,
+                         high=high, unit=unit, key=name)
             for i, v in enumerate(value)
         )
-    v = _check_value(value, path, name, low=low, low_open=low_open, high=high, unit=unit)
+    v = _check_value(value, path, name, low=low, low_open=low_open and len(closed_for) < n, high=high,
+                     unit=unit)
     return (v,) * n
 
 
@@ -1056,7 +1075,9 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
     js = run.sidecar
     meta = _read_sidecar(js, run, "ASL")
     shape, n = _n_volumes(run.asl, "ASL")
-    volume_types = _read_aslcontext(run.aslcontext, n, run.asl)
+    tsv = _aslcontext_file(run)
+    volume_types = _read_aslcontext(tsv, n, run.asl)
+    unused = frozenset(i for i, v in enumerate(volume_types) if v in _UNUSED_VOLUME_TYPES)
 
     lab = _require(meta, js, "ArterialSpinLabelingType")
     if not isinstance(lab, str) or lab.upper() not in DEFAULT_ALPHA:
@@ -1078,14 +1099,17 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
             file=m0js, field="M0Type",
         )
 
+    # BIDS allows 0 (a volume without preparation): only for a volume aslcal does not use
     tr = _per_volume(meta, js, "RepetitionTimePreparation", n, required=True, low=0.0,
-                     low_open=True, high=MAX_TR_S, unit="s")
+                     low_open=True, high=MAX_TR_S, unit="s", closed_for=unused)
     assert tr is not None
     te_ms = _echo_time_ms(meta, js, n)
     fs, fs_raw = _field_strength(meta, js)
     look_locker = bool(_flag(meta, js, "LookLocker"))
-    flip = _per_volume(meta, js, "FlipAngle", n, required=look_locker, low=0.0, low_open=True,
-                       high=180.0, unit="degrees", why=" (required with LookLocker true)")
+    # the M0 volumes of the series are the Look-Locker readout fitted (Included; Absent: the controls)
+    fitted = {"Included": "m0scan", "Absent": "control"}.get(m0_type)
+    flip = _flip_angles(meta, js, n, look_locker,
+                        frozenset(i for i, v in enumerate(volume_types) if v == fitted))
     pld = _per_volume(meta, js, "PostLabelingDelay", n, required=False, high=MAX_DELAY_S, unit="s")
     ti = _per_volume(meta, js, "InversionTime", n, required=False, high=MAX_DELAY_S, unit="s")
     ld = _per_volume(meta, js, "LabelingDuration", n, required=False, high=MAX_DELAY_S, unit="s")
@@ -1097,9 +1121,9 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
         idx = tuple(i for i, v in enumerate(volume_types) if v == "m0scan")
         if not idx:
             raise BidsFieldError(
-                f"{run.aslcontext}: column 'volume_type' has no 'm0scan' volume but "
+                f"{tsv}: column 'volume_type' has no 'm0scan' volume but "
                 f"{m0js.name} says M0Type 'Included'",
-                file=run.aslcontext, field="volume_type",
+                file=tsv, field="volume_type",
             )
         times = ti if ti is not None else pld
         # the slice delays enter the fit of a recovery series only
@@ -1138,9 +1162,9 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
         idx = tuple(i for i, v in enumerate(volume_types) if v == "control")
         if not idx:
             raise BidsFieldError(
-                f"{run.aslcontext}: column 'volume_type' has no 'control' volume to use "
+                f"{tsv}: column 'volume_type' has no 'control' volume to use "
                 "as M0 (M0Type 'Absent')",
-                file=run.aslcontext, field="volume_type",
+                file=tsv, field="volume_type",
             )
         m0 = M0Source(kind="control", path=run.asl, volumes=idx, trs=tuple(tr[i] for i in idx),
                       tis=None, te_ms=te_ms, look_locker=look_locker,
@@ -1152,7 +1176,7 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
         alpha=alpha, m0_type=m0_type, m0=m0, tr=tr, te_ms=te_ms, field_strength=fs,
         magnetic_field_strength=fs_raw, look_locker=look_locker, flip_angle=flip,
         post_labeling_delay=pld, inversion_time=ti, labeling_duration=ld,
-        background_suppression=bs, metadata=meta,
+        background_suppression=bs, metadata=meta, aslcontext_file=tsv,
     )
 
 
@@ -1184,6 +1208,38 @@ def asl_slice_timing(acq: AslAcquisition) -> tuple[tuple[float, ...] | None, int
     when it contradicts ``MRAcquisitionType`` (a 2-D readout without it, a 3-D one with it)."""
     return _slice_timing(acq.metadata, acq.run.sidecar, acq.shape, check_type=True,
                          hint="; or use --quantification calibration")
+
+
+def _flip_angles(meta: dict, js: Path, n: int, look_locker: bool,
+                 readout: frozenset[int] | None = None) -> tuple[float, ...] | None:
+    """``FlipAngle`` per volume when ``LookLocker`` is true, else None (BIDS allows up to
+    360 degrees and aslcal does not use the excitation angle of other readouts).  The
+    volumes of the Look-Locker series aslcal fits (``readout``; None: all) must have a
+    readout angle in (0, 90) degrees, the others one in (0, 360] (BIDS)."""
+    if not look_locker:
+        return None
+    values = _per_volume(meta, js, "FlipAngle", n, required=True, low=0.0, low_open=True, unit="degrees",
+                         why=" (required with LookLocker true)")
+    assert values is not None
+    where = _src(meta, js, "FlipAngle")
+    shown = isinstance(meta["FlipAngle"], list)
+    for i, v in enumerate(values):
+        fitted = readout is None or i in readout
+        if v >= 90.0 if fitted else v > 360.0:
+            name = f"FlipAngle[{i}]" if shown else "FlipAngle"
+            expected = ("a Look-Locker readout angle > 0 and < 90 (degrees)" if fitted
+                        else "a number > 0 and <= 360 (degrees)")
+            raise BidsFieldError(f"{where}: field {name!r} = {_shown(v)}: expected {expected}",
+                                 file=where, field="FlipAngle")
+    return values
+
+
+def _aslcontext_file(run: AslRun) -> Path:
+    """The ``_aslcontext.tsv`` that applies to the run: its own, else the lowest one in the
+    hierarchy by the inheritance principle (as the sidecars); the run's own name when none
+    exists (reading it then says it is missing)."""
+    files = _applicable_sidecars(run.aslcontext, run)
+    return files[-1] if files else run.aslcontext
 
 
 def _separate_m0(run: AslRun, m0js: Path) -> M0Source:
@@ -1229,8 +1285,7 @@ def _separate_m0(run: AslRun, m0js: Path) -> M0Source:
     assert trs is not None
     te_ms = _echo_time_ms(meta, js, n)
     look_locker = bool(_flag(meta, js, "LookLocker"))
-    flip = _per_volume(meta, js, "FlipAngle", n, required=look_locker, low=0.0, low_open=True,
-                       high=180.0, unit="degrees", why=" (required with LookLocker true)")
+    flip = _flip_angles(meta, js, n, look_locker)
     tis = _per_volume(meta, js, "InversionTime", n, required=look_locker, high=MAX_DELAY_S, unit="s",
                       why=" (required with LookLocker true: the readout times)")
     # the slice delays enter the fit of a recovery series only
