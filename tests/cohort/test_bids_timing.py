@@ -208,3 +208,30 @@ def test_inherited_aslcontext_is_read_and_recorded(cal_cohort, tmp_path):
     assert m0a == pytest.approx(cal_cohort.runs["sub-01"].m0a_te, rel=1e-5)
     files = out.provenance["inputs"]["files"]
     assert "sub-01/sub-01_aslcontext.tsv" in files and "sub-01/perf/sub-01_aslcontext.tsv" not in files
+
+
+# ------------------------------------------------------------ what messages and records name
+
+
+def test_included_m0_volumes_with_their_own_echo_time(wp_cohort, tmp_path):
+    """Per-volume EchoTime, the m0scan volumes of an Included M0 at 10 ms, the ASL volumes
+    at 0 (as the data were acquired): refused as "multi-echo ASL" before.  The M0's tissue
+    T2 correction takes the m0scan volumes' TE: M0a x exp(10 ms / T2 of CSF, 750 ms at 3 T)."""
+    root = _copy(wp_cohort, tmp_path)
+    base = _m0a(root, "sub-02")[0]
+    assert wp_cohort.runs["sub-02"].field_strength == 3.0
+    _edit(root / "sub-02" / "perf" / "sub-02_asl.json", EchoTime=[0.010, 0.010, 0.0, 0.0])
+    m0a, out = _m0a(root, "sub-02")
+    assert m0a / base == pytest.approx(np.exp(10.0 / 750.0), rel=1e-6)
+    assert out.provenance["inputs"]["te_ms"] == 0.0
+
+
+def test_m0_estimate_provenance_names_the_file_it_came_from(wp_cohort, tmp_path):
+    root = _copy(wp_cohort, tmp_path)
+    js = root / "sub-03" / "perf" / "sub-03_asl.json"
+    meta = json.loads(js.read_text())
+    (root / "sub-03" / "sub-03_asl.json").write_text(json.dumps({"M0Estimate": meta.pop("M0Estimate")}))
+    js.write_text(json.dumps(meta))
+    m0a, out = _m0a(root, "sub-03")
+    assert m0a == pytest.approx(wp_cohort.runs["sub-03"].m0a_te, rel=1e-5)
+    assert out.provenance["calibration"]["m0a_source"] == "M0Estimate of sub-03/sub-03_asl.json"

@@ -178,3 +178,38 @@ def test_flip_angle_is_checked_as_a_look_locker_angle_only(tmp_path):
     assert info.value.field == "FlipAngle" and info.value.file == str(perf / "sub-01_m0scan.json")
     _write(tmp_path / "c", m0=3, m0_meta={**ll, "FlipAngle": 35})
     assert read_run(_run(tmp_path / "c")).m0.flip_angle == (35.0,) * 3
+
+
+# ------------------------------------------------------------ messages name the file that gave the field
+
+
+def test_inherited_m0type_and_background_suppression_are_named_by_their_file(tmp_path):
+    perf = _write(tmp_path)
+    (tmp_path / "asl.json").write_text((perf / "sub-01_asl.json").read_text())
+    (perf / "sub-01_asl.json").unlink()
+    with pytest.raises(BidsFieldError, match="'Separate' but the m0scan image") as info:
+        read_run(_run(tmp_path))
+    assert info.value.file == str(tmp_path / "asl.json") and info.value.field == "M0Type"
+    assert str(info.value).startswith(str(tmp_path / "asl.json"))
+    # M0Type Absent in the run's sidecar, BackgroundSuppression true inherited from the root
+    (tmp_path / "asl.json").write_text(json.dumps({"BackgroundSuppression": True}))
+    (perf / "sub-01_asl.json").write_text(json.dumps(_meta(M0Type="Absent", BackgroundSuppression=None)))
+    with pytest.raises(BidsFieldError, match="'BackgroundSuppression' = true") as info:
+        read_run(_run(tmp_path), allow_control_m0=True)
+    assert f"(in {tmp_path / 'asl.json'})" in str(info.value)
+    assert info.value.file == str(perf / "sub-01_asl.json") and info.value.field == "M0Type"
+
+
+def test_included_m0_echo_time_is_the_m0scan_volumes(tmp_path):
+    types = ("m0scan", "control", "label")
+    _write(tmp_path, types=types, meta=_meta(M0Type="Included", EchoTime=[0.02, 0.01, 0.01]))
+    acq = read_run(_run(tmp_path))
+    assert acq.te_ms == pytest.approx(10.0) and acq.m0.te_ms == pytest.approx(20.0)
+    # several echoes within the ASL volumes (or within the m0scan ones) stay unsupported
+    _write(tmp_path / "b", types=types, meta=_meta(M0Type="Included", EchoTime=[0.02, 0.01, 0.03]))
+    with pytest.raises(BidsFieldError, match="multi-echo ASL") as info:
+        read_run(_run(tmp_path / "b"))
+    assert info.value.field == "EchoTime"
+    _write(tmp_path / "c", types=("m0scan",) + types, meta=_meta(M0Type="Included", EchoTime=[0.02, 0.03, 0.01, 0.01]))
+    with pytest.raises(BidsFieldError, match="multi-echo M0"):
+        read_run(_run(tmp_path / "c"))

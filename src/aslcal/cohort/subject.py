@@ -378,6 +378,8 @@ class PreparedSubject:
     kinetics: dict[str, Any] | None = None
     #: (α, its source) with background-suppression pulses (``--bs-efficiency``), else None
     bs_alpha: tuple[float, str] | None = None
+    #: the file (dataset path) that gave ``M0Estimate`` (M0Type "Estimate"), else None
+    m0_estimate_file: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -608,6 +610,8 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, check
         tissue_masks=None if tissue_pv is None else {
             t: np.asarray(v) >= options.pve_threshold for t, v in tissue_pv.items()},
         kinetics=kinetics, bs_alpha=bs_alpha,
+        m0_estimate_file=(dataset_path(acq.source_of("M0Estimate"), bids_root) if src.kind == "estimate"
+                          else None),
     )
 
 
@@ -880,7 +884,8 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     table = _tissue_table(acq, options)
     if prep.m0_kind == "estimate":
         m0a = float(acq.m0.estimate)
-        calib_prov["m0a_source"] = f"M0Estimate of {acq.run.sidecar.name}"
+        # the file that gave it (inherited from a higher level, perhaps)
+        calib_prov["m0a_source"] = f"M0Estimate of {prep.m0_estimate_file or acq.source_of('M0Estimate').name}"
     elif options.m0_mode == "refregion":
         if prep.m0_kind in ("longtr", "control"):
             res = m0_refregion(

@@ -648,10 +648,11 @@ class AslAcquisition:
         """
         src = self.m0
         if src.kind == "estimate" or src.path is None:
+            where = self.source_of("M0Type")
             raise BidsFieldError(
-                f"{self.run.sidecar}: M0Type 'Estimate' has no M0 image; "
-                f"use the M0Estimate value {src.estimate}",
-                file=self.run.sidecar, field="M0Type",
+                f"{where}: M0Type 'Estimate' has no M0 image; "
+                f"use the M0Estimate value {src.estimate} (of {self.source_of('M0Estimate')})",
+                file=where, field="M0Type",
             )
         name = f"M0 ({src.kind}) of {self.run.key}"
         img = load_image(src.path, dtype=dtype, name=name)
@@ -939,17 +940,21 @@ def _flag(meta: dict, path: Path, name: str, *, required: bool = False, why: str
     return value
 
 
-def _echo_time_ms(meta: dict, path: Path, n: int) -> float:
+def _echo_time_ms(meta: dict, path: Path, n: int, volumes: tuple[int, ...] | None = None,
+                  what: str = "ASL") -> float:
+    """The one echo time (ms) of ``volumes`` (None: all); several are multi-echo data."""
     values = _per_volume(meta, path, "EchoTime", n, required=True, high=MAX_ECHO_TIME_S, unit="s")
     assert values is not None
     path = _src(meta, path, "EchoTime")
-    if len(set(values)) > 1:
+    chosen = [values[i] for i in volumes] if volumes else list(values)
+    if len(set(chosen)) > 1:
+        which = "" if not volumes or len(volumes) == n else f" over the {what} volumes {list(volumes)}"
         raise BidsFieldError(
-            f"{path}: field 'EchoTime' has several values {sorted(set(values))}; "
-            "multi-echo ASL is not supported (expected one echo time, seconds)",
+            f"{path}: field 'EchoTime' has several values {sorted(set(chosen))}{which}; "
+            f"multi-echo {what} is not supported (expected one echo time, seconds)",
             file=path, field="EchoTime",
         )
-    return values[0] * 1000.0  # BIDS seconds -> aslcal milliseconds
+    return chosen[0] * 1000.0  # BIDS seconds -> aslcal milliseconds
 
 
 def _field_strength(meta: dict, path: Path) -> tuple[float, float]:
@@ -1103,7 +1108,10 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
     tr = _per_volume(meta, js, "RepetitionTimePreparation", n, required=True, low=0.0,
                      low_open=True, high=MAX_TR_S, unit="s", closed_for=unused)
     assert tr is not None
-    te_ms = _echo_time_ms(meta, js, n)
+    # the ASL volumes' echo (blood T2 decay of M0a); the m0scan volumes of the series may
+    # have their own (the M0's tissue T2 correction, as a separate m0scan's)
+    asl_volumes = tuple(i for i, v in enumerate(volume_types) if v != "m0scan" and i not in unused)
+    te_ms = _echo_time_ms(meta, js, n, asl_volumes or None)
     fs, fs_raw = _field_strength(meta, js)
     look_locker = bool(_flag(meta, js, "LookLocker"))
     # the M0 volumes of the series are the Look-Locker readout fitted (Included; Absent: the controls)
@@ -1131,7 +1139,8 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
                                      check_type=look_locker or len({tr[i] for i in idx}) > 1)
         m0 = M0Source(
             kind="included", path=run.asl, volumes=idx, trs=tuple(tr[i] for i in idx),
-            tis=None if times is None else tuple(times[i] for i in idx), te_ms=te_ms,
+            tis=None if times is None else tuple(times[i] for i in idx),
+            te_ms=_echo_time_ms(meta, js, n, idx, "M0"),
             look_locker=look_locker,
             flip_angle=None if flip is None else tuple(flip[i] for i in idx),
             estimate=None, sidecar=js, slice_timing=slices, slice_axis=axis, metadata=meta,
@@ -1154,9 +1163,11 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
         if bs_req:
             # The run has no usable M0: 'M0Type' Absent is what is wrong (as without
             # allow_control_m0); BackgroundSuppression only rules out the fallback.
+            bs_js = _src(meta, js, "BackgroundSuppression")
             raise BidsFieldError(
-                f"{m0js}: field 'BackgroundSuppression' = true with field 'M0Type' = 'Absent': "
-                "background-suppressed control images are not an M0",
+                f"{m0js}: field 'M0Type' = 'Absent' with field 'BackgroundSuppression' = true"
+                + ("" if bs_js == m0js else f" (in {bs_js})")
+                + ": background-suppressed control images are not an M0",
                 file=m0js, field="M0Type",
             )
         idx = tuple(i for i, v in enumerate(volume_types) if v == "control")
