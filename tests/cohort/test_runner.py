@@ -108,6 +108,34 @@ def test_good_subjects_m0a_and_cbf_match_truth(cohort, reference_run):
             assert row["ref_m0t_rel_se"] == row["ref_noise_floor_lift"] == "n/a", key
 
 
+def test_maps_sidecars_say_skullstripped_exactly_when_zero_outside_the_brain_mask(cohort, reference_run):
+    """BIDS ImageDerivatives: every map's sidecar says SkullStripped: true for the fitted
+    and calibrated maps (zero outside the brain mask written beside them), false for an
+    M0 calibration image written as acquired."""
+    import collections
+
+    import nibabel
+
+    out, _ = reference_run
+    n_maps, counts = 0, collections.Counter()
+    for key in cohort.good:
+        perf = next((out / "derivatives" / "aslcal").rglob(f"{key}_desc-brain_mask.nii.gz")).parent
+        brain = np.asarray(nibabel.load(perf / f"{key}_desc-brain_mask.nii.gz").dataobj) > 0
+        for stem in ("desc-M0_M0map", "desc-T1_T1map", "desc-facorr_TB1map", "desc-cbf_cbf"):
+            path = perf / f"{key}_{stem}.nii.gz"
+            if not path.exists():
+                continue
+            n_maps += 1
+            outside = np.asarray(nibabel.load(path).dataobj)[~brain]
+            stripped = json.loads((perf / f"{key}_{stem}.json").read_text())["SkullStripped"]
+            assert stripped is (not np.any(outside)), (key, stem)
+            counts[stem, stripped] += 1
+    assert n_maps >= 2 * len(cohort.good)
+    # the calibrated and fitted maps are stripped, an M0 image as acquired is not
+    assert counts["desc-cbf_cbf", True] == len(cohort.good) and counts["desc-T1_T1map", False] == 0
+    assert counts["desc-M0_M0map", False] > 0
+
+
 def test_summary_tsv_from_memory_equals_one_read_back_from_disk(cohort, reference_run, tmp_path):
     """The runner builds summary.tsv from the summaries it just wrote; reading every
     subject's summary JSON back from disk (what a later shard or resume does) gives the

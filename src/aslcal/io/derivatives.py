@@ -555,6 +555,10 @@ class DerivativesWriter:
                 written[name] = dest
                 files[dest.name] = {"bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
 
+            brain = None
+            if "brain_mask" in images:
+                mask = np.asarray(_image_parts("brain_mask", images["brain_mask"])[0])
+                brain = mask > 0 if mask.ndim == 3 else None
             for name in IMAGE_OUTPUTS:  # fixed order: deterministic
                 if name not in images:
                     continue
@@ -563,6 +567,10 @@ class DerivativesWriter:
                 _, _, units, description = IMAGE_OUTPUTS[name]
                 sidecar = ({"Units": units} if units else {"Type": MASK_TYPES[name]}) | {
                     "Description": description, **dict(records.get(name, {}))}
+                if units and brain is not None and "SkullStripped" not in sidecar:
+                    # BIDS ImageDerivatives: whether the map is skull-stripped, i.e. zero
+                    # outside the brain mask written with it (masks need not say)
+                    sidecar["SkullStripped"] = not bool(np.any(np.asarray(data)[~brain]))
                 stage(f"{name}_json", paths[f"{name}_json"], json_text(sidecar).encode("utf-8"))
             if "summary" in records:
                 stage("summary", paths["summary"], json_text(records["summary"]).encode("utf-8"))
