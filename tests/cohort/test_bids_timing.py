@@ -46,8 +46,9 @@ def _run(root, key):
     return next(r for r in discover(root) if r.key == key)
 
 
-def _calibrate(root, key, quantification="whitepaper"):
-    opts = CohortOptions(ref_masks=str(root / "derivatives" / "refmasks"), quantification=quantification)
+def _calibrate(root, key, quantification="whitepaper", **options):
+    opts = CohortOptions(ref_masks=str(root / "derivatives" / "refmasks"), quantification=quantification,
+                         **options)
     prep = load_subject(_run(root, key), opts, bids_root=root)
     out = finish_subject(prep, {}, opts)
     return out.images["cbf"][0], prep.brain, out
@@ -235,3 +236,42 @@ def test_m0_estimate_provenance_names_the_file_it_came_from(wp_cohort, tmp_path)
     m0a, out = _m0a(root, "sub-03")
     assert m0a == pytest.approx(wp_cohort.runs["sub-03"].m0a_te, rel=1e-5)
     assert out.provenance["calibration"]["m0a_source"] == "M0Estimate of sub-03/sub-03_asl.json"
+
+
+# ------------------------------------------------------------ accepted silently before
+
+
+@pytest.mark.parametrize("technique", ["QUIPSS", "quipss "])
+def test_quipss_one_is_refused_by_the_white_paper_model(wp_cohort, tmp_path, technique):
+    """The white-paper PASL formula needs a bolus TI1 long (QUIPSS II / Q2TIPS); QUIPSS I
+    was quantified with it as if it were one."""
+    root = _copy(wp_cohort, tmp_path)
+    js = root / "sub-03" / "perf" / "sub-03_asl.json"
+    _edit(js, BolusCutOffTechnique=technique)
+    with pytest.raises(SubjectError) as info:
+        _calibrate(root, "sub-03")
+    assert info.value.details["field"] == "BolusCutOffTechnique" and info.value.details["file"] == str(js)
+    _edit(js, BolusCutOffTechnique="QUIPSSII")
+    cbf, brain, _ = _calibrate(root, "sub-03")
+    truth = _phantom_cbf(wp_cohort.runs["sub-03"])
+    np.testing.assert_allclose(cbf[brain], truth[brain], rtol=1e-4, atol=1e-3)
+
+
+def test_absent_m0type_beside_an_m0scan_is_a_warning(cal_cohort, tmp_path):
+    root = _copy(cal_cohort, tmp_path)
+    _edit(root / "sub-01" / "perf" / "sub-01_asl.json", M0Type="Absent")
+    _, _, out = _calibrate(root, "sub-01", quantification="calibration", allow_control_m0=True)
+    warnings = out.records["summary"]["warnings"]
+    assert "M0Type 'Absent'" in warnings and "sub-01_m0scan.nii.gz" in warnings
+    assert out.provenance["calibration"]["warnings"] == [warnings]
+
+
+def test_several_plds_averaged_in_calibration_mode_are_a_warning(cal_cohort, tmp_path):
+    root = _copy(cal_cohort, tmp_path)
+    js = root / "sub-01" / "perf" / "sub-01_asl.json"
+    _, _, out = _calibrate(root, "sub-01", quantification="calibration")
+    assert "warnings" not in out.records["summary"]
+    _edit(js, PostLabelingDelay=[1.8, 0.5])
+    _, _, out = _calibrate(root, "sub-01", quantification="calibration")
+    assert "PLDs were averaged" in out.records["summary"]["warnings"]
+    assert "[0.5, 1.8]" in out.records["summary"]["warnings"]

@@ -380,6 +380,8 @@ class PreparedSubject:
     bs_alpha: tuple[float, str] | None = None
     #: the file (dataset path) that gave ``M0Estimate`` (M0Type "Estimate"), else None
     m0_estimate_file: str | None = None
+    #: doubts about the input found while preparing (the subject's ``warnings``)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def nbytes(self) -> int:
@@ -538,9 +540,13 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, check
             "deltam volumes: no perfusion-weighted image to calibrate"
         )
     perf = perf.astype(np.float32)
+    perf_volumes = tuple(control) + tuple(label) if control and label else tuple(deltam)
     kinetics = None
     if options.quantification == "whitepaper":
-        kinetics = _whitepaper_kinetics(acq, tuple(control) + tuple(label) if control and label else tuple(deltam))
+        kinetics = _whitepaper_kinetics(acq, perf_volumes)
+    warnings = _input_warnings(acq, perf_volumes, options)
+    for warning in warnings:
+        log.warning("%s: %s", key, warning)
 
     src = acq.m0
     m0_image = m0_tr = None
@@ -612,7 +618,25 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, check
         kinetics=kinetics, bs_alpha=bs_alpha,
         m0_estimate_file=(dataset_path(acq.source_of("M0Estimate"), bids_root) if src.kind == "estimate"
                           else None),
+        warnings=warnings,
     )
+
+
+def _input_warnings(acq: AslAcquisition, perf_volumes: tuple[int, ...], options: CohortOptions) -> list[str]:
+    """Doubts about a run's input that do not stop it (recorded in its ``warnings``)."""
+    out = []
+    if acq.m0_type == "Absent" and acq.run.m0scan is not None:
+        out.append(f"{acq.source_of('M0Type').name} says M0Type 'Absent' but {acq.run.m0scan.name} exists "
+                   "(BIDS: M0Type is then 'Separate'); the mean control image was used as M0, not the m0scan")
+    pld = acq.post_labeling_delay
+    if options.quantification != "whitepaper" and pld is not None:
+        distinct = sorted({float(pld[i]) for i in perf_volumes})
+        if len(distinct) > 1:
+            out.append(f"PostLabelingDelay has {len(distinct)} values {distinct} (s) over the perfusion volumes "
+                       f"({acq.source_of('PostLabelingDelay').name}): the PLDs were averaged into one perfusion "
+                       "image, whose CBF is that of no single PLD")
+    return out
+
 
 
 def _whitepaper_kinetics(acq: AslAcquisition, volumes: tuple[int, ...]) -> dict[str, Any]:
@@ -649,6 +673,15 @@ def _whitepaper_kinetics(acq: AslAcquisition, volumes: tuple[int, ...]) -> dict[
             raise BidsFieldError(f"{flag_js}: field 'BolusCutOffFlag' is not true: PASL without a bolus cut-off "
                                  "has no known bolus duration TI1 for the white-paper model (use "
                                  "--quantification calibration)", file=flag_js, field="BolusCutOffFlag")
+        technique = acq.metadata.get("BolusCutOffTechnique")
+        if isinstance(technique, str) and technique.strip().upper().replace(" ", "") == "QUIPSS":
+            # QUIPSS I saturates the imaging slab at TI1, not the labelling slab: the
+            # bolus is not TI1 long and the QUIPSS II formula does not apply
+            where = acq.source_of("BolusCutOffTechnique")
+            raise BidsFieldError(f"{where}: field 'BolusCutOffTechnique' = {technique!r}: the white-paper PASL "
+                                 "model needs a bolus of duration TI1 (QUIPSSII or Q2TIPS); QUIPSS (I) is not "
+                                 "supported (use --quantification calibration)", file=where,
+                                 field="BolusCutOffTechnique")
         out["ti1"] = cutoff[0]
     else:
         out["tau"] = single(acq.labeling_duration, "LabelingDuration", "the white-paper model needs τ")
@@ -878,6 +911,8 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     # the M0 this subject used: its M0Estimate, whatever the run's mode
     m0_mode = "estimate" if prep.m0_kind == "estimate" else options.m0_mode
     calib_prov: dict[str, Any] = {"m0_kind": prep.m0_kind, "m0_mode": m0_mode}
+    if prep.warnings:  # from the input (logged while preparing)
+        calib_prov["warnings"] = list(prep.warnings)
     if prep.jobs and acq.m0.slice_timing is not None:
         calib_prov["slice_timing_s"] = {"axis": "ijk"[acq.m0.slice_axis], "times": list(acq.m0.slice_timing)}
     te = acq.m0.te_ms
@@ -911,7 +946,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
             warning = reliability_warning(res, priors=options.priors)
             if warning:
                 log.warning("%s: %s", prep.key, warning)
-                calib_prov["warnings"] = [warning]
+                calib_prov.setdefault("warnings", []).append(warning)
             calib_prov["refregion"] = res.as_dict()
             calib_prov.update(m0_scale=m0_scale, readout_factor=readout, priors=options.priors)
     else:  # voxelwise M0
