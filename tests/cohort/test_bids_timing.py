@@ -275,3 +275,46 @@ def test_several_plds_averaged_in_calibration_mode_are_a_warning(cal_cohort, tmp
     _, _, out = _calibrate(root, "sub-01", quantification="calibration")
     assert "PLDs were averaged" in out.records["summary"]["warnings"]
     assert "[0.5, 1.8]" in out.records["summary"]["warnings"]
+
+
+# ------------------------------------------------------------ vendor scaling (warned, not corrected)
+
+
+def _warnings(root, key="sub-01"):
+    _, _, out = _calibrate(root, key, quantification="calibration")
+    return out.records["summary"].get("warnings", "")
+
+
+def test_ge_deltam_scaling_is_a_warning(cal_cohort, tmp_path):
+    import nibabel
+
+    root = _copy(cal_cohort, tmp_path)
+    perf = root / "sub-01" / "perf"
+    js = perf / "sub-01_asl.json"
+    _edit(js, Manufacturer="GE MEDICAL SYSTEMS", NumberOfAverages=3)
+    assert "GE" not in _warnings(root)  # control and label volumes: no product deltam
+    img = nibabel.load(str(perf / "sub-01_asl.nii.gz"))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    nibabel.save(nibabel.Nifti1Image(data[..., 0] - data[..., 1], img.affine), str(perf / "sub-01_asl.nii.gz"))
+    (perf / "sub-01_aslcontext.tsv").write_text("volume_type\ndeltam\n")
+    warning = _warnings(root)
+    assert "32 x NumberOfAverages" in warning and "--cgain 96" in warning
+    _edit(js, Manufacturer="ge", NumberOfAverages=None)
+    assert "--cgain 32*NEX" in _warnings(root)
+    _edit(js, Manufacturer="Siemens")
+    assert _warnings(root) == ""
+
+
+def test_philips_display_values_with_different_slopes_are_a_warning(cal_cohort, tmp_path):
+    root = _copy(cal_cohort, tmp_path)
+    perf = root / "sub-01" / "perf"
+    _edit(perf / "sub-01_asl.json", Manufacturer="Philips", UsePhilipsFloatNotDisplayScaling=0,
+          PhilipsRescaleSlope=2.5, PhilipsScaleSlope=0.01)
+    _edit(perf / "sub-01_m0scan.json", PhilipsRescaleSlope=1.25, PhilipsScaleSlope=0.01)
+    warning = _warnings(root)
+    assert "PhilipsRescaleSlope 2.5 (ASL) vs 1.25 (M0), ratio 2" in warning and "PhilipsScaleSlope" not in warning
+    assert "off by the ratio of the slopes" in warning
+    _edit(perf / "sub-01_asl.json", UsePhilipsFloatNotDisplayScaling=1)
+    assert _warnings(root) == ""
+    _edit(perf / "sub-01_asl.json", UsePhilipsFloatNotDisplayScaling=0, PhilipsRescaleSlope=1.25)
+    assert _warnings(root) == ""

@@ -544,7 +544,8 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, check
     kinetics = None
     if options.quantification == "whitepaper":
         kinetics = _whitepaper_kinetics(acq, perf_volumes)
-    warnings = _input_warnings(acq, perf_volumes, options)
+    warnings = _input_warnings(acq, perf_volumes, options) + _vendor_scaling_warnings(acq, bool(deltam) and not (
+        control and label))
     for warning in warnings:
         log.warning("%s: %s", key, warning)
 
@@ -620,6 +621,43 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, check
                           else None),
         warnings=warnings,
     )
+
+
+#: Sidecar fields of Philips scale slopes (dcm2niix), compared between the ASL and the m0scan.
+_PHILIPS_SLOPES = ("PhilipsRescaleSlope", "PhilipsScaleSlope", "RWVSlope")
+
+
+def _vendor_scaling_warnings(acq: AslAcquisition, from_deltam: bool) -> list[str]:
+    """Known vendor scalings of the ASL data relative to the M0 that aslcal does not undo
+    (no automatic correction: whether the converter already did is not in the sidecar)."""
+    out = []
+    maker = acq.metadata.get("Manufacturer")
+    maker = maker.strip().upper() if isinstance(maker, str) else ""
+    if from_deltam and (maker == "GE" or maker.startswith("GE ")):
+        nex = acq.metadata.get("NumberOfAverages")
+        nex_known = isinstance(nex, int | float) and not isinstance(nex, bool) and nex > 0
+        gain = f"--cgain {32 * nex:g} (32 x NumberOfAverages {nex:g})" if nex_known else "--cgain 32*NEX"
+        out.append("Manufacturer GE with deltam volumes: GE product deltam images are commonly scaled by "
+                   "32 x NumberOfAverages relative to the M0 (ExploreASL divides by it); aslcal applies no vendor "
+                   f"scale: if the converter did not rescale, pass {gain}")
+    if "PHILIPS" in maker and acq.m0.kind == "separate":
+        m0meta = acq.m0.metadata
+        display = acq.metadata.get("UsePhilipsFloatNotDisplayScaling", m0meta.get("UsePhilipsFloatNotDisplayScaling"))
+        if display is not None and not isinstance(display, str) and display == 0:
+            def number(value) -> bool:
+                return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
+                    and value != 0
+
+            differ = [f"{name} {acq.metadata[name]:g} (ASL) vs {m0meta[name]:g} (M0), ratio "
+                      f"{acq.metadata[name] / m0meta[name]:.4g}"
+                      for name in _PHILIPS_SLOPES
+                      if number(acq.metadata.get(name)) and number(m0meta.get(name))
+                      and not math.isclose(acq.metadata[name], m0meta[name], rel_tol=1e-6)]
+            if differ:
+                out.append("Philips display values (UsePhilipsFloatNotDisplayScaling 0) with different scale slopes: "
+                           + "; ".join(differ) + ": the ASL/M0 signal ratio is off by the ratio of the slopes "
+                           "(aslcal applies no vendor scale; convert with float scaling, or correct with --cgain)")
+    return out
 
 
 def _input_warnings(acq: AslAcquisition, perf_volumes: tuple[int, ...], options: CohortOptions) -> list[str]:
