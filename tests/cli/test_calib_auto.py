@@ -8,6 +8,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 
 def _save(path: Path, data, affine) -> Path:
@@ -54,6 +55,47 @@ def test_refpve_route_with_csfmaskingoff(phantom_ds, cli, tmp_path):
     assert res.rc == 0, res.err
     mask = nib.load(tmp_path / "om.nii.gz").get_fdata() > 0
     assert np.count_nonzero(mask & ph.sulcal_csf_mask) > 0
+
+
+def _itk_from_flirt(root: Path, folder: Path):
+    """fMRIPrep-style from-asl_to-T1w ITK files (text and ANTs' binary MATLAB) equal to the
+    dataset's FLIRT matrix: ITK maps points of the fixed space (T1w) to the moving one
+    (ASL), in LPS (x and y negated)."""
+    from scipy.io import savemat
+
+    from aslcal.io import load_image, read_flirt_matrix
+    from aslcal.geometry import flirt_to_world
+
+    asl, pv = load_image(root / "calib.nii.gz"), load_image(root / "struct_pv_csf.nii.gz")
+    world_asl_to_t1w = flirt_to_world(read_flirt_matrix(root / "asl2struct.mat"), asl.affine, asl.shape[:3],
+                                      pv.affine, pv.shape[:3], src_zooms=asl.voxel_size, ref_zooms=pv.voxel_size)
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps = flip @ np.linalg.inv(world_asl_to_t1w) @ flip
+    params = list(lps[:3, :3].ravel()) + list(lps[:3, 3])
+    text = folder / "from-asl_to-T1w_xfm.txt"
+    text.write_text("#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+                    f"Parameters: {' '.join(repr(float(v)) for v in params)}\nFixedParameters: 0 0 0\n")
+    binary = folder / "from-asl_to-T1w_0GenericAffine.mat"
+    savemat(str(binary), {"AffineTransform_double_3_3": np.array(params)[:, None], "fixed": np.zeros((3, 1))},
+            format="4")
+    return text, binary
+
+
+def test_itk_text_and_binary_transforms_give_the_flirt_result(phantom_ds, cli, tmp_path):
+    """-t takes an ITK/ANTs affine (text, or the binary .mat ANTs writes) for the same
+    mapping as the FLIRT matrix: the same reference mask and M0a."""
+    root = phantom_ds.root
+    text, binary = _itk_from_flirt(root, tmp_path)
+    runs = {}
+    for name, trans in (("flirt", root / "asl2struct.mat"), ("text", text), ("binary", binary)):
+        res = cli("calib", "-c", root / "calib.nii.gz", "--refpve", root / "struct_pv_csf.nii.gz", "-t", trans, "--csfmaskingoff",
+                  "--om", tmp_path / f"om_{name}.nii.gz")
+        assert res.rc == 0, (name, res.err)
+        runs[name] = (res.m0, nib.load(tmp_path / f"om_{name}.nii.gz").get_fdata())
+    for name in ("text", "binary"):
+        assert runs[name][0] == pytest.approx(runs["flirt"][0], rel=1e-9), name
+        np.testing.assert_array_equal(runs[name][1], runs["flirt"][1], err_msg=name)
+    assert runs["flirt"][1].sum() > 10
 
 
 def test_not_brain_extracted_structural(phantom_ds, bad_input, tmp_path):

@@ -16,6 +16,7 @@ from aslcal.errors import InputError
 from aslcal.io import (
     flirt_scaling,
     flirt_to_world,
+    is_itk_transform,
     read_flirt_matrix,
     read_itk_affine,
     world_to_flirt,
@@ -348,6 +349,45 @@ def test_itk_two_transforms_without_second_header(tmp_path):
     )
     p = _write(tmp_path, "composite.txt", text)
     _raises_naming(p, r"2 transforms; expected exactly one", read_itk_affine, p)
+
+
+def _itk_mat(folder: Path, name: str, a, t, c, kind="AffineTransform_double_3_3", fmt="4") -> Path:
+    """The transform in ITK's binary MATLAB layout (as ANTs writes *GenericAffine.mat):
+    the 12 parameters in a column named after the type, the centre in 'fixed'."""
+    from scipy.io import savemat
+
+    path = folder / name
+    params = np.array(list(np.ravel(a)) + list(t), dtype=np.float64)[:, None]
+    savemat(str(path), {kind: params, "fixed": np.asarray(c, dtype=np.float64)[:, None]}, format=fmt)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["4", "5"])
+def test_itk_binary_matlab_file_reads_as_its_text_twin(tmp_path, fmt):
+    """ANTs' binary *GenericAffine.mat: the same point mapping as the text file with the same
+    numbers (the rotation about a centre worked by hand above)."""
+    a = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    args = (a, (1.0, 2.0, 3.0), (10.0, 20.0, 30.0))
+    binary = _itk_mat(tmp_path, "rot.mat", *args, fmt=fmt)
+    assert b"Insight" not in binary.read_bytes()
+    m = read_itk_affine(binary)
+    np.testing.assert_allclose(_apply(m, (5.0, 6.0, 7.0)), (-37.0, -7.0, 10.0), atol=1e-12)
+    np.testing.assert_allclose(m, read_itk_affine(_itk(tmp_path, "rot.txt", *args)), atol=1e-12)
+    np.testing.assert_allclose(read_itk_affine(binary, invert=True), np.linalg.inv(m), atol=1e-12)
+
+
+def test_is_itk_transform_tells_itk_files_from_flirt_matrices(tmp_path):
+    from scipy.io import savemat
+
+    text = _itk(tmp_path, "a.txt", np.eye(3), (1.0, 2.0, 3.0), (0.0, 0.0, 0.0))
+    binary = _itk_mat(tmp_path, "a.mat", np.eye(3), (1.0, 2.0, 3.0), (0.0, 0.0, 0.0))
+    flirt = _write(tmp_path, "flirt.mat", "1 0 0 0\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    other = tmp_path / "other.mat"
+    savemat(str(other), {"weights": np.ones((3, 1))}, format="4")
+    assert is_itk_transform(text) and is_itk_transform(binary)
+    assert not is_itk_transform(flirt) and not is_itk_transform(other)
+    assert not is_itk_transform(tmp_path / "missing.mat")
+    _raises_naming(other, r"variables \['weights'\]; expected an ITK affine transform", read_itk_affine, other)
 
 
 def test_itk_binary_file_hint(tmp_path):

@@ -481,13 +481,13 @@ def automatic_reference_mask(args, calib):
     ``-t`` and thresholded at ``--pve-threshold``.
     """
     from ..geometry import flirt_to_world
-    from ..io import read_flirt_matrix, read_itk_affine
+    from ..io import is_itk_transform, read_flirt_matrix, read_itk_affine
     from ..masks import lateral_ventricles, reference_mask_from_pv, ventricles_from_atlas
 
     steps: list[str] = []
     details: dict = {"tissref": args.tissref}
     # the transform first: a malformed or singular file fails before any long computation
-    itk = _is_itk(args.trans)
+    itk = is_itk_transform(args.trans)
     trans = read_itk_affine(args.trans, invert=True) if itk else read_flirt_matrix(args.trans)
     struct = load(args.struc, "structural image (-s)", ndim=3) if args.struc else None
     brain_struct = None
@@ -552,11 +552,3 @@ def automatic_reference_mask(args, calib):
     steps.append("averaged over each calibration voxel")
     return reference_mask_from_pv(pv, grid.affine, calib.shape[:3], calib.affine, world,
                                   threshold=args.pve_threshold, steps=steps, details=details)
-
-
-def _is_itk(path: str) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(32).lstrip().startswith(b"#Insight Transform File")
-    except OSError:
-        return False  # read_flirt_matrix reports the problem

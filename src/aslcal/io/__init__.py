@@ -20,9 +20,10 @@ gzip_backend, gzip_backends
 BidsFieldError
     The :class:`~aslcal.errors.InputError` of :mod:`aslcal.io.bids` for one wrong BIDS
     file, with the file and field as attributes (``.file``, ``.field``).
-read_flirt_matrix, read_itk_affine, flirt_to_world, world_to_flirt, flirt_scaling
-    Transforms: FSL FLIRT matrices and ITK/ANTs affine text files, as world (RAS mm)
-    point mappings (see :mod:`aslcal.io.transforms` for the direction conventions).
+read_flirt_matrix, read_itk_affine, is_itk_transform, flirt_to_world, world_to_flirt, flirt_scaling
+    Transforms: FSL FLIRT matrices and ITK/ANTs affine files (text, or ITK's binary
+    MATLAB format), as world (RAS mm) point mappings (see :mod:`aslcal.io.transforms`
+    for the direction conventions).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .tissuemaps import find_tissue_maps, load_tissue_map
 from .transforms import (
     flirt_scaling,
     flirt_to_world,
+    is_itk_transform,
     read_flirt_matrix,
     read_itk_affine,
     world_to_flirt,
@@ -54,6 +56,7 @@ __all__ = [
     "find_tissue_maps",
     "gzip_backend",
     "gzip_backends",
+    "is_itk_transform",
     "load_image",
     "load_tissue_map",
     "read_flirt_matrix",

@@ -23,16 +23,20 @@ index -> scaled-voxel matrices (:func:`flirt_scaling`); :func:`world_to_flirt` i
 inverse.  An ASL -> structural FLIRT matrix (source = the ASL/calibration image,
 reference = the structural) therefore gives ``world_asl_to_struct``.
 
-FSL takes voxel sizes from the header's ``pixdim``; we take them from the column norms
-of the affine, which are the same for every header nibabel writes.
+FSL takes voxel sizes from the header's ``pixdim``, and so do the command line and the
+cohort runner (they pass :attr:`aslcal.io.Image.voxel_size`); without them, the column
+norms of the affine are used, which are the same for every header nibabel writes.
 
-ITK / ANTs affine text files
-----------------------------
+ITK / ANTs affine files
+-----------------------
 An ITK transform (``AffineTransform_double_3_3`` or
 ``MatrixOffsetTransformBase_double_3_3``: 12 ``Parameters`` = the 3x3 matrix A row by
 row, then the translation t; ``FixedParameters`` = the centre c) maps a point x of the
 **fixed (reference) space** to the **moving space**, in LPS millimetres:
-``y = A (x - c) + t + c``.  ``antsApplyTransforms -i MOVING -r FIXED -t file`` uses it
+``y = A (x - c) + t + c``.  The text format (``#Insight Transform File V1.0``, fMRIPrep's
+``*_xfm.txt``) and ITK's binary MATLAB format (ANTs' ``*GenericAffine.mat``: the
+parameters in a variable named after the transform type, the centre in ``fixed``) hold
+the same numbers.  ``antsApplyTransforms -i MOVING -r FIXED -t file`` uses it
 that way: each output voxel at x takes the input's value at y.  fMRIPrep names a
 transform by the direction it moves *images*: ``from-X_to-Y`` resamples an image of X
 onto Y, so its point mapping is **Y -> X** (``from-boldref_to-T1w`` maps T1w-space points
@@ -58,6 +62,7 @@ from ..geometry import SINGULAR_DET, flirt_scaling, flirt_to_world, world_to_fli
 __all__ = [
     "flirt_scaling",
     "flirt_to_world",
+    "is_itk_transform",
     "read_flirt_matrix",
     "read_itk_affine",
     "world_to_flirt",
@@ -102,7 +107,7 @@ def _read_text(path: Any, what: str) -> tuple[Path, str]:
     if text is None or "\x00" in text:
         hint = ""
         if what == "ITK transform":
-            hint = " (a binary ITK .mat/.h5? convert it with: ConvertTransformFile 3 IN OUT.txt)"
+            hint = " (an ITK .h5? convert it with: ConvertTransformFile 3 IN OUT.txt)"
         raise InputError(f"{what} file {str(p)!r}: not a text file{hint}")
     return p, text
 
@@ -185,8 +190,70 @@ def _itk_numbers(where: str, key: str, value: str, count: int) -> np.ndarray:
     return out
 
 
+def _is_text(p: Path) -> bool:
+    """Whether the file decodes as UTF-8 without NUL bytes (False if unreadable)."""
+    try:
+        raw = p.read_bytes()
+    except OSError:
+        return False
+    try:
+        return "\x00" not in raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+
+
+def _matlab_variables(p: Path) -> dict[str, np.ndarray] | None:
+    """The variables of a binary MATLAB (v4/v5) file, or None if it is not one."""
+    from scipy.io import loadmat
+
+    try:
+        raw = loadmat(str(p), squeeze_me=False)
+    except Exception:  # noqa: BLE001 - scipy raises several kinds for non-MATLAB bytes
+        return None
+    return {k: np.asarray(v) for k, v in raw.items() if not k.startswith("__")}
+
+
+def is_itk_transform(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is an ITK transform file (text, or ITK's binary MATLAB format)
+    rather than, e.g., a FLIRT matrix (4 lines of numbers); False if it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+    except OSError:
+        return False
+    if head.lstrip().startswith(b"#Insight Transform File"):
+        return True
+    p = Path(os.fspath(path))
+    if _is_text(p):
+        return False  # text, not ITK: a FLIRT matrix (or garbage for its reader to report)
+    variables = _matlab_variables(p)
+    return variables is not None and any(_ITK_TYPE_RE.match(k) for k in variables)
+
+
+def _itk_binary(p: Path, where: str) -> tuple[str, np.ndarray, np.ndarray] | None:
+    """(type, 12 parameters, centre) of an ITK binary MATLAB transform, or None if the
+    file is not a MATLAB file."""
+    variables = _matlab_variables(p)
+    if variables is None:
+        return None
+    kinds = [k for k in variables if _ITK_TYPE_RE.match(k)]
+    if len(kinds) != 1 or "fixed" not in variables:
+        raise InputError(
+            f"{where}: a MATLAB file with variables {sorted(variables)}; expected an ITK affine "
+            f"transform (one of {', '.join(f'{t}_double_3_3' for t in _ITK_TYPES)}, and 'fixed')"
+        )
+    params = np.asarray(variables[kinds[0]], dtype=np.float64).ravel()
+    centre = np.asarray(variables["fixed"], dtype=np.float64).ravel()
+    for name, arr, count in (("parameters", params, 12), ("fixed", centre, 3)):
+        if arr.size != count:
+            raise InputError(f"{where}: {name} has {arr.size} numbers; expected {count}")
+        if not np.isfinite(arr).all():
+            raise InputError(f"{where}: {name} contains NaN or Inf; expected finite numbers")
+    return kinds[0], params, centre
+
+
 def read_itk_affine(path: str | os.PathLike[str], *, invert: bool = False) -> np.ndarray:
-    """Read an ITK/ANTs affine text transform as a world (RAS mm) point mapping.
+    """Read an ITK/ANTs affine transform file as a world (RAS mm) point mapping.
 
     Parameters
     ----------
@@ -195,7 +262,8 @@ def read_itk_affine(path: str | os.PathLike[str], *, invert: bool = False) -> np
         ``AffineTransform_{double,float}_3_3`` or
         ``MatrixOffsetTransformBase_{double,float}_3_3`` with 12 ``Parameters``
         (3x3 matrix A row-major, then translation t) and 3 ``FixedParameters``
-        (centre c), as ANTs and fMRIPrep write (``*_xfm.txt``).
+        (centre c), as ANTs and fMRIPrep write (``*_xfm.txt``); or the same transform in
+        ITK's binary MATLAB format (ANTs' ``*GenericAffine.mat``).
     invert : bool, optional
         False (default): return the file's own point mapping, **fixed (reference)
         space -> moving space**: ``y = A (x - c) + t + c`` in LPS, converted to RAS.
@@ -221,8 +289,35 @@ def read_itk_affine(path: str | os.PathLike[str], *, invert: bool = False) -> np
         ITK header, not exactly one transform, an unsupported transform type, wrong
         number of parameters, a non-number or non-finite entry, a singular matrix.
     """
-    p, text = _read_text(path, "ITK transform")
+    try:
+        p = Path(os.fspath(path))
+    except TypeError:
+        raise InputError(f"ITK transform={path!r}: expected a file path") from None
     where = f"ITK transform file {str(p)!r}"
+    binary = _itk_binary(p, where) if p.is_file() and not _is_text(p) else None
+    if binary is not None:
+        params, centre = binary[1], binary[2]
+    else:
+        params, centre = _itk_text(p, where)
+    a = params[:9].reshape(3, 3)
+    det = float(np.linalg.det(a))
+    if not abs(det) >= SINGULAR_DET:
+        raise InputError(
+            f"{where}: singular matrix (det {det:.3g}); expected an invertible transform"
+        )
+    m_lps = np.eye(4)
+    m_lps[:3, :3] = a
+    m_lps[:3, 3] = params[9:] + centre - a @ centre
+    m_ras = _LPS_RAS @ m_lps @ _LPS_RAS
+    if invert:
+        m_ras = np.linalg.inv(m_ras)
+        m_ras[3] = (0.0, 0.0, 0.0, 1.0)
+    return m_ras
+
+
+def _itk_text(path: Path, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """The 12 parameters and the centre of an ITK text transform."""
+    p, text = _read_text(path, "ITK transform")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines or not lines[0].lower().startswith("#insight transform file"):
         first = _short(lines[0]) if lines else "nothing"
@@ -257,17 +352,4 @@ def read_itk_affine(path: str | os.PathLike[str], *, invert: bool = False) -> np
             raise InputError(f"{where}: {len(fields[k])} '{name}:' lines; expected exactly one")
     params = _itk_numbers(where, "Parameters", fields["parameters"][0], 12)
     centre = _itk_numbers(where, "FixedParameters", fields["fixedparameters"][0], 3)
-    a = params[:9].reshape(3, 3)
-    det = float(np.linalg.det(a))
-    if not abs(det) >= SINGULAR_DET:
-        raise InputError(
-            f"{where}: singular matrix (det {det:.3g}); expected an invertible transform"
-        )
-    m_lps = np.eye(4)
-    m_lps[:3, :3] = a
-    m_lps[:3, 3] = params[9:] + centre - a @ centre
-    m_ras = _LPS_RAS @ m_lps @ _LPS_RAS
-    if invert:
-        m_ras = np.linalg.inv(m_ras)
-        m_ras[3] = (0.0, 0.0, 0.0, 1.0)
-    return m_ras
+    return params, centre
