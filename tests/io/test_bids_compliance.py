@@ -213,3 +213,21 @@ def test_included_m0_echo_time_is_the_m0scan_volumes(tmp_path):
     _write(tmp_path / "c", types=("m0scan",) + types, meta=_meta(M0Type="Included", EchoTime=[0.02, 0.03, 0.01, 0.01]))
     with pytest.raises(BidsFieldError, match="multi-echo M0"):
         read_run(_run(tmp_path / "c"))
+
+
+def test_acquisition_type_from_another_file_is_named(tmp_path):
+    """MRAcquisitionType inherited from the root, SliceTiming missing in the run's sidecar:
+    the error is on the run's sidecar (where SliceTiming belongs) and names the root file."""
+    perf = _write(tmp_path, m0=3, m0_meta={"RepetitionTimePreparation": [0.5, 1.0, 2.0], "EchoTime": 0.01})
+    (tmp_path / "m0scan.json").write_text(json.dumps({"MRAcquisitionType": "2D"}))
+    with pytest.raises(BidsFieldError) as info:
+        read_run(_run(tmp_path))
+    assert info.value.file == str(perf / "sub-01_m0scan.json") and info.value.field == "SliceTiming"
+    assert f"'2D' (in {tmp_path / 'm0scan.json'})" in str(info.value)
+    # the same file: said once
+    (tmp_path / "m0scan.json").unlink()
+    (perf / "sub-01_m0scan.json").write_text(json.dumps({"RepetitionTimePreparation": [0.5, 1.0, 2.0],
+                                                         "EchoTime": 0.01, "MRAcquisitionType": "2D"}))
+    with pytest.raises(BidsFieldError) as info:
+        read_run(_run(tmp_path))
+    assert str(info.value).count("sub-01_m0scan.json") == 1

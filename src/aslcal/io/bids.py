@@ -1347,15 +1347,16 @@ def _slice_timing(meta: dict, js: Path, shape: tuple[int, ...], *, check_type: b
             # after the first at the wrong delay (white-paper CBF -28 % in the top slices)
             type_js = _src(meta, js, "MRAcquisitionType")
             raise BidsFieldError(
-                f"{js}: required field 'SliceTiming' is missing: 'MRAcquisitionType' is '2D' "
-                f"(in {type_js}) and BIDS requires the slice times of a 2-D readout (each slice "
-                f"is read that much later){hint}", file=js, field="SliceTiming")
+                f"{js}: required field 'SliceTiming' is missing: 'MRAcquisitionType' is '2D'"
+                f"{'' if type_js == js else f' (in {type_js})'} and BIDS requires the slice times of a "
+                f"2-D readout (each slice is read that much later){hint}", file=js, field="SliceTiming")
         return None, axis
     js = _src(meta, js, "SliceTiming")
     if kind == "3D":
         type_js = _src(meta, js, "MRAcquisitionType")
         raise BidsFieldError(
-            f"{js}: field 'SliceTiming' is given but 'MRAcquisitionType' is '3D' (in {type_js}): "
+            f"{js}: field 'SliceTiming' is given but 'MRAcquisitionType' is '3D'"
+            f"{'' if type_js == js else f' (in {type_js})'}: "
             "BIDS does not allow SliceTiming for a 3-D readout, so one of the two is wrong "
             f"(slice delays or none){hint}", file=js, field="SliceTiming")
     ok = isinstance(raw, list) and all(_is_number(t) and t >= 0 for t in raw)
