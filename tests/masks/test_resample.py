@@ -111,6 +111,47 @@ def test_binary_box_gives_true_covered_fraction(vox, shift):
     assert abs(out.sum() - truth.sum()) < 1e-3 * truth.sum()
 
 
+@pytest.mark.parametrize("vox", [(3.4, 3.4, 5.0), (2.5, 3.0, 4.0)])
+def test_a_map_filling_its_whole_image_gives_the_covered_fraction_up_to_the_footprint(vox):
+    """The source image extends half a voxel beyond its outer voxel centres (voxel index
+    -0.5 .. n - 0.5, as FSL and ITK count it): an all-ones map covering the whole image is
+    the box of the test above touching every edge.  Samples in that outer half-voxel
+    used to count as outside: a 3.4 mm voxel wholly inside the image got 0.75."""
+    src = np.ones((20, 22, 24))
+    src_aff = _centred_affine(src.shape, (1.0, 1.0, 1.0), flip_x=False)
+    ref_shape = tuple(int(np.ceil(n / v)) + 2 for n, v in zip(src.shape, vox))
+    ref_aff = _centred_affine(ref_shape, vox, flip_x=True)
+    ref_aff[:3, 3] += (0.3, -0.2, 0.1)
+    out = resample_to_grid(src, src_aff, ref_shape, ref_aff)
+    truth = _box_fraction((0, 0, 0), tuple(n - 1 for n in src.shape), ref_shape, ref_aff, src_aff)
+    assert (truth == 1.0).sum() > 10 and ((truth > 0.05) & (truth < 0.95)).sum() > 50
+    np.testing.assert_array_equal(out[truth == 1.0], 1.0)
+    np.testing.assert_array_equal(out[truth == 0.0], 0.0)
+    # voxels cut by the image's edge: the footprint ends sharply, so their fraction is
+    # counted with the ceil(voxel / 1 mm) sub-samples per axis, no finer
+    partial = (truth > 0) & (truth < 1)
+    err = np.abs(out - truth)[partial]
+    assert err.max() <= 1.0 / 3.0 and err.mean() < 0.08, (err.max(), err.mean())
+    assert abs(out.sum() - truth.sum()) < 0.02 * truth.sum()
+
+
+def test_resample_with_flirt_takes_the_header_voxel_sizes_as_fsl():
+    """FLIRT's scaled-voxel coordinates use the header pixdim: with pixdim 10 % above the
+    affine's voxel sizes, a structural map lands where flirt_to_world with those sizes
+    puts it (6-7 mm from where the affine's sizes would)."""
+    from aslcal.geometry import flirt_to_world
+
+    world_src = np.indices(SRC_SHAPE).reshape(3, -1).T @ SRC_AFF[:3, :3].T + SRC_AFF[:3, 3]
+    f = (world_src @ np.array([0.3, -0.2, 0.5]) + 4.0).reshape(SRC_SHAPE)
+    mat = phantoms.flirt_matrix(REF_AFF, REF_SHAPE, SRC_AFF, SRC_SHAPE, world_src_to_ref=MOTION)
+    src_zooms, ref_zooms = (1.1, 1.1, 1.1), (3.74, 3.74, 5.5)
+    out = resample_with_flirt(f, SRC_AFF, REF_SHAPE, REF_AFF, mat, src_zooms=src_zooms, ref_zooms=ref_zooms)
+    world = flirt_to_world(mat, REF_AFF, REF_SHAPE, SRC_AFF, SRC_SHAPE, src_zooms=ref_zooms, ref_zooms=src_zooms)
+    np.testing.assert_allclose(out, resample_to_grid(f, SRC_AFF, REF_SHAPE, REF_AFF, world), atol=1e-10)
+    plain = resample_with_flirt(f, SRC_AFF, REF_SHAPE, REF_AFF, mat)
+    assert np.max(np.abs(out - plain)) > 1.0  # the sizes matter: the map moved
+
+
 def _brute_force_fraction(binary, src_aff, ref_shape, ref_aff, world, k=12) -> np.ndarray:
     """Fraction of k^3 points per reference voxel whose nearest source voxel is set."""
     m = np.linalg.inv(src_aff) @ world @ ref_aff

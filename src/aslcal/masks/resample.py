@@ -12,8 +12,10 @@ supersampling:
    ``(m + 0.5) / n - 0.5`` for ``m = 0 .. n - 1`` along each axis;
 2. every point is mapped reference voxel index -> reference world (``ref_affine``)
    -> source world (``world_ref_to_src``) -> source voxel index (``inv(src_affine)``);
-3. the source map is sampled there with ``map_coordinates`` (linear by default,
-   ``mode="constant"``: points beyond the source grid take ``cval``);
+3. the source map is sampled there with ``map_coordinates`` (linear by default);
+   points inside the source image's footprint (voxel index -0.5 .. n - 0.5, as ITK and
+   FSL count an image's extent) take the nearest edge value beyond the outer voxel
+   centres, points beyond the footprint take ``cval``;
 4. the samples of each voxel are averaged.
 
 The default ``n`` along a reference axis is the length of one reference voxel step
@@ -145,7 +147,8 @@ def resample_to_grid(
         trilinear) or 0 (nearest).  Higher spline orders are not offered: they
         overshoot [0, 1] at the edges of a fraction map.
     cval : float, optional
-        Value of the source map beyond its grid (``mode="constant"``).  Default 0.
+        Value of the source map beyond its footprint (voxel index below -0.5 or above
+        n - 0.5 along an axis).  Default 0.
     chunk_slices : int, optional
         Reference slices (last axis) processed at once.  Default: as many as fit in
         :data:`CHUNK_VOXELS` reference voxels (at least one).  The result does not
@@ -239,11 +242,15 @@ def resample_to_grid(
         acc = xp.zeros((nx * ny * nk,), dtype=xp.float64)
         coords = xp.empty_like(base)
         for d in offsets:
+            inside = None
             for r in range(3):
                 coords[r, ...] = base[r, ...] + float(d[r])
-            acc += ndi.map_coordinates(
-                src, coords, order=order, mode="constant", cval=cval_f, output=xp.float64
-            )
+                within = (coords[r] >= -0.5) & (coords[r] <= src.shape[r] - 0.5)
+                inside = within if inside is None else inside & within
+            # "nearest" inside the footprint: the outer half of an edge voxel is the image
+            # too ("constant" would give cval beyond the outer voxel centres)
+            samples = ndi.map_coordinates(src, coords, order=order, mode="nearest", output=xp.float64)
+            acc += xp.where(inside, samples, cval_f)
         out[:, :, k0:k1] = xp.reshape(xp.astype(acc / n_points, out_dtype), (nx, ny, nk))
     return out
 
@@ -259,6 +266,8 @@ def resample_with_flirt(
     order: int = 1,
     cval: float = 0.0,
     chunk_slices: int | None = None,
+    src_zooms: Any = None,
+    ref_zooms: Any = None,
 ):
     """Average a structural-space map over each calibration voxel, given asl_calib's ``-t``.
 
@@ -278,13 +287,18 @@ def resample_with_flirt(
         FLIRT reference (``-ref``) = the structural (the source grid here).
     supersample, order, cval, chunk_slices
         As :func:`resample_to_grid`.
+    src_zooms, ref_zooms : sequence of 3 float, mm, optional
+        Voxel sizes of the structural and calibration images from their headers'
+        ``pixdim`` (:attr:`aslcal.io.Image.voxel_size`), as FSL uses them; without them,
+        the column norms of the affines (the same for every header nibabel writes).
 
     Returns
     -------
     ndarray or cupy.ndarray of shape ref_shape[:3]
         As :func:`resample_to_grid` with
         ``world_ref_to_src = flirt_to_world(flirt_mat, ref_affine, ref_shape,
-        src_affine, src_map.shape)`` (ASL world -> structural world).
+        src_affine, src_map.shape, src_zooms=ref_zooms, ref_zooms=src_zooms)`` (ASL world
+        -> structural world; FLIRT's source is the calibration image).
     """
     if not hasattr(src_map, "shape"):
         src_map = np.asarray(src_map)
@@ -292,7 +306,8 @@ def resample_with_flirt(
         raise InputError(
             f"src_map: array of shape {tuple(src_map.shape)}; expected a 3-D map (x, y, z)"
         )
-    world = flirt_to_world(flirt_mat, ref_affine, ref_shape, src_affine, tuple(src_map.shape))
+    world = flirt_to_world(flirt_mat, ref_affine, ref_shape, src_affine, tuple(src_map.shape),
+                           src_zooms=ref_zooms, ref_zooms=src_zooms)
     return resample_to_grid(
         src_map,
         src_affine,
