@@ -365,6 +365,66 @@ def test_automatic_reference_masks_from_anat(tmp_path):
             assert [u.rsplit("_", 1)[-1] for u in ref_sidecar["Sources"]] == ["T1w.nii.gz", "xfm.mat"]
 
 
+def test_anat_transform_as_itk_text_or_ants_binary_gives_the_flirt_result(tmp_path):
+    """--anat takes the ASL->T1w transform as fMRIPrep's ITK text affine (..._xfm.txt) or
+    ANTs' binary ..._xfm.mat too (an ITK .txt was ignored, the images then taken as aligned;
+    a binary .mat was refused): the same reference masks and M0a as the FLIRT matrices."""
+    from scipy.io import savemat
+
+    from aslcal.geometry import flirt_to_world
+    from aslcal.io import load_image, read_flirt_matrix
+    from aslcal.testing.bids import ANAT_DIR
+
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=2, seed=4, shape=(64, 64, 24), broken=0,
+                             anat=True, ref_masks=False,
+                             phantom_options={"struct_voxel_size": (1.7, 1.7, 1.7), "struct_oversample": 1})
+    anat = truth.root / ANAT_DIR
+    variants = {"txt": tmp_path / "anat_txt", "bin": tmp_path / "anat_bin"}
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    for kind, folder in variants.items():
+        shutil.copytree(anat, folder)
+        for mat in folder.rglob("*_from-asl_to-T1w_mode-image_xfm.mat"):
+            prefix = mat.name.removesuffix("_from-asl_to-T1w_mode-image_xfm.mat")
+            asl = load_image(next(truth.root.rglob(f"{prefix}*_asl.nii*")))
+            t1w = load_image(next(mat.parent.glob("*_desc-brain_T1w.nii*")))
+            world = flirt_to_world(read_flirt_matrix(mat), asl.affine, asl.shape[:3], t1w.affine, t1w.shape[:3],
+                                   src_zooms=asl.voxel_size, ref_zooms=t1w.voxel_size)
+            lps = flip @ np.linalg.inv(world) @ flip  # ITK: fixed (T1w) points -> moving (ASL), LPS
+            params = list(lps[:3, :3].ravel()) + list(lps[:3, 3])
+            mat.unlink()
+            if kind == "txt":
+                mat.with_suffix(".txt").write_text(
+                    "#Insight Transform File V1.0\n#Transform 0\nTransform: AffineTransform_double_3_3\n"
+                    f"Parameters: {' '.join(repr(float(v)) for v in params)}\nFixedParameters: 0 0 0\n")
+            else:
+                savemat(str(mat), {"AffineTransform_double_3_3": np.array(params)[:, None],
+                                   "fixed": np.zeros((3, 1))}, format="4")
+    results = {}
+    for kind, folder in {"flirt": anat, **variants}.items():
+        report = run_cohort(truth.root, tmp_path / f"out_{kind}", options=CohortOptions(anat=str(folder)))
+        assert report.exit_code == 0 and sorted(report.done) == sorted(truth.runs), kind
+        results[kind] = _summary_rows(tmp_path / f"out_{kind}")
+    fitted = [k for k, t in truth.runs.items() if t.variant != "estimate"]
+    assert fitted
+    for key in fitted:
+        masks = {kind: np.asarray(load_image(next((tmp_path / f"out_{kind}").rglob(f"{key}_desc-ref_mask.nii.gz"))).data)
+                 for kind in results}
+        for kind in variants:
+            assert float(results[kind][key]["M0a"]) == pytest.approx(float(results["flirt"][key]["M0a"]), rel=1e-9)
+            np.testing.assert_array_equal(masks[kind], masks["flirt"], err_msg=f"{key} {kind}")
+            prov = json.loads(next((tmp_path / f"out_{kind}").rglob(f"{key}_desc-aslcal_provenance.json")).read_text())
+            assert prov["reference_mask"]["transform"] == "ITK/ANTs affine from-asl_to-T1w", kind
+        assert float(results["flirt"][key]["M0a"]) == pytest.approx(truth.runs[key].m0a_te, rel=1e-2)
+    # a .txt added beside a .mat: on resume that subject is redone and fails on its own
+    # (which transform is meant is unknown), the run goes on
+    key = fitted[0]
+    mat = next(anat.rglob(f"sub-{truth.runs[key].subject}*_from-asl_to-T1w_mode-image_xfm.mat"))
+    shutil.copy(next(variants["txt"].rglob(mat.with_suffix(".txt").name)), mat.with_suffix(".txt"))
+    again = run_cohort(truth.root, tmp_path / "out_flirt", options=CohortOptions(anat=str(anat)), resume=True)
+    failed = {f["key"]: f["message"] for f in again.failed}
+    assert again.exit_code == 1 and list(failed) == [key] and "two ASL->T1w transforms" in failed[key]
+
+
 def test_cli_refuses_two_mask_sources_and_bad_shard(cohort, tmp_path, capsys):
     masks = str(cohort.root / "derivatives" / "refmasks")
     code = main(["cohort", str(cohort.root), str(tmp_path / "o"), "--ref-masks", masks, "--anat", masks])

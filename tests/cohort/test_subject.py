@@ -660,6 +660,14 @@ def test_anat_paths_take_the_most_specific_matrix(tmp_path):
     ses_t1w = sub / "ses-1" / "anat" / "sub-04_ses-1_desc-brain_T1w.nii.gz"
     ses_t1w.write_bytes(b"")
     assert anat_paths(tmp_path, run) == (ses_t1w, None)
+    # an ITK text transform of the session (fMRIPrep's form) is found like a matrix; with
+    # a .mat of the same name beside it, which one is meant is unknown
+    txt = sub / "ses-1" / "anat" / "sub-04_ses-1_from-asl_to-T1w_mode-image_xfm.txt"
+    txt.write_text("#Insight Transform File V1.0\n")
+    assert anat_paths(tmp_path, run) == (ses_t1w, txt)
+    session_mat.write_text(subject_mat.read_text())
+    with pytest.raises(InputError, match=r"two ASL->T1w transforms for sub-04_ses-1_run-2"):
+        anat_paths(tmp_path, run)
 
 
 def test_two_t1w_images_of_one_run_are_refused(tmp_path):

@@ -47,7 +47,8 @@ def add_parser(sub, common) -> None:
     g.add_argument("--anat", metavar="DIR",
                    help="automatic reference masks from brain-extracted T1w images: "
                         "DIR/sub-X/[ses-Y/]anat/sub-X[_ses-Y]_desc-brain_T1w.nii[.gz] (+ optional "
-                        "..._from-asl_to-T1w_mode-image_xfm.mat FLIRT matrix)")
+                        "..._from-asl_to-T1w_mode-image_xfm.mat FLIRT matrix or ANTs affine, or "
+                        "..._xfm.txt ITK affine)")
     g.add_argument("--csfmaskingoff", action="store_true", help="automatic mask: keep all CSF, not only the ventricles")
     g.add_argument("--pve-threshold", type=float, default=0.9,
                    help="automatic mask: threshold on the reference tissue's partial volume (default 0.9)")

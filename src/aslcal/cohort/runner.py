@@ -232,8 +232,11 @@ def run_cohort(
             # files of the run-level records (summary table, logs) go
             _remove_run_level_temps(writer.root, logs)
         def stale(key: str) -> str | None:
-            # with --anat, the T1w and matrix the lookup picks now (a matrix added since)
-            now = [p for p in anat_paths(options.anat, by_key[key]) if p is not None] if options.anat else []
+            # with --anat, the T1w and transform the lookup picks now (one added since)
+            try:
+                now = [p for p in anat_paths(options.anat, by_key[key]) if p is not None] if options.anat else []
+            except InputError as exc:  # e.g. two transforms now: redone, and it fails on its own
+                return str(exc)
             return changed_inputs(writer.subject_paths(key)["provenance"], bids_root, by_key[key], now,
                                   applicable_under=options.anat)
 

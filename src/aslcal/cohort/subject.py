@@ -269,17 +269,30 @@ def ref_mask_path(folder: str | os.PathLike, run: AslRun) -> Path | None:
     return found[0] if found else None
 
 
+#: Names of an ASL->T1w transform beside the T1w: ``<stem>`` + one of these.  ``.mat``: a
+#: FLIRT matrix (text), or an ITK affine in ITK's binary MATLAB format (ANTs); ``.txt``: an
+#: ITK text transform (fMRIPrep's form).  An ITK ``from-asl_to-T1w`` file maps T1w points
+#: to ASL points (aslcal.io.transforms), a FLIRT matrix ASL to T1w.
+ANAT_XFM_SUFFIXES = ("_from-asl_to-T1w_mode-image_xfm.mat", "_from-asl_to-T1w_mode-image_xfm.txt")
+
+
 def anat_paths(folder: str | os.PathLike, run: AslRun) -> tuple[Path | None, Path | None]:
-    """The run's brain-extracted T1w and its ASL->T1w FLIRT matrix in ``folder``.
+    """The run's brain-extracted T1w and its ASL->T1w transform file in ``folder``.
 
     The T1w: ``sub-X/ses-Y/anat/sub-X_ses-Y_desc-brain_T1w.nii[.gz]``, else
     ``sub-X/anat/sub-X_desc-brain_T1w.nii[.gz]`` (one structural for all sessions).
-    The matrix, the most specific first: ``<run key>_from-asl_to-T1w_mode-image_xfm.mat``
-    (the ASL run's own, e.g. ``sub-X_ses-Y_run-2_...``), then
-    ``sub-X_ses-Y_from-asl_to-T1w_mode-image_xfm.mat`` in the session's ``anat/`` folder,
-    then the subject-level ones.  ``(None, None)`` when there is no image; the matrix is
-    None when absent (the images are then taken as aligned in world coordinates, as
-    BIDS images of one session are).
+    The transform (:data:`ANAT_XFM_SUFFIXES`: a FLIRT matrix or an ITK/ANTs affine), the
+    most specific first: ``<run key>_from-asl_to-T1w_mode-image_xfm.{mat,txt}`` (the ASL
+    run's own, e.g. ``sub-X_ses-Y_run-2_...``), then
+    ``sub-X_ses-Y_from-asl_to-T1w_mode-image_xfm.{mat,txt}`` in the session's ``anat/``
+    folder, then the subject-level ones.  ``(None, None)`` when there is no image; the
+    transform is None when absent (the images are then taken as aligned in world
+    coordinates, as BIDS images of one session are).
+
+    Raises
+    ------
+    InputError
+        A ``.mat`` and a ``.txt`` transform of one name: which one is meant is unknown.
     """
     subject = Path(folder) / f"sub-{run.subject}"
     places = []
@@ -294,11 +307,15 @@ def anat_paths(folder: str | os.PathLike, run: AslRun) -> tuple[Path | None, Pat
         # a matrix registers the ASL to this T1w: looked for where the T1w is and, for the
         # subject's one T1w, in the session's folder too (never a matrix made against
         # another T1w); the run's own first, then the folder's
-        suffix = "_from-asl_to-T1w_mode-image_xfm.mat"
         for mat_base, mat_prefix in places[:i + 1]:
             for stem in dict.fromkeys((run.key, mat_prefix)):
-                if (mat_base / f"{stem}{suffix}").is_file():
-                    return image, mat_base / f"{stem}{suffix}"
+                found = [mat_base / f"{stem}{suffix}" for suffix in ANAT_XFM_SUFFIXES
+                         if (mat_base / f"{stem}{suffix}").is_file()]
+                if len(found) > 1:
+                    raise InputError(f"two ASL->T1w transforms for {run.key}: {found[0]} and {found[1]}; "
+                                     "which one is meant is unknown (keep one)")
+                if found:
+                    return image, found[0]
         return image, None
     return None, None
 
@@ -468,7 +485,8 @@ def load_subject(run: AslRun, options: CohortOptions, *, bids_root: Path | None 
 
 def _load_reference(run: AslRun, asl, options: CohortOptions):
     """``(mask, file, anat)``: a given reference mask (checked on the ASL grid), or for
-    the automatic mask ``anat = (T1w image, FLIRT matrix or None, its file or None)``."""
+    the automatic mask ``anat = (T1w image, transform or None, its file or None)``, the
+    transform ``("flirt", FLIRT matrix)`` or ``("itk", world ASL -> world T1w)``."""
     given = options.ref_masks is not None
     sub = f"sub-{run.subject}/" + (f"ses-{run.session}/" if run.session else "")
     if given:
@@ -488,15 +506,19 @@ def _load_reference(run: AslRun, asl, options: CohortOptions):
     if given:
         _check_grid(img.data.shape, img.affine, asl, path)
         return img.data, path, None
-    from ..io.transforms import read_flirt_matrix
+    from ..io.transforms import is_itk_transform, read_flirt_matrix, read_itk_affine
 
     if mat is None and run.session and path.parent.parent.name != f"ses-{run.session}":
         # the subject's one structural for a session's ASL: another session's scanner
         # coordinates, unless the images were registered into one space beforehand
-        log.warning("%s: no ASL->T1w matrix (%s) for the subject-level T1w %s: the images are taken "
+        log.warning("%s: no ASL->T1w transform (%s) for the subject-level T1w %s: the images are taken "
                     "as aligned in world coordinates", run.key,
-                    f"{run.key}_from-asl_to-T1w_mode-image_xfm.mat", path.name)
-    return None, path, (img, None if mat is None else read_flirt_matrix(mat), mat)
+                    f"{run.key}{ANAT_XFM_SUFFIXES[0]}", path.name)
+    xfm = None
+    if mat is not None:
+        # ITK's from-asl_to-T1w maps T1w points to ASL points: its inverse is ASL -> T1w
+        xfm = ("itk", read_itk_affine(mat, invert=True)) if is_itk_transform(mat) else ("flirt", read_flirt_matrix(mat))
+    return None, path, (img, xfm, mat)
 
 
 def _check_grid(shape: tuple, affine: np.ndarray, asl, path: Path) -> None:
@@ -590,9 +612,14 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, check
         from ..geometry import flirt_to_world
         from ..masks import reference_mask_from_structural
 
-        t1w, mat, _ = anat
-        world = np.eye(4) if mat is None else flirt_to_world(mat, asl.affine, shape, t1w.affine, t1w.shape[:3],
-                                                                src_zooms=asl.voxel_size, ref_zooms=t1w.voxel_size)
+        t1w, xfm, _ = anat
+        if xfm is None:
+            world = np.eye(4)
+        elif xfm[0] == "itk":
+            world = xfm[1]
+        else:
+            world = flirt_to_world(xfm[1], asl.affine, shape, t1w.affine, t1w.shape[:3],
+                                   src_zooms=asl.voxel_size, ref_zooms=t1w.voxel_size)
         auto = reference_mask_from_structural(
             t1w.data, t1w.affine, shape, asl.affine, world, tissref=options.tissref,
             all_csf=options.all_csf, threshold=options.pve_threshold, name=f"T1w {t1w.path.name}",
@@ -600,8 +627,9 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, check
         )
         tissue_pv = auto.tissue_pv
         ref = auto.mask
-        ref_info = {"source": "automatic", "transform": "FLIRT ASL->T1w" if mat is not None else
-                    "world coordinates (no transform file)", **_without_timings(auto.as_dict())}
+        how = {None: "world coordinates (no transform file)", "flirt": "FLIRT ASL->T1w",
+               "itk": "ITK/ANTs affine from-asl_to-T1w"}[None if xfm is None else xfm[0]]
+        ref_info = {"source": "automatic", "transform": how, **_without_timings(auto.as_dict())}
     ref_bool = None if ref is None else np.asarray(ref) > 0.5
     if ref_bool is not None and not ref_bool.any():
         raise InputError(f"reference mask {str(ref_file)!r} is empty")
