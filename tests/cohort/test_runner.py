@@ -1047,6 +1047,51 @@ def test_linked_reference_masks_outside_the_dataset_are_named_by_their_links(tmp
     assert json.loads(sidecar.read_text())["Sources"] == [mask.absolute().as_uri()]
 
 
+def _one_subject_with_acq(tmp_path):
+    """A one-subject cohort whose ASL files carry acq-pcasl and whose m0scan (without the
+    entity) names the ASL image in IntendedFor: its M0 is found by IntendedFor."""
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=2, seed=1, broken=0, n_pairs=1, shape=(32, 32, 12))
+    root = truth.root
+    perf, masks = root / "sub-01" / "perf", root / "derivatives" / "refmasks" / "sub-01" / "perf"
+    for suffix in ("asl.nii.gz", "asl.json", "aslcontext.tsv"):
+        (perf / f"sub-01_{suffix}").rename(perf / f"sub-01_acq-pcasl_{suffix}")
+    (masks / "sub-01_desc-ref_mask.nii.gz").rename(masks / "sub-01_acq-pcasl_desc-ref_mask.nii.gz")
+    meta = json.loads((perf / "sub-01_m0scan.json").read_text())
+    meta["IntendedFor"] = "bids::sub-01/perf/sub-01_acq-pcasl_asl.nii.gz"
+    (perf / "sub-01_m0scan.json").write_text(json.dumps(meta))
+    return root, perf, CohortOptions(ref_masks=str(root / "derivatives" / "refmasks"))
+
+
+def test_resume_redoes_a_run_whose_m0scan_pairing_changed(tmp_path):
+    """The M0 found by IntendedFor, then a second m0scan naming the same ASL image: a new
+    run fails that subject (which one is meant is unknown), and so must a resume (it kept
+    the old M0a, comparing only the files read then)."""
+    root, perf, opts = _one_subject_with_acq(tmp_path)
+    first = run_cohort(root, tmp_path / "out", options=opts, workers=1)
+    assert sorted(first.done) == ["sub-01_acq-pcasl", "sub-02"]
+    for ext in (".nii.gz", ".json"):
+        shutil.copy(perf / f"sub-01_m0scan{ext}", perf / f"sub-01_acq-aa_m0scan{ext}")
+    again = run_cohort(root, tmp_path / "out", options=opts, workers=1, resume=True)
+    assert again.redo == ["sub-01_acq-pcasl"] and again.skipped == ["sub-02"]
+    (failed,) = again.failed
+    assert failed["key"] == "sub-01_acq-pcasl" and "IntendedFor" in failed["message"]
+
+
+@pytest.mark.parametrize("name", ["aslcontext.tsv", "asl.json"])
+def test_resume_with_two_files_applying_at_one_level_fails_that_subject_only(tmp_path, name):
+    """A second file applying at one level (a subject-wide copy beside the run's own) made
+    --resume raise out of run_cohort before any subject was considered; now that subject
+    is redone and fails naming both files, and the others are resumed as usual."""
+    root, perf, opts = _one_subject_with_acq(tmp_path)
+    first = run_cohort(root, tmp_path / "out", options=opts, workers=1)
+    assert first.exit_code == 0
+    shutil.copy(perf / f"sub-01_acq-pcasl_{name}", perf / f"sub-01_{name}")
+    again = run_cohort(root, tmp_path / "out", options=opts, workers=1, resume=True)
+    assert again.redo == ["sub-01_acq-pcasl"] and again.skipped == ["sub-02"] and again.exit_code == 1
+    (failed,) = again.failed
+    assert f"sub-01_{name}" in failed["message"] and f"sub-01_acq-pcasl_{name}" in failed["message"]
+
+
 def test_resume_removes_a_killed_run_s_run_level_temporary_files(cohort, reference_run, tmp_path):
     """A SIGKILL while summary.tsv/summary.json (or a log) was being replaced leaves its
     hidden temporary file in the derivative root: the next (unsharded) run removes it."""

@@ -233,12 +233,14 @@ def run_cohort(
             _remove_run_level_temps(writer.root, logs)
         def stale(key: str) -> str | None:
             # with --anat, the T1w and transform the lookup picks now (one added since)
+            # a lookup that fails now (two transforms, two aslcontext files or sidecars
+            # that apply at one level, ...): redone, and the subject fails on its own
             try:
                 now = [p for p in anat_paths(options.anat, by_key[key]) if p is not None] if options.anat else []
-            except InputError as exc:  # e.g. two transforms now: redone, and it fails on its own
+                return changed_inputs(writer.subject_paths(key)["provenance"], bids_root, by_key[key], now,
+                                      applicable_under=options.anat)
+            except InputError as exc:
                 return str(exc)
-            return changed_inputs(writer.subject_paths(key)["provenance"], bids_root, by_key[key], now,
-                                  applicable_under=options.anat)
 
         plan = plan_run(selected, writer, resume=resume, stale=stale)
         for key, reason in plan.changed:

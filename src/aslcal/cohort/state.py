@@ -268,6 +268,16 @@ def changed_inputs(provenance: StrPath, bids_root: StrPath, run: AslRun | None =
         if rel in checksums and input_checksum(path) != checksums[rel]:
             return f"{rel} changed"
     if run is not None:
+        # the m0scan read then (a Separate M0) against the one the run pairs with now (by
+        # name, else by IntendedFor): another one, or a second one naming it, is a change
+        read_m0 = [rel for rel in sizes if rel.endswith(("_m0scan.nii", "_m0scan.nii.gz"))]
+        if read_m0:
+            now_m0 = None if run.m0scan is None else dataset_path(run.m0scan, root)
+            if now_m0 not in read_m0:
+                return f"its m0scan is now {now_m0 or 'none'} (it read {read_m0[0]})"
+            if run.m0scan_others:
+                return (f"{dataset_path(run.m0scan_others[0], root)} names it in IntendedFor too "
+                        f"(besides {now_m0})")
         asl_sidecars, m0_sidecars = run_sidecars(run)
         m0_read = run.m0scan is not None and dataset_path(run.m0scan, root) in sizes
         for path in asl_sidecars + (m0_sidecars if m0_read else []):
