@@ -414,6 +414,10 @@ def test_anat_transform_as_itk_text_or_ants_binary_gives_the_flirt_result(tmp_pa
             np.testing.assert_array_equal(masks[kind], masks["flirt"], err_msg=f"{key} {kind}")
             prov = json.loads(next((tmp_path / f"out_{kind}").rglob(f"{key}_desc-aslcal_provenance.json")).read_text())
             assert prov["reference_mask"]["transform"] == "ITK/ANTs affine from-asl_to-T1w", kind
+            # the mask's sidecar names the T1w and the transform it was made from
+            ref_json = next((tmp_path / f"out_{kind}").rglob(f"{key}_desc-ref_mask.json"))
+            suffix = "xfm.txt" if kind == "txt" else "xfm.mat"
+            assert [u.rsplit("_", 1)[-1] for u in json.loads(ref_json.read_text())["Sources"]] == ["T1w.nii.gz", suffix]
         assert float(results["flirt"][key]["M0a"]) == pytest.approx(truth.runs[key].m0a_te, rel=1e-2)
     # a .txt added beside a .mat: on resume that subject is redone and fails on its own
     # (which transform is meant is unknown), the run goes on

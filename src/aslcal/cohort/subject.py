@@ -1106,7 +1106,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     for name in images:
         rec = records.setdefault(name, {})
         if name == "ref_mask":  # the mask given, or the T1w (and transform) it was made from
-            rec["Sources"] = [_bids_uri(p) for p in prep.inputs if p == prep.ref_file or p.endswith(".mat")]
+            rec["Sources"] = [_bids_uri(p) for p in prep.inputs if p == prep.ref_file or p.endswith(ANAT_XFM_SUFFIXES)]
         else:
             rec["Sources"] = list(sources)
 
