@@ -152,6 +152,12 @@ def test_m0scan_intended_for_its_run_in_any_bids_form_is_used(cal_cohort, tmp_pa
     _edit(perf / "sub-01_run-2_m0scan.json", IntendedFor="bids::sub-01/perf/sub-01_run-2_asl.nii.gz")
     assert _m0a(root, "sub-01_run-1")[0] == pytest.approx(truth, rel=1e-5)
     assert _m0a(root, "sub-01_run-2")[0] == pytest.approx(2 * truth, rel=1e-5)
+    # relative to the dataset root (a common converter slip) or with a leading ./: the
+    # same image, no other reading is possible (these were refused)
+    _edit(perf / "sub-01_run-1_m0scan.json", IntendedFor="sub-01/perf/sub-01_run-1_asl.nii.gz")
+    _edit(perf / "sub-01_run-2_m0scan.json", IntendedFor="./perf/sub-01_run-2_asl.nii.gz")
+    assert _m0a(root, "sub-01_run-1")[0] == pytest.approx(truth, rel=1e-5)
+    assert _m0a(root, "sub-01_run-2")[0] == pytest.approx(2 * truth, rel=1e-5)
 
 
 def test_m0scan_found_by_intended_for_is_used_and_recorded(cal_cohort, tmp_path):

@@ -400,9 +400,13 @@ def _intended_for(value: Any) -> list[str] | None:
 def _names_image(target: str, subject: str, rel: str) -> bool:
     """Whether an ``IntendedFor`` entry names the image ``rel`` (relative to the dataset
     root, e.g. ``sub-01/perf/sub-01_asl.nii.gz``): a BIDS URI ``bids::<rel>`` or the
-    deprecated path relative to the subject folder; ``.nii`` and ``.nii.gz`` alike."""
+    deprecated path relative to the subject folder; ``.nii`` and ``.nii.gz`` alike.  A
+    path relative to the dataset root (``sub-01/perf/...``, a common converter slip) or
+    with a leading ``./`` names the same image: no other reading is possible."""
     def stem(path: str) -> str:
         path = path.strip().lstrip("/")
+        while path.startswith("./"):
+            path = path[2:]
         for ext in (".nii.gz", ".nii"):
             if path.endswith(ext):
                 return path[: -len(ext)]
@@ -413,7 +417,7 @@ def _names_image(target: str, subject: str, rel: str) -> bool:
     if target.startswith("bids:"):
         dataset, _, path = target[5:].partition(":")
         return dataset == "" and stem(path) == want
-    return stem(f"sub-{subject}/{target.lstrip('/')}") == want
+    return stem(f"sub-{subject}/{stem(target)}") == want or stem(target) == want
 
 
 def _asl_rel(subject: str, session: str | None, asl: Path) -> str:
