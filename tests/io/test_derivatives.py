@@ -187,6 +187,36 @@ def test_write_subject_contents_and_marker(writer):
     assert not [p for p in paths["m0"].parent.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.parametrize(("case", "expected"), [
+    ("zero outside a 3-D mask", True),
+    ("zero outside an (x, y, z, 1) mask", True),
+    ("NaN outside the mask", False),
+    ("non-zero outside the mask", False),
+    ("no brain mask", False),
+    ("map on another grid", False),
+])
+def test_maps_say_skullstripped_when_zero_outside_the_brain_mask(tmp_path, case, expected):
+    """BIDS ImageDerivatives require SkullStripped on every map: true exactly when the map
+    is zero outside the brain mask written with it; a mask of another grid, or none, cannot
+    tell (a map on another grid raised an IndexError)."""
+    brain = np.zeros((4, 4, 4), np.uint8)
+    brain[1:3, 1:3, 1:3] = 1
+    cbf = np.where(brain > 0, 50.0, 0.0).astype(np.float32)
+    images = {"cbf": (cbf, AFFINE), "brain_mask": (brain, AFFINE)}
+    if case == "zero outside an (x, y, z, 1) mask":
+        images["brain_mask"] = (brain[..., None], AFFINE)
+    elif case == "NaN outside the mask":
+        images["cbf"] = (np.where(brain > 0, 50.0, np.nan).astype(np.float32), AFFINE)
+    elif case == "non-zero outside the mask":
+        images["cbf"] = (cbf + 1.0, AFFINE)
+    elif case == "no brain mask":
+        del images["brain_mask"]
+    elif case == "map on another grid":
+        images["cbf"] = (np.zeros((5, 5, 5), np.float32), AFFINE)
+    paths = DerivativesWriter(tmp_path / "d").write_subject({"sub": "01"}, images)
+    assert json.loads(paths["cbf_json"].read_text())["SkullStripped"] is expected
+
+
 def test_failing_writer_leaves_nothing(writer, monkeypatch):
     calls = []
     real = deriv.OutputSet.write_bytes

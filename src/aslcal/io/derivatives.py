@@ -558,7 +558,7 @@ class DerivativesWriter:
             brain = None
             if "brain_mask" in images:
                 mask = np.asarray(_image_parts("brain_mask", images["brain_mask"])[0])
-                brain = mask > 0 if mask.ndim == 3 else None
+                brain = _spatial(mask) > 0
             for name in IMAGE_OUTPUTS:  # fixed order: deterministic
                 if name not in images:
                     continue
@@ -567,10 +567,13 @@ class DerivativesWriter:
                 _, _, units, description = IMAGE_OUTPUTS[name]
                 sidecar = ({"Units": units} if units else {"Type": MASK_TYPES[name]}) | {
                     "Description": description, **dict(records.get(name, {}))}
-                if units and brain is not None and "SkullStripped" not in sidecar:
-                    # BIDS ImageDerivatives: whether the map is skull-stripped, i.e. zero
-                    # outside the brain mask written with it (masks need not say)
-                    sidecar["SkullStripped"] = not bool(np.any(np.asarray(data)[~brain]))
+                if units and "SkullStripped" not in sidecar:
+                    # BIDS ImageDerivatives: whether the map is skull-stripped, i.e. zero (not
+                    # NaN either) outside the brain mask written with it; without a mask on
+                    # the map's grid, not (masks need not say)
+                    values = _spatial(np.asarray(data))
+                    sidecar["SkullStripped"] = bool(
+                        brain is not None and values.shape == brain.shape and not np.any(values[~brain]))
                 stage(f"{name}_json", paths[f"{name}_json"], json_text(sidecar).encode("utf-8"))
             if "summary" in records:
                 stage("summary", paths["summary"], json_text(records["summary"]).encode("utf-8"))
@@ -592,6 +595,13 @@ class DerivativesWriter:
         write_json(paths[_MARKER_NAME], marker, overwrite=True)
         written[_MARKER_NAME] = paths[_MARKER_NAME]
         return written
+
+
+def _spatial(a: np.ndarray) -> np.ndarray:
+    """An image without trailing length-1 axes beyond the third ((x, y, z, 1) -> (x, y, z))."""
+    while a.ndim > 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    return a
 
 
 # --------------------------------------------------------------------------- summary TSV
