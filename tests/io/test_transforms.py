@@ -385,9 +385,26 @@ def test_is_itk_transform_tells_itk_files_from_flirt_matrices(tmp_path):
     other = tmp_path / "other.mat"
     savemat(str(other), {"weights": np.ones((3, 1))}, format="4")
     assert is_itk_transform(text) and is_itk_transform(binary)
-    assert not is_itk_transform(flirt) and not is_itk_transform(other)
-    assert not is_itk_transform(tmp_path / "missing.mat")
+    assert not is_itk_transform(flirt) and not is_itk_transform(tmp_path / "missing.mat")
+    # another MATLAB file goes to the ITK reader, which says what it holds (the FLIRT
+    # reader could only say "not a text file")
+    assert is_itk_transform(other)
     _raises_naming(other, r"variables \['weights'\]; expected an ITK affine transform", read_itk_affine, other)
+
+
+def test_a_byte_order_mark_is_not_part_of_a_transform_file(tmp_path):
+    """Some editors start text files with a UTF-8 BOM: an ITK file was then taken for a
+    FLIRT matrix ('5 non-empty rows'), and a FLIRT matrix refused."""
+    itk = _itk(tmp_path, "a.txt", np.eye(3), (1.0, 2.0, 3.0), (0.0, 0.0, 0.0))
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf" + itk.read_bytes())
+    assert is_itk_transform(bom)
+    np.testing.assert_array_equal(read_itk_affine(bom), read_itk_affine(itk))
+    flirt = _write(tmp_path, "flirt.mat", "1 0 0 2\n0 1 0 0\n0 0 1 0\n0 0 0 1\n")
+    flirt_bom = tmp_path / "flirt_bom.mat"
+    flirt_bom.write_bytes(b"\xef\xbb\xbf" + flirt.read_bytes())
+    assert not is_itk_transform(flirt_bom)
+    np.testing.assert_array_equal(read_flirt_matrix(flirt_bom), read_flirt_matrix(flirt))
 
 
 def test_itk_binary_file_hint(tmp_path):

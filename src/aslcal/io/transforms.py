@@ -104,6 +104,8 @@ def _read_text(path: Any, what: str) -> tuple[Path, str]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         text = None
+    if text is not None:
+        text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark some editors write
     if text is None or "\x00" in text:
         hint = ""
         if what == "ITK transform":
@@ -214,20 +216,22 @@ def _matlab_variables(p: Path) -> dict[str, np.ndarray] | None:
 
 
 def is_itk_transform(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is an ITK transform file (text, or ITK's binary MATLAB format)
-    rather than, e.g., a FLIRT matrix (4 lines of numbers); False if it cannot be read."""
+    """Whether ``path`` is an ITK transform file (text, or a binary MATLAB file: ITK's
+    format, else one :func:`read_itk_affine` refuses naming its variables) rather than,
+    e.g., a FLIRT matrix (4 lines of text); False if it cannot be read."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(64)
     except OSError:
         return False
-    if head.lstrip().startswith(b"#Insight Transform File"):
+    if head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"#Insight Transform File"):
         return True
     p = Path(os.fspath(path))
     if _is_text(p):
         return False  # text, not ITK: a FLIRT matrix (or garbage for its reader to report)
-    variables = _matlab_variables(p)
-    return variables is not None and any(_ITK_TYPE_RE.match(k) for k in variables)
+    # any MATLAB file: ITK's binary format, or not a transform aslcal reads, which the ITK
+    # reader says by naming its variables (a FLIRT matrix is text)
+    return _matlab_variables(p) is not None
 
 
 def _itk_binary(p: Path, where: str) -> tuple[str, np.ndarray, np.ndarray] | None:
