@@ -238,6 +238,24 @@ def test_known_m0a_calibrates_the_perfusion_without_a_calibration_image(syn, cli
     np.testing.assert_allclose(read_nifti(syn.root / "again.nii.gz"), read_nifti(syn.root / "est.nii.gz"), rtol=1e-6)
 
 
+def test_overwrite_removes_an_earlier_runs_outdir_files_this_run_does_not_write(syn, cli):
+    """--outdir of a full calibration, then --m0a into the same folder with --overwrite:
+    the earlier reference mask and QC figure went on sitting beside a provenance saying
+    the M0a was given; without --overwrite the folder is refused untouched."""
+    outdir = syn.root / "od_over"
+    first = cli("calib", "-c", syn.calib_path, "-m", syn.mask_path, "-i", syn.perf_path, "-o", syn.root / "o1.nii.gz",
+                "--outdir", outdir)
+    assert first.rc == 0, first.err
+    assert {"refmask.nii.gz", "qc.png"} <= {p.name for p in outdir.iterdir()}
+    refused = cli("calib", "--m0a", 1000.0, "-i", syn.perf_path, "-o", syn.root / "o2.nii.gz", "--outdir", outdir)
+    assert refused.rc == 2 and (outdir / "refmask.nii.gz").exists()
+    again = cli("calib", "--m0a", 1000.0, "-i", syn.perf_path, "-o", syn.root / "o2.nii.gz", "--outdir", outdir,
+                "--overwrite")
+    assert again.rc == 0, again.err
+    assert sorted(p.name for p in outdir.iterdir()) == ["M0.txt", "perfusion_calib.nii.gz", "provenance.json"]
+    assert float((outdir / "M0.txt").read_text()) == 1000.0
+
+
 @pytest.mark.parametrize("extra, message", [
     (["-c", "CALIB"], "do not combine it with -c"),
     (["-m", "MASK"], "do not combine it with -m"),

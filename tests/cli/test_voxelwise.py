@@ -125,6 +125,16 @@ def test_calibrated_perfusion_voxelwise(vw, cli):
     assert prov["calibrated"]["alpha"] == 0.85
 
 
+def test_overwrite_without_a_perfusion_image_removes_the_earlier_calibrated_one(vw, cli):
+    outdir = vw.root / "od_over"
+    first = cli("voxelwise", "-c", vw.rand_path, "--bmask", vw.brain_path, "-i", vw.perf_path,
+                "-o", vw.root / "cbf_over.nii.gz", "--outdir", outdir)
+    assert first.rc == 0 and (outdir / "perfusion_calib.nii.gz").exists(), first.err
+    again = cli("voxelwise", "-c", vw.rand_path, "--bmask", vw.brain_path, "--outdir", outdir, "--overwrite")
+    assert again.rc == 0, again.err
+    assert sorted(p.name for p in outdir.iterdir()) == ["M0map.nii.gz", "provenance.json"]
+
+
 def test_labelling_sets_alpha_and_unknown_alpha_warns(vw, cli):
     out = vw.root / "cbf.nii.gz"
     res = cli("voxelwise", "-c", vw.const_path, "--bmask", vw.brain_path, "-i", vw.perf_path, "-o", out,

@@ -6,6 +6,7 @@ import argparse
 import datetime as _dt
 import logging
 import platform
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,25 @@ def prepare_outdir(outdir: str | None) -> Path | None:
         except OSError as exc:
             raise InputError(f"--outdir {path}: cannot create it ({exc.strerror})") from None
     return path
+
+
+def remove_stale_outputs(outdir: Path | None, known: Iterable[str], written: Iterable[Path]) -> list[Path]:
+    """After a run with ``--overwrite``: remove the files of ``known`` (the command's own
+    ``--outdir`` names) that this run did not write, so that an earlier run's maps do not
+    sit beside this run's provenance.  Returns the removed paths."""
+    if outdir is None:
+        return []
+    kept = {Path(p).name for p in written if Path(p).parent == outdir}
+    removed = []
+    for name in known:
+        path = outdir / name
+        if name not in kept and path.is_file():
+            path.unlink()
+            removed.append(path)
+    if removed:
+        log.info("--overwrite: removed %s of an earlier run (not written by this one)",
+                 ", ".join(p.name for p in removed))
+    return removed
 
 
 def cleanup_outdir(path: Path | None, created: bool) -> None:

@@ -26,12 +26,19 @@ from ._common import (
     mask_of,
     prepare_outdir,
     provenance,
+    remove_stale_outputs,
 )
 
 log = logging.getLogger("aslcal")
 
 #: Maps of the whole-brain satrecov fit written to --outdir: (result attribute, file stem).
 FIT_MAPS = (("t1t", "T1t"), ("m0t", "M0t"), ("a", "A"), ("g", "facorr"))
+#: Every file calib may write to --outdir (one run writes those its options ask for).
+OUTDIR_NAMES = (
+    "M0.txt", "refmask.nii.gz", "brainmask.nii.gz", "provenance.json", "qc.png", "refmask_pv.nii.gz",
+    "sensitivity.nii.gz", "ref_T1t.nii.gz", "ref_M0t.nii.gz", "ref_status.nii.gz", "status.nii.gz", "rss.nii.gz",
+    "perfusion_calib.nii.gz", *(f"{stem}{se}.nii.gz" for _, stem in FIT_MAPS for se in ("", "_se")),
+)
 
 
 def add_parser(sub, common) -> None:
@@ -109,7 +116,9 @@ def add_parser(sub, common) -> None:
     o.add_argument("--Mo", dest="mo", metavar="FILE", help="write M0a to this text file")
     o.add_argument("--om", metavar="FILE", help="save the reference mask used")
     o.add_argument("--outdir", metavar="DIR", help="write every map and a provenance JSON here")
-    o.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (and remove an earlier run's files in --outdir that this "
+                        "run does not write)")
     p.set_defaults(func=run)
 
 
@@ -268,9 +277,12 @@ def run(args) -> int:
         out.check(*_outputs(args, outdir))
         with out:
             result = (_calibrate if args.m0a is None else _apply_known_m0a)(args, out, outdir)
+            written = out.destinations
     except BaseException:
         cleanup_outdir(outdir, created)
         raise
+    if args.overwrite:
+        remove_stale_outputs(outdir, OUTDIR_NAMES, written)
     print(f"M0: {result['m0a']:.10g}")
     log.info("done in %.2f s", time.perf_counter() - t_start)
     return 0

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-from ._common import cleanup_outdir, fsl_image_names, load, mask_of, prepare_outdir, provenance
+from ._common import cleanup_outdir, fsl_image_names, load, mask_of, prepare_outdir, provenance, remove_stale_outputs
 
 log = logging.getLogger("aslcal")
 
@@ -35,7 +35,9 @@ def add_parser(sub, common) -> None:
     p.add_argument("--labelling", choices=("pcasl", "casl", "pasl"), help="labelling type: sets alpha")
     p.add_argument("--m0map", metavar="FILE", help="write the M0 map here")
     p.add_argument("--outdir", metavar="DIR", help="write the M0 map, CBF and a provenance JSON here")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (and remove an earlier run's files in --outdir that this "
+                        "run does not write)")
     p.set_defaults(func=run)
 
 
@@ -92,8 +94,11 @@ def run(args) -> int:
                     args, "voxelwise", voxelwise=vw.as_dict(),
                     calibrated=None if cal is None else cal.as_dict(), timings_s={"total": elapsed},
                 ))
+            written = out.destinations
     except BaseException:
         cleanup_outdir(outdir, created)
         raise
+    if args.overwrite:
+        remove_stale_outputs(outdir, ("M0map.nii.gz", "provenance.json", "perfusion_calib.nii.gz"), written)
     log.info("voxelwise M0: %d brain voxels, %d filled by the edge correction", vw.n_brain, vw.n_filled)
     return 0
