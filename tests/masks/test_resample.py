@@ -136,20 +136,28 @@ def test_a_map_filling_its_whole_image_gives_the_covered_fraction_up_to_the_foot
 
 
 def test_resample_with_flirt_takes_the_header_voxel_sizes_as_fsl():
-    """FLIRT's scaled-voxel coordinates use the header pixdim: with pixdim 10 % above the
-    affine's voxel sizes, a structural map lands where flirt_to_world with those sizes
-    puts it (6-7 mm from where the affine's sizes would)."""
-    from aslcal.geometry import flirt_to_world
-
-    world_src = np.indices(SRC_SHAPE).reshape(3, -1).T @ SRC_AFF[:3, :3].T + SRC_AFF[:3, 3]
-    f = (world_src @ np.array([0.3, -0.2, 0.5]) + 4.0).reshape(SRC_SHAPE)
-    mat = phantoms.flirt_matrix(REF_AFF, REF_SHAPE, SRC_AFF, SRC_SHAPE, world_src_to_ref=MOTION)
+    """FLIRT's scaled-voxel coordinates use the header pixdim (FSL; fslpy's
+    generateAffines): voxel index times pixdim, x mirrored first when the voxel -> world
+    matrix has a positive determinant.  With pixdim 10 % above the affines' voxel sizes and
+    a FLIRT matrix shifting by (11, 5.5, 22) mm, ASL voxel (i, j, k) (radiological: no
+    mirror) sits at scaled (3.74 i + 11, 3.74 j + 5.5, 5.5 k + 22), which is structural voxel
+    (47 - (3.74 i + 11) / 1.1, (3.74 j + 5.5) / 1.1, (5.5 k + 22) / 1.1) (neurological:
+    mirrored), worked out here by hand; a map linear in the structural voxel index is then
+    known exactly there (and so is its footprint average, inside the image)."""
+    shape = (4, 4, 3)
+    ref_aff = np.diag([-3.4, 3.4, 5.0, 1.0])  # det < 0: radiological, no mirror
+    src_aff = np.eye(4)  # 48^3, det > 0: mirrored in FLIRT coordinates
+    idx = np.indices(SRC_SHAPE).astype(float)
+    f = 0.3 * idx[0] - 0.2 * idx[1] + 0.5 * idx[2] + 4.0
     src_zooms, ref_zooms = (1.1, 1.1, 1.1), (3.74, 3.74, 5.5)
-    out = resample_with_flirt(f, SRC_AFF, REF_SHAPE, REF_AFF, mat, src_zooms=src_zooms, ref_zooms=ref_zooms)
-    world = flirt_to_world(mat, REF_AFF, REF_SHAPE, SRC_AFF, SRC_SHAPE, src_zooms=ref_zooms, ref_zooms=src_zooms)
-    np.testing.assert_allclose(out, resample_to_grid(f, SRC_AFF, REF_SHAPE, REF_AFF, world), atol=1e-10)
-    plain = resample_with_flirt(f, SRC_AFF, REF_SHAPE, REF_AFF, mat)
-    assert np.max(np.abs(out - plain)) > 1.0  # the sizes matter: the map moved
+    mat = np.eye(4)
+    mat[:3, 3] = (11.0, 5.5, 22.0)
+    out = resample_with_flirt(f, src_aff, shape, ref_aff, mat, src_zooms=src_zooms, ref_zooms=ref_zooms)
+    i, j, k = np.indices(shape).astype(float)
+    si, sj, sk = 47 - (3.74 * i + 11) / 1.1, (3.74 * j + 5.5) / 1.1, (5.5 * k + 22) / 1.1
+    np.testing.assert_allclose(out, 0.3 * si - 0.2 * sj + 0.5 * sk + 4.0, atol=1e-9)
+    plain = resample_with_flirt(f, src_aff, shape, ref_aff, mat)
+    assert np.max(np.abs(out - plain)) > 0.5  # without the header sizes the map lands elsewhere
 
 
 def _brute_force_fraction(binary, src_aff, ref_shape, ref_aff, world, k=12) -> np.ndarray:
