@@ -740,9 +740,11 @@ def _whitepaper_kinetics(acq: AslAcquisition, volumes: tuple[int, ...]) -> dict[
                                  "has no known bolus duration TI1 for the white-paper model (use "
                                  "--quantification calibration)", file=flag_js, field="BolusCutOffFlag")
         technique = acq.metadata.get("BolusCutOffTechnique")
-        if isinstance(technique, str) and technique.strip().upper().replace(" ", "") == "QUIPSS":
-            # QUIPSS I saturates the imaging slab at TI1, not the labelling slab: the
-            # bolus is not TI1 long and the QUIPSS II formula does not apply
+        # BIDS: Q2TIPS, QUIPSS or QUIPSSII.  QUIPSS (I) saturates the imaging slab at TI1,
+        # not the labelling slab: the bolus is not TI1 long and the formula does not apply;
+        # any other spelling ("QUIPSS I", ...) is refused rather than guessed
+        if technique is not None and (not isinstance(technique, str) or technique.strip().upper().replace(
+                " ", "").replace("-", "") not in ("QUIPSSII", "QUIPSS2", "Q2TIPS")):
             where = acq.source_of("BolusCutOffTechnique")
             raise BidsFieldError(f"{where}: field 'BolusCutOffTechnique' = {technique!r}: the white-paper PASL "
                                  "model needs a bolus of duration TI1 (QUIPSSII or Q2TIPS); QUIPSS (I) is not "

@@ -1061,12 +1061,15 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
         message and as ``.file``/``.field``: a missing or unreadable sidecar,
         aslcontext or image header (``field`` None); a missing required field (see
         the module docstring); a value that makes no sense
-        (``RepetitionTimePreparation`` <= 0, negative delays, unknown labelling or M0
-        type, a field strength without a tissue table, an array whose length is not
-        the number of volumes; ``field`` is the JSON key, without the ``[i]`` of an
-        array element); an aslcontext whose length differs from the number of
-        volumes or with an unknown ``volume_type`` (``field`` "volume_type");
-        ``M0Type`` "Separate" without an m0scan file (the ASL sidecar, "M0Type");
+        (``RepetitionTimePreparation`` <= 0 on a volume that is used, negative delays,
+        unknown labelling or M0 type, a field strength without a tissue table, an array
+        whose length is not the number of volumes; ``field`` is the JSON key, without
+        the ``[i]`` of an array element); an aslcontext whose length differs from the
+        number of volumes or with an unknown ``volume_type`` (``field``
+        "volume_type"); ``SliceTiming`` that contradicts ``MRAcquisitionType`` where
+        slice delays are used; an m0scan whose ``IntendedFor`` names another image, or
+        two m0scans naming this one ("IntendedFor");
+        ``M0Type`` "Separate" without an m0scan file (the file that gave "M0Type");
         "Included" without m0scan volumes (the aslcontext, "volume_type"); "Estimate"
         without a positive ``M0Estimate``; "Absent" (unless allowed, see
         ``allow_control_m0``; "M0Type", also when refused for
