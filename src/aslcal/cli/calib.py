@@ -493,14 +493,13 @@ def automatic_reference_mask(args, calib):
     ``-t`` and thresholded at ``--pve-threshold``.
     """
     from ..geometry import flirt_to_world
-    from ..io import is_itk_transform, read_flirt_matrix, read_itk_affine
+    from ..io import asl_to_structural_world, read_asl_to_structural, read_flirt_matrix
     from ..masks import lateral_ventricles, reference_mask_from_pv, ventricles_from_atlas
 
     steps: list[str] = []
     details: dict = {"tissref": args.tissref}
     # the transform first: a malformed or singular file fails before any long computation
-    itk = is_itk_transform(args.trans)
-    trans = read_itk_affine(args.trans, invert=True) if itk else read_flirt_matrix(args.trans)
+    trans = read_asl_to_structural(args.trans)
     struct = load(args.struc, "structural image (-s)", ndim=3) if args.struc else None
     brain_struct = None
     if args.refpve:
@@ -554,13 +553,8 @@ def automatic_reference_mask(args, calib):
             steps.append(f"lateral ventricles kept ({vm.n_components_kept} components, eroded once)")
         pv = vm.pv
         details["ventricles"] = vm.as_dict()
-    if itk:
-        world = trans  # from-<asl>_to-T1w maps T1w points to ASL points; inverted: ASL -> T1w
-        steps.append("ITK affine -t (inverted: calibration -> structural)")
-    else:
-        world = flirt_to_world(trans, calib.affine, calib.shape[:3], grid.affine, grid.shape[:3],
-                               src_zooms=calib.voxel_size, ref_zooms=grid.voxel_size)
-        steps.append("FLIRT matrix -t")
+    world = asl_to_structural_world(trans, calib, grid)
+    steps.append("ITK affine -t (inverted: calibration -> structural)" if trans[0] == "itk" else "FLIRT matrix -t")
     steps.append("averaged over each calibration voxel")
     return reference_mask_from_pv(pv, grid.affine, calib.shape[:3], calib.affine, world,
                                   threshold=args.pve_threshold, steps=steps, details=details)

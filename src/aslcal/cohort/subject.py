@@ -506,7 +506,7 @@ def _load_reference(run: AslRun, asl, options: CohortOptions):
     if given:
         _check_grid(img.data.shape, img.affine, asl, path)
         return img.data, path, None
-    from ..io.transforms import is_itk_transform, read_flirt_matrix, read_itk_affine
+    from ..io.transforms import read_asl_to_structural
 
     if mat is None and run.session and path.parent.parent.name != f"ses-{run.session}":
         # the subject's one structural for a session's ASL: another session's scanner
@@ -514,11 +514,7 @@ def _load_reference(run: AslRun, asl, options: CohortOptions):
         log.warning("%s: no ASL->T1w transform (%s) for the subject-level T1w %s: the images are taken "
                     "as aligned in world coordinates", run.key,
                     f"{run.key}{ANAT_XFM_SUFFIXES[0]}", path.name)
-    xfm = None
-    if mat is not None:
-        # ITK's from-asl_to-T1w maps T1w points to ASL points: its inverse is ASL -> T1w
-        xfm = ("itk", read_itk_affine(mat, invert=True)) if is_itk_transform(mat) else ("flirt", read_flirt_matrix(mat))
-    return None, path, (img, xfm, mat)
+    return None, path, (img, None if mat is None else read_asl_to_structural(mat), mat)
 
 
 def _check_grid(shape: tuple, affine: np.ndarray, asl, path: Path) -> None:
@@ -609,17 +605,11 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, check
     ref_info = None
     tissue_pv = None
     if anat is not None:
-        from ..geometry import flirt_to_world
+        from ..io.transforms import asl_to_structural_world
         from ..masks import reference_mask_from_structural
 
         t1w, xfm, _ = anat
-        if xfm is None:
-            world = np.eye(4)
-        elif xfm[0] == "itk":
-            world = xfm[1]
-        else:
-            world = flirt_to_world(xfm[1], asl.affine, shape, t1w.affine, t1w.shape[:3],
-                                   src_zooms=asl.voxel_size, ref_zooms=t1w.voxel_size)
+        world = np.eye(4) if xfm is None else asl_to_structural_world(xfm, asl, t1w)
         auto = reference_mask_from_structural(
             t1w.data, t1w.affine, shape, asl.affine, world, tissref=options.tissref,
             all_csf=options.all_csf, threshold=options.pve_threshold, name=f"T1w {t1w.path.name}",

@@ -20,7 +20,7 @@ gzip_backend, gzip_backends
 BidsFieldError
     The :class:`~aslcal.errors.InputError` of :mod:`aslcal.io.bids` for one wrong BIDS
     file, with the file and field as attributes (``.file``, ``.field``).
-read_flirt_matrix, read_itk_affine, is_itk_transform, flirt_to_world, world_to_flirt, flirt_scaling
+read_asl_to_structural, asl_to_structural_world, read_flirt_matrix, read_itk_affine, is_itk_transform, ...
     Transforms: FSL FLIRT matrices and ITK/ANTs affine files (text, or ITK's binary
     MATLAB format), as world (RAS mm) point mappings (see :mod:`aslcal.io.transforms`
     for the direction conventions).
@@ -35,9 +35,11 @@ from .derivatives import DerivativesWriter, entities_from_key, subject_key, writ
 from .nifti import Image, gzip_backend, gzip_backends, load_image, save_image
 from .tissuemaps import find_tissue_maps, load_tissue_map
 from .transforms import (
+    asl_to_structural_world,
     flirt_scaling,
     flirt_to_world,
     is_itk_transform,
+    read_asl_to_structural,
     read_flirt_matrix,
     read_itk_affine,
     world_to_flirt,
@@ -48,6 +50,7 @@ __all__ = [
     "DerivativesWriter",
     "Image",
     "OutputSet",
+    "asl_to_structural_world",
     "atomic_output",
     "bids",
     "entities_from_key",
@@ -59,6 +62,7 @@ __all__ = [
     "is_itk_transform",
     "load_image",
     "load_tissue_map",
+    "read_asl_to_structural",
     "read_flirt_matrix",
     "read_itk_affine",
     "save_image",

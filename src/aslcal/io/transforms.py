@@ -60,9 +60,11 @@ from ..errors import InputError
 from ..geometry import SINGULAR_DET, flirt_scaling, flirt_to_world, world_to_flirt
 
 __all__ = [
+    "asl_to_structural_world",
     "flirt_scaling",
     "flirt_to_world",
     "is_itk_transform",
+    "read_asl_to_structural",
     "read_flirt_matrix",
     "read_itk_affine",
     "world_to_flirt",
@@ -357,3 +359,28 @@ def _itk_text(path: Path, where: str) -> tuple[np.ndarray, np.ndarray]:
     params = _itk_numbers(where, "Parameters", fields["parameters"][0], 12)
     centre = _itk_numbers(where, "FixedParameters", fields["fixedparameters"][0], 3)
     return params, centre
+
+
+def read_asl_to_structural(path: str | os.PathLike[str]) -> tuple[str, np.ndarray]:
+    """Read an ASL -> structural transform file of either kind users have.
+
+    Returns ``("itk", world_asl_to_struct)`` for an ITK/ANTs ``from-<asl>_to-T1w`` affine
+    (text or binary: its point mapping is T1w -> ASL, so it is inverted here), or
+    ``("flirt", matrix)`` for an FSL FLIRT matrix (ASL = source), whose world form needs
+    the two images (:func:`asl_to_structural_world`).  Malformed files raise
+    :class:`~aslcal.errors.InputError` before any image is read.
+    """
+    if is_itk_transform(path):
+        return "itk", read_itk_affine(path, invert=True)
+    return "flirt", read_flirt_matrix(path)
+
+
+def asl_to_structural_world(transform: tuple[str, np.ndarray], asl: Any, struct: Any) -> np.ndarray:
+    """World (RAS mm) ASL -> structural point mapping of a :func:`read_asl_to_structural`
+    result, given the two images (:class:`aslcal.io.Image`: a FLIRT matrix takes their
+    affines, shapes and header voxel sizes, as FSL does)."""
+    kind, matrix = transform
+    if kind == "itk":
+        return matrix
+    return flirt_to_world(matrix, asl.affine, asl.shape[:3], struct.affine, struct.shape[:3],
+                          src_zooms=asl.voxel_size, ref_zooms=struct.voxel_size)
