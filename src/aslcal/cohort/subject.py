@@ -55,7 +55,7 @@ import numpy as np
 from ..errors import AslcalError, InputError
 from ..io.bids import (
     AslAcquisition, AslRun, BidsFieldError, asl_slice_timing, background_suppression_pulses, bolus_cutoff,
-    dataset_path, input_checksum, read_run,
+    dataset_path, input_checksum, is_number, read_run,
 )
 from ..io.nifti import load_image
 
@@ -204,9 +204,6 @@ class CohortOptions:
             raise InputError(f"model={self.model!r}: expected 'exact' or 'fabber'")
         if self.quantification not in QUANTIFICATIONS:
             raise InputError(f"quantification={self.quantification!r}: expected one of {', '.join(QUANTIFICATIONS)}")
-        def is_number(value) -> bool:
-            return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
         for name in ("t1r", "t2r", "t2b", "pc", "cgain", "voxel_pc", "voxel_t1t"):
             value = getattr(self, name)
             optional = name in ("t1r", "t2r", "t2b", "pc")
@@ -653,7 +650,7 @@ def _vendor_scaling_warnings(acq: AslAcquisition, from_deltam: bool) -> list[str
     maker = maker.strip().upper() if isinstance(maker, str) else ""
     if from_deltam and (maker == "GE" or maker.startswith("GE ")):
         nex = acq.metadata.get("NumberOfAverages")
-        nex_known = isinstance(nex, int | float) and not isinstance(nex, bool) and nex > 0
+        nex_known = is_number(nex) and nex > 0 and math.isfinite(32.0 * nex)
         gain = f"--cgain {32 * nex:g} (32 x NumberOfAverages {nex:g})" if nex_known else "--cgain 32*NEX"
         out.append("Manufacturer GE with deltam volumes: GE product deltam images are commonly scaled by "
                    "32 x NumberOfAverages relative to the M0 (ExploreASL divides by it); aslcal applies no vendor "
@@ -663,8 +660,7 @@ def _vendor_scaling_warnings(acq: AslAcquisition, from_deltam: bool) -> list[str
         display = acq.metadata.get("UsePhilipsFloatNotDisplayScaling", m0meta.get("UsePhilipsFloatNotDisplayScaling"))
         if display is not None and not isinstance(display, str) and display == 0:
             def number(value) -> bool:
-                return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) \
-                    and value != 0
+                return is_number(value) and value != 0
 
             differ = [f"{name} {acq.metadata[name]:g} (ASL) vs {m0meta[name]:g} (M0), ratio "
                       f"{acq.metadata[name] / m0meta[name]:.4g}"

@@ -105,6 +105,7 @@ __all__ = [
     "dataset_path",
     "discover",
     "input_checksum",
+    "is_number",
     "read_run",
     "run_sidecars",
 ]
@@ -829,7 +830,7 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else f"{text[:24]}...{text[-8:]} ({len(text)} characters)"
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     """A finite JSON number (not a boolean; an integer too large for a float is not)."""
     if not isinstance(value, int | float) or isinstance(value, bool):
         return False
@@ -859,7 +860,7 @@ def background_suppression_pulses(acq: AslAcquisition) -> int | None:
     if value is None:
         return None
     where = acq.source_of(name)
-    if not (_is_number(value) and float(value).is_integer() and 0 <= value <= MAX_BS_PULSES):
+    if not (is_number(value) and float(value).is_integer() and 0 <= value <= MAX_BS_PULSES):
         raise BidsFieldError(f"{where}: field {name!r} = {_shown(value)}: expected a number of pulses, "
                              f"0 to {MAX_BS_PULSES}", file=where, field=name)
     return int(value)
@@ -884,9 +885,9 @@ def _check_value(value: Any, path: Path, name: str, *, low: float, low_open: boo
     expected = f"a number {'>' if low_open else '>='} {low}" + (
         f" and < {high}" if high is not None else ""
     ) + f" ({unit})"
-    if unit == "s" and high is not None and _is_number(value) and float(value) >= high:
+    if unit == "s" and high is not None and is_number(value) and float(value) >= high:
         expected += "; BIDS times are in seconds, not milliseconds"
-    if not _is_number(value):
+    if not is_number(value):
         raise BidsFieldError(f"{path}: field {name!r} = {_shown(value)}: expected {expected}",
                              file=path, field=key)
     v = float(value)
@@ -1366,7 +1367,7 @@ def _slice_timing(meta: dict, js: Path, shape: tuple[int, ...], *, check_type: b
             f"{'' if type_js == js else f' (in {type_js})'}: "
             "BIDS does not allow SliceTiming for a 3-D readout, so one of the two is wrong "
             f"(slice delays or none){hint}", file=js, field="SliceTiming")
-    ok = isinstance(raw, list) and all(_is_number(t) and t >= 0 for t in raw)
+    ok = isinstance(raw, list) and all(is_number(t) and t >= 0 for t in raw)
     if not ok:
         raise BidsFieldError(
             f"{js}: field 'SliceTiming' = {raw!r}: expected a list of slice times in seconds (>= 0)",
