@@ -136,6 +136,27 @@ def test_maps_sidecars_say_skullstripped_exactly_when_zero_outside_the_brain_mas
     assert counts["desc-M0_M0map", False] > 0
 
 
+def test_calibration_mode_says_its_cbf_has_no_kinetic_model(cohort, reference_run, tmp_path, caplog):
+    """The default --quantification calibration divides the raw control-label difference by
+    M0a * alpha: no kinetic model, so the desc-cbf maps are not CBF (1.5-1.8 times below the
+    white-paper value on real protocols).  The run's log and every desc-cbf sidecar say so;
+    a white-paper run does not."""
+    import logging
+
+    out, _ = reference_run
+    key = next(iter(cohort.good))
+    sidecar = json.loads(next(out.rglob(f"{key}_desc-cbf_cbf.json")).read_text())
+    assert sidecar["Quantification"] == "calibration" and "no kinetic model" in sidecar["Description"]
+    with caplog.at_level(logging.WARNING, logger="aslcal"):
+        run_cohort(cohort.root, tmp_path / "o", options=_options(cohort), participant_label=[cohort.runs[key].subject])
+    assert sum("without a kinetic model" in r.message for r in caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="aslcal"):
+        run_cohort(cohort.root, tmp_path / "w", participant_label=[cohort.runs[key].subject],
+                   options=CohortOptions(ref_masks=_options(cohort).ref_masks, quantification="whitepaper"))
+    assert not any("without a kinetic model" in r.message for r in caplog.records)
+
+
 def test_summary_tsv_from_memory_equals_one_read_back_from_disk(cohort, reference_run, tmp_path):
     """The runner builds summary.tsv from the summaries it just wrote; reading every
     subject's summary JSON back from disk (what a later shard or resume does) gives the

@@ -254,6 +254,11 @@ def run_cohort(
             for path in sorted(logs.glob("failures*.jsonl")):
                 FailureLog(path).discard(plan.todo)
         todo: list[AslRun] = [by_key[k] for k in plan.todo]
+        if todo and options.quantification == "calibration":
+            log.warning("--quantification calibration: each desc-cbf map is 6000 * dM / (M0a * alpha) of the "
+                        "control-label difference as acquired, without a kinetic model (asl_calib's -i/-o on "
+                        "raw data); for a PLD of about 2 s that is 1.5-1.8 times below the white-paper CBF.  Pass "
+                        "--quantification whitepaper for single-PLD CBF")
 
         report = CohortReport(
             n_discovered=len(runs), selected=selected, skipped=plan.skipped, redo=plan.redo,

@@ -1078,6 +1078,11 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     if prep.kinetics is not None:
         records["cbf"]["Description"] = ("Cerebral blood flow, single-PLD white-paper model "
                                          "(Alsop et al. 2015) with the calibrated M0")
+    else:
+        records["cbf"]["Description"] = (
+            "Calibrated perfusion 6000 * dM / (M0a * alpha) of the control-label difference as acquired "
+            "(--quantification calibration): no kinetic model, so CBF only where dM was quantified "
+            "perfusion already; the white-paper model (--quantification whitepaper) gives single-PLD CBF")
     if prep.ref is not None:
         images["ref_mask"] = (prep.ref, aff)
         if prep.ref_info:
