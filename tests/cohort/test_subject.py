@@ -461,7 +461,7 @@ def test_look_locker_three_plus_one_phases_end_to_end(cohort, runs, masks_dir, t
                       field_strength=truth.field_strength, m0a=truth.m0a,
                       struct_voxel_size=(3.4, 3.4, 3.4), struct_oversample=1)
     ph = dataclasses.replace(ph, sensitivity=np.ones_like(ph.sensitivity))  # the cohort's flat coil
-    data, ll = look_locker_series(ph, ti1=0.1, dt=0.3, n_ti=10, fa=35.0, lfa=11.7, nphases=3)
+    data, ll = look_locker_series(ph, ti1=0.1, dt=0.3, n_ti=10, fa=35.0, lfa=11.7, nphases=3, te=truth.te_ms)
     assert data.shape[-1] == 40
     run = _copy_subject(cohort, key, tmp_path / "copy")
     save_image(run.m0scan, data, ph.affine, dtype="float32", overwrite=True)

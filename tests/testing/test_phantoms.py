@@ -317,6 +317,23 @@ def test_satrecov_matches_hand_formula(small):
     np.testing.assert_array_equal(truth["ti_per_volume"], np.repeat(tis, 3))
 
 
+def test_recovery_series_decay_with_each_tissues_t2_at_the_echo_time(small):
+    """te (ms): every readout of a pure tissue times exp(-TE/T2 of that tissue) (calibration.md
+    section 3's T2s), in both recovery-series generators; the truth's m0t too."""
+    ph = _pure(small, LAYOUT)
+    te = 12.0
+    for make in (lambda **kw: satrecov_series(ph, [0.5, 1.0, 2.0], dtype=np.float64, **kw),
+                 lambda **kw: look_locker_series(ph, ti1=0.1, dt=0.3, n_ti=4, fa=35.0, lfa=11.7,
+                                                 dtype=np.float64, **kw)):
+        base, base_truth = make()
+        echo, truth = make(te=te)
+        for z, tissue in enumerate(LAYOUT):
+            decay = math.exp(-te / T2[tissue])
+            np.testing.assert_allclose(echo[:, :, z], base[:, :, z] * decay, rtol=1e-12)
+            np.testing.assert_allclose(truth["m0t"][tissue], base_truth["m0t"][tissue] * decay, rtol=1e-12)
+        assert truth["te"] == te
+
+
 def _ll_closed_form(m0, sens, t1, a, ti1, dt, n_ti, theta, theta_high, q_low):
     """calibration.md 7.1: S(TI) = M0t q [r + (1 - A exp(-TI1/T1) - r) exp(-(TI - TI1)/T1app)]."""
     e = math.exp(-dt / t1)

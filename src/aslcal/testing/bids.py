@@ -145,8 +145,8 @@ class RunTruth:
     alpha : float
         Labelling efficiency used for the perfusion signal: every (control, label)
         pair has ``control - label = cbf * s * m0a_te * alpha / 6000`` (s = 1 with
-        ``flat_coil``).  Saturation-recovery and Look-Locker runs have TE 0 (their
-        generators model no T2 decay).
+        ``flat_coil``).  Every run has a real echo time (8, 11 or 14 ms; BIDS requires
+        EchoTime > 0), the recovery series' too.
     cbf_gm, cbf_wm : float, ml/100g/min
         Perfusion of pure grey and white matter of the phantom (``cbf = cbf_gm *
         pv_gm + cbf_wm * pv_wm``).
@@ -429,10 +429,8 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
     voxel = tuple(round(f / n, 4) for f, n in zip(_FOV_MM, grid, strict=True))
     fs = float(rng.choice([3.0, 3.0, 3.0, 1.5, 7.0]))
     m0a = round(float(rng.uniform(900.0, 1500.0)), 3)
-    te_s = round(float(rng.choice([0.0, 0.011, 0.014])), 6)
-    if variant in ("satrecov", "look_locker"):
-        # The recovery-series generators model no T2 decay: the whole run is at TE 0.
-        te_s = 0.0
+    # A real echo (BIDS: EchoTime > 0); every generator applies its T2 decay.
+    te_s = round(float(rng.choice([0.008, 0.011, 0.014])), 6)
     te_ms = te_s * 1000.0
     lab = "PASL" if rng.random() < 0.25 else "PCASL"
     alpha = 0.98 if lab == "PASL" else 0.85
@@ -510,11 +508,11 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
         m0_type = "Estimate"
         meta["M0Estimate"] = round(m0a * t2b_factor, 6)
     elif variant == "satrecov":
-        data, _ = satrecov_series(ph, _SATRECOV_TRS, slicedt=slicedt)
+        data, _ = satrecov_series(ph, _SATRECOV_TRS, slicedt=slicedt, te=te_ms)
         m0scan = (data, {"RepetitionTimePreparation": list(_SATRECOV_TRS), "EchoTime": te_s})
         m0_trs = _SATRECOV_TRS
     elif variant == "look_locker":
-        data, ll = look_locker_series(ph, **_LL, slicedt=slicedt)
+        data, ll = look_locker_series(ph, **_LL, slicedt=slicedt, te=te_ms)
         n_vol = data.shape[-1]
         tr_ll = round(_LL["ti1"] + _LL["dt"] * _LL["n_ti"] + 1.0, 6)
         m0scan = (data, {
@@ -561,7 +559,9 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
     if m0scan is not None:
         data, m0meta = m0scan
         m0meta = {**m0meta, "IntendedFor": f"bids::{perf.relative_to(out).as_posix()}/{key}_asl.nii.gz"}
+        m0meta["MRAcquisitionType"] = "3D"
         if slicedt > 0 and variant in ("satrecov", "look_locker"):
+            m0meta["MRAcquisitionType"] = "2D"
             m0meta["SliceTiming"] = [round(slicedt * z, 9) for z in range(int(data.shape[2]))]
         save_image(perf / f"{key}_m0scan.nii.gz", data, ph.affine, dtype=image_dtype)
         write_json(perf / f"{key}_m0scan.json", m0meta)

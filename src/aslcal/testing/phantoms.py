@@ -1023,6 +1023,7 @@ def satrecov_series(
     a: Any = 1.0,
     slicedt: float = 0.0,
     sliceband: int = 1,
+    te: float = 0.0,
     snr: float | None = None,
     noise: str = "rician",
     sigma: float | None = None,
@@ -1032,7 +1033,7 @@ def satrecov_series(
 ) -> tuple[np.ndarray, dict]:
     """Saturation-recovery series, one saturation per TI (no Look-Locker readout).
 
-        S(TI) = s * sum_t pv_t * M0_t * (1 - A * exp(-TI'/T1_t)),
+        S(TI) = s * sum_t pv_t * M0_t * (1 - A * exp(-TI'/T1_t)) * exp(-TE/T2_t),
 
     TI' = TI + slicedt * (z mod sliceband if sliceband > 1 else z).
 
@@ -1049,6 +1050,8 @@ def satrecov_series(
         Extra delay per slice (2-D multi-slice readout).  Default 0.
     sliceband : int, optional
         Slices per band for the per-slice delay (multiband).  Default 1.
+    te : float, milliseconds, optional
+        Echo time: each tissue decays by exp(-TE/T2_t).  Default 0.
     snr, sigma, noise, seed, dtype, write
         As :func:`longtr_calibration`.
 
@@ -1061,9 +1064,11 @@ def satrecov_series(
         (list), ``repeats``, ``a``, ``slicedt``, ``sliceband``,
         ``ti_per_volume`` (ndarray, nominal TI of each volume), ``m0`` (map,
         sum_t pv_t M0_t) and ``m0t`` (dict tissue -> map M0_t * s: the fully
-        relaxed signal a fit of a pure voxel returns).
+        relaxed signal a fit of a pure voxel returns, times exp(-TE/T2_t)).
     """
     _check_phantom(ph)
+    te = _positive("te", te, "ms", allow_zero=True)
+    decay = {t: math.exp(-te / float(ph.tissues[t].t2)) for t in TISSUES}
     tis_arr = _tis_array(tis)
     repeats = _count("repeats", repeats)
     a_val = _map_or_scalar("a", a, ph.shape, "saturation efficiency")
@@ -1076,7 +1081,7 @@ def satrecov_series(
     clean = np.zeros(ph.shape + (tis_arr.size,))
     for t in TISSUES:
         rec = 1.0 - a_map * np.exp(-ti / ph.tissues[t].t1)
-        clean += (ph.pv[t] * ph.m0_tissue[t] * sens)[..., None] * rec
+        clean += (ph.pv[t] * ph.m0_tissue[t] * decay[t] * sens)[..., None] * rec
     clean = np.repeat(clean, repeats, axis=-1)
     sd = _noise_sigma(snr, sigma, ph.m0_tissue["gm"] * _gm_mean(ph, sens))
     data, common = _finish(ph, "satrecov_series", clean, sd, noise, seed, dt)
@@ -1089,9 +1094,10 @@ def satrecov_series(
         "slicedt": sdt,
         "sliceband": band,
         "ti_per_volume": np.repeat(tis_arr, repeats),
+        "te": te,
         **_tissue_truth(ph),
         "m0": sum(ph.pv[t] * ph.m0_tissue[t] for t in TISSUES),
-        "m0t": {t: ph.m0_tissue[t] * sens for t in TISSUES},
+        "m0t": {t: ph.m0_tissue[t] * decay[t] * sens for t in TISSUES},
         "sensitivity": sens,
     }
     if write is not None:
@@ -1113,6 +1119,7 @@ def look_locker_series(
     lfa_offset: float = 0.023,
     slicedt: float = 0.0,
     sliceband: int = 1,
+    te: float = 0.0,
     snr: float | None = None,
     noise: str = "rician",
     sigma: float | None = None,
@@ -1127,7 +1134,7 @@ def look_locker_series(
     ``Mz = 1 - A``; Mz relaxes, ``Mz <- 1 + (Mz - 1) * exp(-t/T1)``, to the first
     readout at ``TI1'``; at each readout the signal is ``M0 * Mz * sin(theta)``,
     then ``Mz <- Mz * cos(theta)`` and Mz relaxes for ``dt``; ``n_ti`` readouts.
-    The voxel signal is ``s * sum_t pv_t * (tissue signal)``.  True angles:
+    The voxel signal is ``s * sum_t pv_t * (tissue signal) * exp(-TE/T2_t)``.  True angles:
     ``theta = g * FA`` in the high-flip-angle phases and
     ``theta = (g + lfa_offset) * LFA`` in the low-flip-angle phase, with g the
     phantom's ``fa_scale`` map (calibration.md section 7.1: the relation the fit
@@ -1157,6 +1164,8 @@ def look_locker_series(
         empirical 0.023).
     slicedt, sliceband
         Per-slice readout delay, as :func:`satrecov_series`.
+    te : float, milliseconds, optional
+        Echo time of every readout: each tissue decays by exp(-TE/T2_t).  Default 0.
     snr, sigma, noise, seed, dtype, write
         As :func:`longtr_calibration` (the SNR reference is the fully relaxed GM
         signal, without any sin(theta) factor).
@@ -1169,7 +1178,7 @@ def look_locker_series(
         Common keys (``generator``, ``clean``, ``sigma``, ``noise``, ``noise_seed``,
         ``snr``, ``m0a``, ``m0_tissue``, ``t1`` (dict tissue -> s),
         ``sensitivity``) and ``m0t`` (dict tissue -> map
-        ``M0_t * sin(g * FA) * s``: the scale the fit reports), ``g`` (the
+        ``M0_t * sin(g * FA) * s * exp(-TE/T2_t)``: the scale the fit reports), ``g`` (the
         fa_scale map), ``a``, ``tis`` (list: the n_ti nominal readout times of a
         phase), ``ti1``, ``dt``, ``n_ti``, ``fa``, ``lfa``, ``nphases``,
         ``repeats``, ``lfa_offset``, ``slicedt``, ``sliceband``,
@@ -1178,6 +1187,8 @@ def look_locker_series(
         ``nphases``) and ``fa_per_volume`` (nominal degrees).
     """
     _check_phantom(ph)
+    te = _positive("te", te, "ms", allow_zero=True)
+    decay = {t: math.exp(-te / float(ph.tissues[t].t2)) for t in TISSUES}
     ti1 = _positive("ti1", ti1, "s", allow_zero=True)
     spacing = _positive("dt", dt, "s")
     n_ti = _count("n_ti", n_ti)
@@ -1209,7 +1220,7 @@ def look_locker_series(
         out = np.zeros(ph.shape + (n_ti,))
         for t in TISSUES:
             t1 = ph.tissues[t].t1
-            amp = ph.pv[t] * ph.m0_tissue[t] * sens * sin_t
+            amp = ph.pv[t] * ph.m0_tissue[t] * decay[t] * sens * sin_t
             mz = 1.0 - a_val + np.zeros(ph.shape)  # fraction of M0 after the saturation
             mz = 1.0 + (mz - 1.0) * np.exp(-first / t1)
             relax = math.exp(-spacing / t1)
@@ -1232,7 +1243,8 @@ def look_locker_series(
         **common,
         "snr": snr,
         **_tissue_truth(ph),
-        "m0t": {t: ph.m0_tissue[t] * np.sin(theta_high) * sens for t in TISSUES},
+        "m0t": {t: ph.m0_tissue[t] * decay[t] * np.sin(theta_high) * sens for t in TISSUES},
+        "te": te,
         "g": g,
         "a": a_val,
         "tis": tis.tolist(),
