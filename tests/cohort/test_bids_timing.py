@@ -310,8 +310,12 @@ def test_ge_deltam_scaling_is_a_warning(cal_cohort, tmp_path):
     (perf / "sub-01_aslcontext.tsv").write_text("volume_type\ndeltam\n")
     warning = _warnings(root)
     assert "32 x NumberOfAverages" in warning and "--cgain 96" in warning
-    _edit(js, Manufacturer="ge", NumberOfAverages=None)
-    assert "--cgain 32*NEX" in _warnings(root)
+    # without NumberOfAverages: TotalAcquiredPairs, which GE's NEX usually is, as a hint
+    _edit(js, Manufacturer="ge", NumberOfAverages=None, TotalAcquiredPairs=4)
+    warning = _warnings(root)
+    assert "--cgain 32*NEX" in warning and "TotalAcquiredPairs, 4 here: --cgain 128" in warning
+    _edit(js, TotalAcquiredPairs=None)
+    assert "--cgain 32*NEX" in _warnings(root) and "TotalAcquiredPairs" not in _warnings(root)
     _edit(js, Manufacturer="Siemens")
     assert _warnings(root) == ""
 

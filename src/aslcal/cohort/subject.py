@@ -651,7 +651,11 @@ def _vendor_scaling_warnings(acq: AslAcquisition, from_deltam: bool) -> list[str
     if from_deltam and (maker == "GE" or maker.startswith("GE ")):
         nex = acq.metadata.get("NumberOfAverages")
         nex_known = is_number(nex) and nex > 0 and math.isfinite(32.0 * nex)
-        gain = f"--cgain {32 * nex:g} (32 x NumberOfAverages {nex:g})" if nex_known else "--cgain 32*NEX"
+        pairs = acq.metadata.get("TotalAcquiredPairs")
+        gain = (f"--cgain {32 * nex:g} (32 x NumberOfAverages {nex:g})" if nex_known else
+                f"--cgain 32*NEX (NumberOfAverages is not given; GE's NEX is usually the TotalAcquiredPairs, "
+                f"{pairs:g} here: --cgain {32 * pairs:g})" if is_number(pairs) and 0 < pairs < 1e6 else
+                "--cgain 32*NEX")
         out.append("Manufacturer GE with deltam volumes: GE product deltam images are commonly scaled by "
                    "32 x NumberOfAverages relative to the M0 (ExploreASL divides by it); aslcal applies no vendor "
                    f"scale: if the converter did not rescale, pass {gain}")
@@ -709,8 +713,9 @@ def _whitepaper_kinetics(acq: AslAcquisition, volumes: tuple[int, ...]) -> dict[
         if len(distinct) != 1:
             where = acq.source_of(name)
             raise BidsFieldError(f"{where}: field {name!r} has several values {distinct} over the perfusion "
-                                 "volumes: the white-paper model is single-PLD (use --quantification "
-                                 "calibration)", file=where, field=name)
+                                 "volumes: the white-paper model is single-PLD (multi-PLD CBF needs a "
+                                 "kinetic-model fit; --quantification calibration only calibrates the "
+                                 "PLD-averaged difference, which is no CBF)", file=where, field=name)
         return distinct[0]
 
     lab = acq.labeling_type.lower()
