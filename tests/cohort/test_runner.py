@@ -670,6 +670,11 @@ def test_sidecars_name_their_sources_as_bids_uris(cohort, reference_run):
             assert (cohort.root / uri.removeprefix("bids:raw:")).is_file()
     ref = json.loads((out / perf / f"{key}_desc-ref_mask.json").read_text())["Sources"]
     assert ref == [f"bids:raw:{t.ref_mask}"] and (cohort.root / t.ref_mask).is_file()
+    # every output is on the ASL image's grid: its SpatialReference (BIDS, native space)
+    for name in (out / perf).glob(f"{key}_desc-*.json"):
+        if name.name.endswith(("_summary.json", "_provenance.json", "_complete.json")):
+            continue
+        assert json.loads(name.read_text())["SpatialReference"] == f"bids:raw:{(perf / f'{key}_asl.nii.gz').as_posix()}"
 
 
 def test_symlinked_inputs_are_named_as_in_the_dataset(tmp_path):

@@ -1101,8 +1101,12 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     # BIDS derivatives: every map names the raw images it comes from (BIDS URIs into the
     # dataset linked as "raw" in dataset_description.json); the reference mask its file
     sources = [_bids_uri(p) for p in prep.inputs if p.endswith((".nii", ".nii.gz")) and p != prep.ref_file]
+    # the grid every map is on: the run's ASL image (BIDS SpatialReference of native-space data)
+    asl_image = next((p for p in prep.inputs if p.endswith(("_asl.nii", "_asl.nii.gz"))), None)
     for name in images:
         rec = records.setdefault(name, {})
+        if asl_image is not None:
+            rec["SpatialReference"] = _bids_uri(asl_image)
         if name == "ref_mask":  # the mask given, or the T1w (and transform) it was made from
             rec["Sources"] = [_bids_uri(p) for p in prep.inputs if p == prep.ref_file or p.endswith(ANAT_XFM_SUFFIXES)]
         else:
