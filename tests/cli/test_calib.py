@@ -249,11 +249,38 @@ def test_overwrite_removes_an_earlier_runs_outdir_files_this_run_does_not_write(
     assert {"refmask.nii.gz", "qc.png"} <= {p.name for p in outdir.iterdir()}
     refused = cli("calib", "--m0a", 1000.0, "-i", syn.perf_path, "-o", syn.root / "o2.nii.gz", "--outdir", outdir)
     assert refused.rc == 2 and (outdir / "refmask.nii.gz").exists()
+    user_file = outdir / "sensitivity.nii.gz"  # a known name, but not the earlier run's output
+    user_file.write_bytes(b"mine")
     again = cli("calib", "--m0a", 1000.0, "-i", syn.perf_path, "-o", syn.root / "o2.nii.gz", "--outdir", outdir,
                 "--overwrite")
     assert again.rc == 0, again.err
-    assert sorted(p.name for p in outdir.iterdir()) == ["M0.txt", "perfusion_calib.nii.gz", "provenance.json"]
-    assert float((outdir / "M0.txt").read_text()) == 1000.0
+    assert sorted(p.name for p in outdir.iterdir()) == [
+        "M0.txt", "perfusion_calib.nii.gz", "provenance.json", "sensitivity.nii.gz"]
+    assert float((outdir / "M0.txt").read_text()) == 1000.0 and user_file.read_bytes() == b"mine"
+    assert "removed" in again.err and "refmask.nii.gz" in again.err  # said, not silent
+    prov = json.loads((outdir / "provenance.json").read_text())
+    assert prov["outputs"] == ["M0.txt", "perfusion_calib.nii.gz", "provenance.json"]
+
+
+def test_stale_output_removal_keeps_what_the_run_reads_or_an_older_record_did_not_list(tmp_path):
+    """Only files the earlier run recorded as its outputs go, never one this run reads
+    (an earlier T1 map given as --t1r), and nothing after a provenance without that record."""
+    from aslcal.cli._common import earlier_aslcal_run, remove_stale_outputs
+
+    outdir = tmp_path / "od"
+    outdir.mkdir()
+    for name in ("T1t.nii.gz", "qc.png", "rss.nii.gz"):
+        (outdir / name).write_bytes(b"x")
+    record = {"aslcal": "0", "command": "calib", "outputs": ["T1t.nii.gz", "qc.png", "provenance.json"]}
+    (outdir / "provenance.json").write_text(json.dumps(record))
+    earlier = earlier_aslcal_run(outdir, "calib")
+    assert earlier == {"T1t.nii.gz", "qc.png", "provenance.json"} and earlier_aslcal_run(outdir, "voxelwise") == set()
+    removed = remove_stale_outputs(outdir, sorted(earlier), [outdir / "provenance.json"],
+                                   inputs=[str(tmp_path / "od" / ".." / "od" / "T1t.nii.gz"), 1.3, None])
+    assert removed == [outdir / "qc.png"]
+    assert (outdir / "T1t.nii.gz").exists() and (outdir / "rss.nii.gz").exists()
+    (outdir / "provenance.json").write_text(json.dumps({"aslcal": "0", "command": "calib"}))  # older record
+    assert earlier_aslcal_run(outdir, "calib") == set()
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -138,7 +138,7 @@ def test_maps_sidecars_say_skullstripped_exactly_when_zero_outside_the_brain_mas
 
 def test_calibration_mode_says_its_cbf_has_no_kinetic_model(cohort, reference_run, tmp_path, caplog):
     """The default --quantification calibration divides the raw control-label difference by
-    M0a * alpha: no kinetic model, so the desc-cbf maps are not CBF (1.5-1.8 times below the
+    M0a * alpha: no kinetic model, so the desc-cbf maps are not CBF (1.5-2.2 times below the
     white-paper value on real protocols).  The run's log and every desc-cbf sidecar say so;
     a white-paper run does not."""
     import logging

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import logging
+import os
 import platform
 from collections.abc import Iterable
 from pathlib import Path
@@ -139,22 +141,53 @@ def prepare_outdir(outdir: str | None) -> Path | None:
     return path
 
 
-def remove_stale_outputs(outdir: Path | None, known: Iterable[str], written: Iterable[Path]) -> list[Path]:
-    """After a run with ``--overwrite``: remove the files of ``known`` (the command's own
-    ``--outdir`` names) that this run did not write, so that an earlier run's maps do not
-    sit beside this run's provenance.  Returns the removed paths."""
+def earlier_aslcal_run(outdir: Path | None, command: str) -> set[str]:
+    """The ``--outdir`` files an earlier ``aslcal <command>`` run recorded writing there (its
+    provenance's ``outputs``, read before this run replaces it); empty when there is none."""
+    if outdir is None:
+        return set()
+    try:
+        record = json.loads((outdir / "provenance.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    if not (isinstance(record, dict) and "aslcal" in record and record.get("command") == command):
+        return set()
+    names = record.get("outputs")
+    return {n for n in names if isinstance(n, str) and "/" not in n} if isinstance(names, list) else set()
+
+
+def outdir_outputs(out: Any, outdir: Path) -> list[str]:
+    """Names of the files staged in ``outdir`` so far, and the provenance: what a run's
+    provenance records as its outputs there (``outputs``)."""
+    return sorted({p.name for p in out.destinations if p.parent == outdir} | {"provenance.json"})
+
+
+def remove_stale_outputs(outdir: Path | None, known: Iterable[str], written: Iterable[Path],
+                         inputs: Iterable[Any] = ()) -> list[Path]:
+    """After a run with ``--overwrite``: remove the files of ``known`` (what the earlier run
+    of the command recorded writing to ``--outdir``: :func:`earlier_aslcal_run`) that this
+    run did not write, so that the earlier run's maps do not sit beside this run's
+    provenance.  Never a file this run wrote or read (``inputs``: its input options; paths
+    compared resolved).  Returns the removed paths."""
     if outdir is None:
         return []
-    kept = {Path(p).name for p in written if Path(p).parent == outdir}
+
+    def same(a: Path, b: Path) -> bool:
+        try:
+            return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+        except OSError:
+            return False
+
+    keep = [Path(p) for p in written] + [Path(p) for p in inputs if isinstance(p, str | os.PathLike)]
     removed = []
     for name in known:
         path = outdir / name
-        if name not in kept and path.is_file():
+        if path.is_file() and not any(same(path, k) for k in keep):
             path.unlink()
             removed.append(path)
     if removed:
-        log.info("--overwrite: removed %s of an earlier run (not written by this one)",
-                 ", ".join(p.name for p in removed))
+        log.warning("--overwrite: removed %s of the earlier run in %s (this run does not write them)",
+                    ", ".join(p.name for p in removed), outdir)
     return removed
 
 

@@ -18,12 +18,14 @@ from ..errors import InputError
 from ._common import (
     check_same_grid,
     cleanup_outdir,
+    earlier_aslcal_run,
     float_list,
     float_or_image,
     fsl_image_names,
     image_or_value,
     load,
     mask_of,
+    outdir_outputs,
     prepare_outdir,
     provenance,
     remove_stale_outputs,
@@ -138,6 +140,10 @@ _SATRECOV_ONLY = {
 }
 _LONGTR_ONLY = {"tr": ("--tr", 3.2), "taq": ("--taq", 0.0)}
 
+
+#: Options naming files this command reads.
+_INPUT_OPTIONS = ("calib", "mask", "struc", "trans", "refpve", "tissue_maps", "ventricle_atlas", "str2std", "bmask",
+                  "infile", "t1r", "t2r", "cref", "cact", "isen", "tissue_table")
 
 #: What --m0a replaces: the calibration image and everything that describes or masks it.
 _CALIBRATION_INPUTS = {
@@ -273,6 +279,7 @@ def run(args) -> int:
     out = OutputSet(overwrite=args.overwrite)
     created = args.outdir is not None and not Path(args.outdir).exists()
     outdir = prepare_outdir(args.outdir)
+    earlier = earlier_aslcal_run(outdir, "calib") if args.overwrite else set()
     try:
         out.check(*_outputs(args, outdir))
         with out:
@@ -281,8 +288,9 @@ def run(args) -> int:
     except BaseException:
         cleanup_outdir(outdir, created)
         raise
-    if args.overwrite:
-        remove_stale_outputs(outdir, OUTDIR_NAMES, written)
+    if earlier:
+        remove_stale_outputs(outdir, sorted(earlier & set(OUTDIR_NAMES)), written,
+                             inputs=[getattr(args, k) for k in _INPUT_OPTIONS])
     print(f"M0: {result['m0a']:.10g}")
     log.info("done in %.2f s", time.perf_counter() - t_start)
     return 0
@@ -405,7 +413,8 @@ def _calibrate(args, out, outdir: Path | None) -> dict:
         inputs = {k: getattr(args, k) for k in ("calib", "mask", "bmask", "infile", "cref", "cact", "isen", "tissue_table",
                                                 "struc", "trans", "refpve", "tissue_maps", "ventricle_atlas", "str2std")}
         write_json(out.path(outdir / "provenance.json"), provenance(
-            args, "calib", inputs={k: v for k, v in inputs.items() if v}, m0a=m0a, calibration=record,
+            args, "calib", outputs=outdir_outputs(out, outdir), inputs={k: v for k, v in inputs.items() if v},
+            m0a=m0a, calibration=record,
             reference_mask=auto.as_dict() if auto is not None else {"source": "-m", "n_voxels": int(refmask.sum())},
             brain_mask=bmask_source,
             calibrated=None if calibrated is None else calibrated.as_dict(), timings_s=timings,
@@ -439,7 +448,8 @@ def _apply_known_m0a(args, out, outdir: Path | None) -> dict:
                        description="aslcal coil sensitivity")
         inputs = {k: getattr(args, k) for k in ("infile", "isen") if getattr(args, k)}
         write_json(out.path(outdir / "provenance.json"), provenance(
-            args, "calib", inputs=inputs, m0a=args.m0a, calibration={"source": "--m0a (given)"},
+            args, "calib", outputs=outdir_outputs(out, outdir), inputs=inputs, m0a=args.m0a,
+            calibration={"source": "--m0a (given)"},
             calibrated=calibrated.as_dict(), timings_s=timings,
         ))
     return {"m0a": args.m0a, "record": None, "timings": timings}

@@ -76,8 +76,8 @@ def add_parser(sub, common) -> None:
     g.add_argument("--no-edgecorr", dest="edgecorr", action="store_false", help="voxelwise M0 without edge correction")
     g.add_argument("--quantification", choices=("calibration", "whitepaper"), default="calibration",
                    help="CBF from ΔM: 'calibration' = 6000·ΔM/(M0a·α), ΔM taken as quantified perfusion "
-                        "(asl_calib -i/-o; default; on raw control-label data no kinetic model: 1.5-1.8 "
-                        "times below the white-paper CBF at a PLD of 2 s, and said so in the log and the sidecars); "
+                        "(asl_calib -i/-o; default; on raw control-label data no kinetic model: 1.5-2.2 "
+                        "times below the white-paper CBF, by protocol, and said so in the log and the sidecars); "
                         "'whitepaper' = the single-PLD white-paper model from PostLabelingDelay, "
                         "LabelingDuration (PASL: BolusCutOffDelayTime) and SliceTiming")
     x = p.add_argument_group("execution")

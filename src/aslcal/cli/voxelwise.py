@@ -7,7 +7,10 @@ import time
 from pathlib import Path
 
 from ..errors import InputError
-from ._common import cleanup_outdir, fsl_image_names, load, mask_of, prepare_outdir, provenance, remove_stale_outputs
+from ._common import (
+    cleanup_outdir, earlier_aslcal_run, fsl_image_names, load, mask_of, outdir_outputs, prepare_outdir, provenance,
+    remove_stale_outputs,
+)
 
 log = logging.getLogger("aslcal")
 
@@ -56,6 +59,7 @@ def run(args) -> int:
         raise InputError("nothing to write: give --m0map FILE, -i PERF with -o OUT, or --outdir DIR")
     created = args.outdir is not None and not Path(args.outdir).exists()
     outdir = prepare_outdir(args.outdir)
+    earlier = earlier_aslcal_run(outdir, "voxelwise") if args.overwrite else set()
     out = OutputSet(overwrite=args.overwrite)
     try:
         planned = [Path(p) for p in (args.outfile, args.m0map) if p]
@@ -91,14 +95,15 @@ def run(args) -> int:
                     save_image(out.path(outdir / "perfusion_calib.nii.gz"), cal.image, perf.affine,
                                header=perf.header, description="aslcal CBF ml/100g/min")
                 write_json(out.path(outdir / "provenance.json"), provenance(
-                    args, "voxelwise", voxelwise=vw.as_dict(),
+                    args, "voxelwise", outputs=outdir_outputs(out, outdir), voxelwise=vw.as_dict(),
                     calibrated=None if cal is None else cal.as_dict(), timings_s={"total": elapsed},
                 ))
             written = out.destinations
     except BaseException:
         cleanup_outdir(outdir, created)
         raise
-    if args.overwrite:
-        remove_stale_outputs(outdir, ("M0map.nii.gz", "provenance.json", "perfusion_calib.nii.gz"), written)
+    if earlier:
+        remove_stale_outputs(outdir, sorted(earlier & {"M0map.nii.gz", "provenance.json", "perfusion_calib.nii.gz"}),
+                             written, inputs=[args.calib, args.bmask, args.infile])
     log.info("voxelwise M0: %d brain voxels, %d filled by the edge correction", vw.n_brain, vw.n_filled)
     return 0

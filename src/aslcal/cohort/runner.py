@@ -257,7 +257,7 @@ def run_cohort(
         if todo and options.quantification == "calibration":
             log.warning("--quantification calibration: each desc-cbf map is 6000 * dM / (M0a * alpha) of the "
                         "control-label difference as acquired, without a kinetic model (asl_calib's -i/-o on "
-                        "raw data); for a PLD of about 2 s that is 1.5-1.8 times below the white-paper CBF.  Pass "
+                        "raw data): 1.5-2.2 times below the white-paper CBF, depending on the protocol (PLD, labelling, field).  Pass "
                         "--quantification whitepaper for single-PLD CBF")
 
         report = CohortReport(
