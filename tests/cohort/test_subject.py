@@ -626,6 +626,14 @@ def test_background_suppression_efficiency_scales_alpha(tmp_path):
     record = json.loads((tmp_path / "bs" / rel / cbf_plain.name.replace(".nii.gz", ".json")).read_text())
     base = 0.98 if labelling[keys[0]] == "PASL" else 0.85  # calibration.md §9 defaults
     assert record["LabelingEfficiency"] == pytest.approx(base * 0.95**4, rel=1e-12)
+    # with LabelingEfficiency in the sidecar it is alpha as it is: the option is said to be unused
+    sidecar = truth.root / f"sub-{t.subject}" / (f"ses-{t.session}" if t.session else "") / "perf" / f"{keys[0]}_asl.json"
+    write_json(sidecar, {**json.loads(sidecar.read_text()), "LabelingEfficiency": 0.7}, overwrite=True)
+    run_cohort(truth.root, tmp_path / "given", options=CohortOptions(bs_efficiency=0.95), workers=1)
+    summary = json.loads(next((tmp_path / "given" / rel).glob("*_desc-aslcal_summary.json")).read_text())
+    assert "--bs-efficiency not applied" in summary["warnings"] and "LabelingEfficiency" in summary["warnings"]
+    given = json.loads((tmp_path / "given" / rel / cbf_plain.name.replace(".nii.gz", ".json")).read_text())
+    assert given["LabelingEfficiency"] == 0.7
 
 
 def test_anat_paths_take_the_most_specific_matrix(tmp_path):

@@ -684,6 +684,10 @@ def _input_warnings(acq: AslAcquisition, perf_volumes: tuple[int, ...], options:
     if acq.m0_type == "Absent" and acq.run.m0scan is not None:
         out.append(f"{acq.source_of('M0Type').name} says M0Type 'Absent' but {acq.run.m0scan.name} exists "
                    "(BIDS: M0Type is then 'Separate'); the mean control image was used as M0, not the m0scan")
+    if options.bs_efficiency is not None and acq.background_suppression \
+            and acq.metadata.get("LabelingEfficiency") is not None:
+        out.append(f"--bs-efficiency not applied: {acq.source_of('LabelingEfficiency').name} gives "
+                   "LabelingEfficiency, which is used as alpha as it is")
     pld = acq.post_labeling_delay
     if options.quantification != "whitepaper" and pld is not None:
         distinct = sorted({float(pld[i]) for i in perf_volumes})
