@@ -393,6 +393,16 @@ def make_bids_cohort(
             "DatasetType": "derivative",
             "GeneratedBy": [{"Name": "aslcal.testing.make_bids_cohort"}],
         })
+    if anat:
+        (out / ANAT_DIR).mkdir(parents=True, exist_ok=True)
+        write_json(out / ANAT_DIR / "dataset_description.json", {
+            "Name": f"aslcal phantom ASL cohort structurals (seed {int(seed)})",
+            "BIDSVersion": "1.9.0",
+            "DatasetType": "derivative",
+            "GeneratedBy": [{"Name": "aslcal.testing.make_bids_cohort"}],
+        })
+        # transforms are not BIDS files (yet): sMRIPrep ignores them the same way
+        write_text(out / ANAT_DIR / ".bidsignore", "*_xfm.*\n")
 
     runs: dict[str, RunTruth] = {}
     for i, (label, variant) in enumerate(zip(subjects, plan, strict=True)):
@@ -573,6 +583,8 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
         mask_dir.mkdir(parents=True, exist_ok=True)
         mask_path = mask_dir / f"{key}_desc-ref_mask.nii.gz"
         save_image(mask_path, ref.astype(np.uint8), ph.affine, dtype=np.uint8)
+        write_json(mask_dir / f"{key}_desc-ref_mask.json", {
+            "Type": "ROI", "Description": f"Pure lateral ventricles (partial volume >= {_REF_PV})"})
         ref_rel = mask_path.relative_to(out).as_posix()
 
     if anat:
@@ -584,6 +596,7 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
         anat_dir.mkdir(parents=True, exist_ok=True)
         prefix = f"sub-{label}" + (f"_ses-{session}" if session else "")
         save_image(anat_dir / f"{prefix}_desc-brain_T1w.nii.gz", st.t1w_brain, st.affine)
+        write_json(anat_dir / f"{prefix}_desc-brain_T1w.json", {"SkullStripped": True})
         write_text(anat_dir / f"{prefix}_from-asl_to-T1w_mode-image_xfm.mat",
                    "".join("  ".join(f"{v:.10f}" for v in row) + "\n" for row in st.asl2struct))
 
