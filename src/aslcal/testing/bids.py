@@ -385,22 +385,16 @@ def make_bids_cohort(
     subjects = [f"{i + 1:0{width}d}" for i in range(n_subjects)]
     write_text(out / "participants.tsv",
                "participant_id\n" + "".join(f"sub-{s}\n" for s in subjects))
-    if ref_masks:
-        (out / REF_MASK_DIR).mkdir(parents=True, exist_ok=True)
-        write_json(out / REF_MASK_DIR / "dataset_description.json", {
-            "Name": f"aslcal phantom ASL cohort reference masks (seed {int(seed)})",
-            "BIDSVersion": "1.9.0",
-            "DatasetType": "derivative",
-            "GeneratedBy": [{"Name": "aslcal.testing.make_bids_cohort"}],
-        })
+    for wanted, folder, what in ((ref_masks, REF_MASK_DIR, "reference masks"), (anat, ANAT_DIR, "structurals")):
+        if wanted:
+            (out / folder).mkdir(parents=True, exist_ok=True)
+            write_json(out / folder / "dataset_description.json", {
+                "Name": f"aslcal phantom ASL cohort {what} (seed {int(seed)})",
+                "BIDSVersion": "1.9.0",
+                "DatasetType": "derivative",
+                "GeneratedBy": [{"Name": "aslcal.testing.make_bids_cohort"}],
+            })
     if anat:
-        (out / ANAT_DIR).mkdir(parents=True, exist_ok=True)
-        write_json(out / ANAT_DIR / "dataset_description.json", {
-            "Name": f"aslcal phantom ASL cohort structurals (seed {int(seed)})",
-            "BIDSVersion": "1.9.0",
-            "DatasetType": "derivative",
-            "GeneratedBy": [{"Name": "aslcal.testing.make_bids_cohort"}],
-        })
         # transforms are not BIDS files (yet): sMRIPrep ignores them the same way
         write_text(out / ANAT_DIR / ".bidsignore", "*_xfm.*\n")
 
