@@ -75,6 +75,7 @@ lift is recorded (``RefRegionM0.noise_floor_lift``) and, above :data:`NOISE_FLOO
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -135,6 +136,27 @@ def rician_mean(signal: Any, sigma: float) -> np.ndarray:
     return sigma * math.sqrt(math.pi / 2.0) * ((1.0 + x) * i0e(x / 2.0) + x * i1e(x / 2.0))
 
 
+@functools.lru_cache(maxsize=1)
+def _scalar_model():
+    from ..physics.satrecov import make_satrecov_model
+
+    return make_satrecov_model()
+
+
+def _model_curve(design: FitDesign, params: np.ndarray) -> np.ndarray:
+    """The signal of every volume of ``design`` for one parameter set ``(m0t, t1t, a, g)``,
+    from the single-source model the fitting kernels compile (slice delay 0)."""
+    signal = _scalar_model().signal_grad
+    m0, t1, a, g = (float(x) for x in params)
+    fa = math.radians(design.fa) if design.fa is not None else 0.0
+    lfa = math.radians(design.lfa) if design.lfa is not None else 0.0
+    return np.array([
+        signal(design.mode, m0, t1, a, g, float(ti), design.ti1_low if low else design.ti1_high, design.dt,
+               fa, lfa, int(low))[0]
+        for ti, low in zip(design.ti, design.low)
+    ])
+
+
 def noise_floor_lift(design: FitDesign, m0t: Any, t1t: Any, a: Any, g: Any, rss: Any, voxels: Any) -> float | None:
     """Mean Rician lift of a fitted series over its mean signal (module docstring, *Reliability*).
 
@@ -142,8 +164,6 @@ def noise_floor_lift(design: FitDesign, m0t: Any, t1t: Any, a: Any, g: Any, rss:
     shape), ``voxels`` a boolean map of the voxels to summarise.  None when the fit has
     no residual degrees of freedom or no voxel has finite values.
     """
-    from ..fitting.reference import reference_signal
-
     dof = design.n_obs - design.n_free
     if dof <= 0:
         return None
@@ -153,7 +173,7 @@ def noise_floor_lift(design: FitDesign, m0t: Any, t1t: Any, a: Any, g: Any, rss:
         return None
     params = np.array([float(xp.median(x[sel])) for x in (m0t, t1t, a, g)])
     sigma = math.sqrt(max(float(xp.median(rss[sel])), 0.0) / dof)
-    curve = reference_signal(params, design)
+    curve = _model_curve(design, params)
     mean = float(np.mean(curve))
     if not mean > 0:
         return None
