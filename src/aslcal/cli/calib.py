@@ -35,12 +35,6 @@ log = logging.getLogger("aslcal")
 
 #: Maps of the whole-brain satrecov fit written to --outdir: (result attribute, file stem).
 FIT_MAPS = (("t1t", "T1t"), ("m0t", "M0t"), ("a", "A"), ("g", "facorr"))
-#: Every file calib may write to --outdir (one run writes those its options ask for).
-OUTDIR_NAMES = (
-    "M0.txt", "refmask.nii.gz", "brainmask.nii.gz", "provenance.json", "qc.png", "refmask_pv.nii.gz",
-    "sensitivity.nii.gz", "ref_T1t.nii.gz", "ref_M0t.nii.gz", "ref_status.nii.gz", "status.nii.gz", "rss.nii.gz",
-    "perfusion_calib.nii.gz", *(f"{stem}{se}.nii.gz" for _, stem in FIT_MAPS for se in ("", "_se")),
-)
 
 
 def add_parser(sub, common) -> None:
@@ -141,9 +135,11 @@ _SATRECOV_ONLY = {
 _LONGTR_ONLY = {"tr": ("--tr", 3.2), "taq": ("--taq", 0.0)}
 
 
-#: Options naming files this command reads.
-_INPUT_OPTIONS = ("calib", "mask", "struc", "trans", "refpve", "tissue_maps", "ventricle_atlas", "str2std", "bmask",
-                  "infile", "t1r", "t2r", "cref", "cact", "isen", "tissue_table")
+#: Options naming files this command reads (recorded in the provenance), and with the
+#: tissue parameters that may be images, every option that can name an input file.
+_FILE_INPUTS = ("calib", "mask", "bmask", "infile", "cref", "cact", "isen", "tissue_table", "struc", "trans", "refpve",
+                "tissue_maps", "ventricle_atlas", "str2std")
+_INPUT_OPTIONS = (*_FILE_INPUTS, "t1r", "t2r")
 
 #: What --m0a replaces: the calibration image and everything that describes or masks it.
 _CALIBRATION_INPUTS = {
@@ -168,8 +164,6 @@ def _check_known_m0a(args) -> None:
         raise InputError("--m0a gives M0a: --mode satrecov has nothing to fit")
     if args.infile is None or args.outfile is None:
         raise InputError("--m0a needs -i PERF and -o OUT: the perfusion image to calibrate and where to write it")
-    if args.outfile is not None and Path(args.outfile).is_dir():
-        raise InputError(f"-o {args.outfile}: is a folder; -o names the calibrated perfusion image")
     if args.osen and not args.isen:
         raise InputError("--osen saves the coil sensitivity map, but none is used: give --isen")
     unused = [flag for dest, (flag, default) in {
@@ -184,6 +178,11 @@ def _check_known_m0a(args) -> None:
 
 
 def _check_options(args) -> None:
+    if args.outfile is not None and Path(args.outfile).is_dir():
+        raise InputError(
+            f"-o {args.outfile}: is a folder; -o names the calibrated perfusion image (asl_calib's --of), "
+            "--outdir DIR the folder of every map"
+        )
     if args.m0a is not None:
         _check_known_m0a(args)
         return
@@ -212,11 +211,6 @@ def _check_options(args) -> None:
         raise InputError("--ventricle-atlas and --str2std go together (atlas in standard space + structural->standard matrix)")
     if (args.infile is None) != (args.outfile is None):
         raise InputError("-i PERF and -o OUT go together: -o is the calibrated version of -i")
-    if args.outfile is not None and Path(args.outfile).is_dir():
-        raise InputError(
-            f"-o {args.outfile}: is a folder; -o names the calibrated perfusion image (asl_calib's --of), "
-            "--outdir DIR the folder of every map"
-        )
     if args.mode == "longtr" and (args.tis or args.fa or args.lfa):
         raise InputError("--tis/--fa/--lfa describe a satrecov series: add --mode satrecov")
     if args.mode == "satrecov" and not args.tis:
@@ -289,8 +283,7 @@ def run(args) -> int:
         cleanup_outdir(outdir, created)
         raise
     if earlier:
-        remove_stale_outputs(outdir, sorted(earlier & set(OUTDIR_NAMES)), written,
-                             inputs=[getattr(args, k) for k in _INPUT_OPTIONS])
+        remove_stale_outputs(outdir, sorted(earlier), written, inputs=[getattr(args, k) for k in _INPUT_OPTIONS])
     print(f"M0: {result['m0a']:.10g}")
     log.info("done in %.2f s", time.perf_counter() - t_start)
     return 0
@@ -410,8 +403,7 @@ def _calibrate(args, out, outdir: Path | None) -> dict:
                 save_image(out.path(outdir / "status.nii.gz"), bf.status, **hdr, dtype=np.int16,
                            description="aslcal fit status")
                 save_image(out.path(outdir / "rss.nii.gz"), _finite(bf.rss), **hdr, description="aslcal fit RSS")
-        inputs = {k: getattr(args, k) for k in ("calib", "mask", "bmask", "infile", "cref", "cact", "isen", "tissue_table",
-                                                "struc", "trans", "refpve", "tissue_maps", "ventricle_atlas", "str2std")}
+        inputs = {k: getattr(args, k) for k in _FILE_INPUTS}
         write_json(out.path(outdir / "provenance.json"), provenance(
             args, "calib", outputs=outdir_outputs(out, outdir), inputs={k: v for k, v in inputs.items() if v},
             m0a=m0a, calibration=record,

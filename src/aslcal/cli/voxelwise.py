@@ -103,7 +103,6 @@ def run(args) -> int:
         cleanup_outdir(outdir, created)
         raise
     if earlier:
-        remove_stale_outputs(outdir, sorted(earlier & {"M0map.nii.gz", "provenance.json", "perfusion_calib.nii.gz"}),
-                             written, inputs=[args.calib, args.bmask, args.infile])
+        remove_stale_outputs(outdir, sorted(earlier), written, inputs=[args.calib, args.bmask, args.infile])
     log.info("voxelwise M0: %d brain voxels, %d filled by the edge correction", vw.n_brain, vw.n_filled)
     return 0
