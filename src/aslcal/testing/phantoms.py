@@ -1015,6 +1015,12 @@ def _tis_array(tis: Any) -> np.ndarray:
     return arr
 
 
+def _t2_decay(ph: Phantom, te: Any) -> tuple[float, dict[str, float]]:
+    """The checked echo time (ms) and each tissue's T2 decay exp(-TE/T2) at it."""
+    te = _positive("te", te, "ms", allow_zero=True)
+    return te, {t: math.exp(-te / float(ph.tissues[t].t2)) for t in TISSUES}
+
+
 def satrecov_series(
     ph: Phantom,
     tis: Any,
@@ -1067,8 +1073,7 @@ def satrecov_series(
         relaxed signal a fit of a pure voxel returns, times exp(-TE/T2_t)).
     """
     _check_phantom(ph)
-    te = _positive("te", te, "ms", allow_zero=True)
-    decay = {t: math.exp(-te / float(ph.tissues[t].t2)) for t in TISSUES}
+    te, decay = _t2_decay(ph, te)
     tis_arr = _tis_array(tis)
     repeats = _count("repeats", repeats)
     a_val = _map_or_scalar("a", a, ph.shape, "saturation efficiency")
@@ -1187,8 +1192,7 @@ def look_locker_series(
         ``nphases``) and ``fa_per_volume`` (nominal degrees).
     """
     _check_phantom(ph)
-    te = _positive("te", te, "ms", allow_zero=True)
-    decay = {t: math.exp(-te / float(ph.tissues[t].t2)) for t in TISSUES}
+    te, decay = _t2_decay(ph, te)
     ti1 = _positive("ti1", ti1, "s", allow_zero=True)
     spacing = _positive("dt", dt, "s")
     n_ti = _count("n_ti", n_ti)
