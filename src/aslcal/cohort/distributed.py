@@ -259,6 +259,15 @@ def _shutdown(client, cluster, *, abandon: bool, futures: list, runs: list[AslRu
 # --------------------------------------------------------------------------- run
 
 
+def require_distributed():
+    """The ``dask.distributed`` module, or :class:`BackendUnavailableError` naming the extra."""
+    try:
+        import dask.distributed
+    except ImportError:
+        raise BackendUnavailableError("--dask needs dask.distributed: pip install \"aslcal[dask]\"") from None
+    return dask.distributed
+
+
 def run_dask(
     runs: Sequence[AslRun],
     writer: DerivativesWriter,
@@ -289,12 +298,7 @@ def run_dask(
     KeyboardInterrupt
         Abandoned (second signal): what was in flight is cancelled.
     """
-    try:
-        from dask.distributed import Client
-    except ImportError:
-        raise BackendUnavailableError(
-            "--dask needs dask.distributed: pip install \"aslcal[dask]\""
-        ) from None
+    Client = require_distributed().Client
     t0 = time.perf_counter()
     stop = stop or threading.Event()
     # The cluster's own start/stop chatter (and a benign comm-closed traceback when

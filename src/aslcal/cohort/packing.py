@@ -35,7 +35,7 @@ def fit_packed(jobs: Sequence[FitJob], options: CohortOptions) -> tuple[list[dic
     results : list of dict
         One per job, in order: 1-D ``m0t``, ``m0t_se``, ``t1t``, ``a``, ``g``, ``rss``,
         ``status`` over the job's voxels (on the fit's device) and ``backend``, ``dtype``,
-        ``n_fitted``, ``status_counts``, ``design`` (its record) and ``fit_design`` (the
+        ``n_fitted``, ``status_counts`` and ``design`` (the
         :class:`~aslcal.fitting.FitDesign`).
     launches : list of dict
         One per launch: ``n_jobs``, ``n_vox``, ``n_obs``, ``backend``, ``seconds``.
@@ -66,13 +66,12 @@ def fit_packed(jobs: Sequence[FitJob], options: CohortOptions) -> tuple[list[dic
         )
         launches.append({"n_jobs": len(members), "n_vox": int(data.shape[0]), "n_obs": int(data.shape[1]),
                          "backend": fit.backend, "dtype": fit.dtype, "timings_s": dict(fit.timings)})
-        design = fit.design.as_dict()
         start = 0
         for i in members:
             stop = start + jobs[i].n_vox
             part = {name: getattr(fit, name)[start:stop] for name in ("m0t", "m0t_se", "t1t", "a", "g", "rss", "status")}
             part.update(backend=fit.backend, dtype=fit.dtype, n_fitted=stop - start,
-                        status_counts=status_counts(part["status"]), design=design, fit_design=fit.design)
+                        status_counts=status_counts(part["status"]), design=fit.design)
             results[i] = part
             start = stop
     return [r for r in results if r is not None], launches

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import BackendUnavailableError, InputError
+from ..errors import InputError
 from ..io.atomic import write_text
 from ..io.bids import AslRun, dataset_path, discover
 from ..io.derivatives import DerivativesWriter, entities_from_key, write_summary_tsv
@@ -211,10 +210,9 @@ def run_cohort(
     # and summary.tsv must read the same whichever executor or working directory ran them.
     bids_root, out_root = Path(os.path.abspath(bids_root)), Path(os.path.abspath(out_root))
     if dask is not None:
-        try:  # before any output exists (importlib: ``dask`` is this function's argument)
-            importlib.import_module("dask.distributed")
-        except ImportError:
-            raise BackendUnavailableError("--dask needs dask.distributed: pip install \"aslcal[dask]\"") from None
+        from .distributed import require_distributed
+
+        require_distributed()  # before any output exists
     rejected: list[tuple[Path, str]] = []
     runs = discover(bids_root, participant_label=participant_label, rejected=rejected)
     for path, reason in rejected:

@@ -279,7 +279,7 @@ def changed_inputs(provenance: StrPath, bids_root: StrPath, run: AslRun | None =
                 return (f"{dataset_path(run.m0scan_others[0], root)} names it in IntendedFor too "
                         f"(besides {now_m0})")
         asl_sidecars, m0_sidecars = run_sidecars(run)
-        m0_read = run.m0scan is not None and dataset_path(run.m0scan, root) in sizes
+        m0_read = bool(read_m0)  # and then it is the run's m0scan now (checked above)
         for path in asl_sidecars + (m0_sidecars if m0_read else []):
             rel = dataset_path(path, root)
             if rel not in sizes:

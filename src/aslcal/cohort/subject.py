@@ -876,7 +876,10 @@ def _fit_summary(fit: Mapping[str, Any] | None) -> dict | None:
         return None
     # Deterministic content only (no timings): the provenance must not change between
     # an interrupted-and-resumed run and an uninterrupted one.
-    return {k: fit[k] for k in ("backend", "dtype", "n_fitted", "status_counts", "design") if k in fit}
+    out = {k: fit[k] for k in ("backend", "dtype", "n_fitted", "status_counts") if k in fit}
+    if "design" in fit:
+        out["design"] = fit["design"].as_dict()
+    return out
 
 
 def finish_subject(prep: PreparedSubject, fits: Mapping[str, Mapping[str, Any]], options: CohortOptions) -> SubjectOutputs:
@@ -1001,7 +1004,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
                 maps[src + "m0t"], maps[src + "g"], design.fa, ref, m0_scale=m0_scale, tissref=options.tissref,
                 tissue=tissue, te=te, te_blood=acq.te_ms, cgain=options.cgain, t2star=options.t2star,
                 field_strength=acq.field_strength, m0t_se=maps[src + "m0t_se"],
-                design=fits["ref" if src else "brain"]["fit_design"], t1t=maps[src + "t1t"], a=maps[src + "a"],
+                design=fits["ref" if src else "brain"]["design"], t1t=maps[src + "t1t"], a=maps[src + "a"],
                 rss=maps[src + "rss"],
             )
             m0a = float(res.m0a)
