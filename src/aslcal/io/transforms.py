@@ -102,13 +102,8 @@ def _read_text(path: Any, what: str) -> tuple[Path, str]:
         raw = p.read_bytes()
     except OSError as exc:
         raise InputError(f"{what} file {str(p)!r}: cannot be read ({exc.strerror or exc})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
-    if text is not None:
-        text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark some editors write
-    if text is None or "\x00" in text:
+    text = _decode(raw)
+    if text is None:
         hint = ""
         if what == "ITK transform":
             hint = " (an ITK .h5? convert it with: ConvertTransformFile 3 IN OUT.txt)"
@@ -194,15 +189,21 @@ def _itk_numbers(where: str, key: str, value: str, count: int) -> np.ndarray:
     return out
 
 
-def _is_text(p: Path) -> bool:
-    """Whether the file decodes as UTF-8 without NUL bytes (False if unreadable)."""
+def _decode(raw: bytes) -> str | None:
+    """The text of a file's bytes (UTF-8, without the byte-order mark some editors write),
+    or None for a binary file (not UTF-8, or NUL bytes)."""
     try:
-        raw = p.read_bytes()
-    except OSError:
-        return False
-    try:
-        return "\x00" not in raw.decode("utf-8")
+        text = raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError:
+        return None
+    return None if "\x00" in text else text
+
+
+def _is_text(p: Path) -> bool:
+    """Whether the file is text (:func:`_decode`; False if unreadable)."""
+    try:
+        return _decode(p.read_bytes()) is not None
+    except OSError:
         return False
 
 
@@ -236,9 +237,9 @@ def is_itk_transform(path: str | os.PathLike[str]) -> bool:
     return _matlab_variables(p) is not None
 
 
-def _itk_binary(p: Path, where: str) -> tuple[str, np.ndarray, np.ndarray] | None:
-    """(type, 12 parameters, centre) of an ITK binary MATLAB transform, or None if the
-    file is not a MATLAB file."""
+def _itk_binary(p: Path, where: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(12 parameters, centre) of an ITK binary MATLAB transform, or None if the file is
+    not a MATLAB file."""
     variables = _matlab_variables(p)
     if variables is None:
         return None
@@ -255,7 +256,7 @@ def _itk_binary(p: Path, where: str) -> tuple[str, np.ndarray, np.ndarray] | Non
             raise InputError(f"{where}: {name} has {arr.size} numbers; expected {count}")
         if not np.isfinite(arr).all():
             raise InputError(f"{where}: {name} contains NaN or Inf; expected finite numbers")
-    return kinds[0], params, centre
+    return params, centre
 
 
 def read_itk_affine(path: str | os.PathLike[str], *, invert: bool = False) -> np.ndarray:
@@ -301,10 +302,7 @@ def read_itk_affine(path: str | os.PathLike[str], *, invert: bool = False) -> np
         raise InputError(f"ITK transform={path!r}: expected a file path") from None
     where = f"ITK transform file {str(p)!r}"
     binary = _itk_binary(p, where) if p.is_file() and not _is_text(p) else None
-    if binary is not None:
-        params, centre = binary[1], binary[2]
-    else:
-        params, centre = _itk_text(p, where)
+    params, centre = binary if binary is not None else _itk_text(p, where)
     a = params[:9].reshape(3, 3)
     det = float(np.linalg.det(a))
     if not abs(det) >= SINGULAR_DET:
