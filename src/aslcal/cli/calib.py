@@ -291,7 +291,7 @@ def run(args) -> int:
 
 def _calibrate(args, out, outdir: Path | None) -> dict:
     from ..calibration import apply_calibration, coil_sensitivity, m0_refregion, m0_refregion_satrecov
-    from ..io import save_image, write_json, write_scalar
+    from ..io import save_image, write_json
     from ..physics.tissues import load_tissue_file, tissue_table
 
     timings: dict[str, float] = {}
@@ -362,17 +362,10 @@ def _calibrate(args, out, outdir: Path | None) -> dict:
     hdr = dict(affine=calib.affine, header=calib.header)
     if bmask is None and outdir is not None:
         bmask, bmask_source = _brain_mask(args, calib, ref, optional=True)
-    if args.mo:
-        write_scalar(out.path(args.mo), m0a)
+    _write_m0a_and_calibrated(out, outdir, args, m0a, calibrated, perf, sens, hdr)
     if args.om:
         save_image(out.path(args.om), refmask, **hdr, description="aslcal reference mask")
-    if args.osen and sens is not None:
-        save_image(out.path(args.osen), sens, **hdr, description="aslcal coil sensitivity")
-    if calibrated is not None:
-        save_image(out.path(args.outfile), calibrated.image, perf.affine, header=perf.header,
-                   description="aslcal CBF ml/100g/min")
     if outdir is not None:
-        write_scalar(out.path(outdir / "M0.txt"), m0a)
         save_image(out.path(outdir / "refmask.nii.gz"), refmask, **hdr, description="aslcal reference mask")
         if bmask is not None:
             save_image(out.path(outdir / "brainmask.nii.gz"), bmask, **hdr, description="aslcal brain mask")
@@ -380,11 +373,6 @@ def _calibrate(args, out, outdir: Path | None) -> dict:
             save_image(out.path(outdir / "refmask_pv.nii.gz"), auto.pv, **hdr,
                        description=f"aslcal {args.tissref} fraction in calibration space")
         _qc(out, outdir / "qc.png", calib.data, refmask, bmask, args)
-        if sens is not None:
-            save_image(out.path(outdir / "sensitivity.nii.gz"), sens, **hdr, description="aslcal coil sensitivity")
-        if calibrated is not None:
-            save_image(out.path(outdir / "perfusion_calib.nii.gz"), calibrated.image, perf.affine,
-                       header=perf.header, description="aslcal CBF ml/100g/min")
         if fit_record is not None:
             rf = fit_record.ref_fit
             save_image(out.path(outdir / "ref_T1t.nii.gz"), rf.t1t, **hdr, description="aslcal reference T1t s")
@@ -414,30 +402,43 @@ def _calibrate(args, out, outdir: Path | None) -> dict:
     return {"m0a": m0a, "record": record, "timings": timings}
 
 
+def _write_m0a_and_calibrated(out, outdir: Path | None, args, m0a: float, calibrated, perf, sens, sens_geometry):
+    """The outputs every calib run shares: --Mo, --osen, -o, and in --outdir M0.txt, the
+    sensitivity map and the calibrated perfusion (``sens_geometry``: the sensitivity
+    map's affine and header)."""
+    from ..io import save_image, write_scalar
+
+    cbf = "aslcal CBF ml/100g/min"
+    if args.mo:
+        write_scalar(out.path(args.mo), m0a)
+    if args.osen and sens is not None:
+        save_image(out.path(args.osen), sens, **sens_geometry, description="aslcal coil sensitivity")
+    if calibrated is not None:
+        save_image(out.path(args.outfile), calibrated.image, perf.affine, header=perf.header, description=cbf)
+    if outdir is not None:
+        write_scalar(out.path(outdir / "M0.txt"), m0a)
+        if sens is not None:
+            save_image(out.path(outdir / "sensitivity.nii.gz"), sens, **sens_geometry,
+                       description="aslcal coil sensitivity")
+        if calibrated is not None:
+            save_image(out.path(outdir / "perfusion_calib.nii.gz"), calibrated.image, perf.affine,
+                       header=perf.header, description=cbf)
+
+
 def _apply_known_m0a(args, out, outdir: Path | None) -> dict:
     """``--m0a VALUE``: CBF = 6000 · perfusion / (s · M0a · α) with the given M0a."""
     from ..calibration import apply_calibration
-    from ..io import save_image, write_json, write_scalar
+    from ..io import write_json
 
     t0 = time.perf_counter()
     perf = load(args.infile, "perfusion image (-i)", dtype="float64")
     ref = (perf, "perfusion image (-i)")
     sens = load(args.isen, "sensitivity map (--isen)", ndim=3, reference=ref).data if args.isen else None
     calibrated = apply_calibration(perf.data, args.m0a, alpha=args.alpha, labelling=args.labelling, sensitivity=sens)
-    hdr = dict(header=perf.header)
-    desc = "aslcal CBF ml/100g/min"
-    if args.mo:
-        write_scalar(out.path(args.mo), args.m0a)
-    if args.osen:
-        save_image(out.path(args.osen), sens, perf.affine, **hdr, description="aslcal coil sensitivity")
-    save_image(out.path(args.outfile), calibrated.image, perf.affine, **hdr, description=desc)
+    _write_m0a_and_calibrated(out, outdir, args, args.m0a, calibrated, perf, sens,
+                              dict(affine=perf.affine, header=perf.header))
     timings = {"calibration": time.perf_counter() - t0}
     if outdir is not None:
-        write_scalar(out.path(outdir / "M0.txt"), args.m0a)
-        save_image(out.path(outdir / "perfusion_calib.nii.gz"), calibrated.image, perf.affine, **hdr, description=desc)
-        if sens is not None:
-            save_image(out.path(outdir / "sensitivity.nii.gz"), sens, perf.affine, **hdr,
-                       description="aslcal coil sensitivity")
         inputs = {k: getattr(args, k) for k in ("infile", "isen") if getattr(args, k)}
         write_json(out.path(outdir / "provenance.json"), provenance(
             args, "calib", outputs=outdir_outputs(out, outdir), inputs=inputs, m0a=args.m0a,
