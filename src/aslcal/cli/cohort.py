@@ -86,7 +86,7 @@ def add_parser(sub, common) -> None:
     x.add_argument("--dtype", choices=("float32", "float64"), help="fitting precision (default: the backend's)")
     x.add_argument("--workers", type=int, default=2,
                    help="reader and writer threads (default 2); with --dask local: worker processes")
-    x.add_argument("--batch-size", type=int, default=32, help="most subjects per fit launch (fewer when the next is not read yet), and subjects per Dask task (default 32)")
+    x.add_argument("--batch-size", type=int, default=32, help="most subjects per fit launch (fewer when the fit thread is free and the next subject is not ready), and subjects per Dask task (default 32)")
     x.add_argument("--max-memory", type=float, metavar="GIB",
                    help="memory for the subjects held at once (the batch being fitted, and again for those "
                         "read ahead), GiB; default an eighth of the available memory, at most 2")

@@ -7,7 +7,7 @@ run_cohort, CohortReport
 CohortOptions
     The calibration options of a cohort run.
 run_subjects, BatchOutcome
-    The pipeline of one worker: read-ahead threads, one fit launch per batch, writer threads.
+    The pipeline of one worker: read-ahead threads, a fit thread (one launch per batch and design), writer threads.
 load_subject, finish_subject, SubjectError, STAGES
     One subject's stages (reader stage; calibration after the packed fit).
 fit_packed

@@ -2,26 +2,29 @@
 
 ::
 
-    reader threads ──(bounded window)──▶ main thread ──(bounded queue)──▶ writer threads
-    load_subject: read, decompress,      batch of subjects:                write_subject:
-    brain mask, perfusion, fit jobs      one fit launch per design,        atomic files,
-                                         calibration on the device         completion marker
+    reader threads ──(bounded window)──▶ main thread ──▶ fit thread ──▶ writer threads
+    load_subject: read, decompress,      takes subjects    one fit launch   write_subject:
+    brain mask, perfusion, fit jobs      in input order,   per design,      atomic files,
+                                         batches the fits  calibration      completion marker
 
 * **Readers** (``workers`` threads) run :func:`~aslcal.cohort.subject.load_subject`; gzip
   decompression (zlib or ISA-L), NumPy and SciPy release the GIL, so they overlap.  At
   most ``batch_size + workers`` subjects are read ahead, no more once the subjects waiting
   hold ``max_batch_bytes`` of arrays, and a batch is cut early when its prepared arrays
   pass ``max_batch_bytes`` (memory-aware).
-* **The main thread** takes subjects in input order and fits, with
-  :func:`~aslcal.cohort.packing.fit_packed`, the voxels of the subjects read so far
-  (at most ``batch_size``) as soon as the next subject is not ready yet: it never waits
-  for a full batch, and batches grow by themselves when the fit is the slower stage
-  (adaptive batching; which subjects share a launch varies from run to run, their
-  results do not, since every voxel is fitted on its own).  Subjects with nothing to fit
-  are finished at once.  It finishes each subject
-  (:func:`~aslcal.cohort.subject.finish_subject`).
+* **The main thread** takes subjects in input order.  Subjects with nothing to fit are
+  calibrated (:func:`~aslcal.cohort.subject.finish_subject`) and handed to the writers at
+  once; the others join the batch.  Whenever it cannot take the next subject (not read
+  yet, the writers behind, or the batch full) and the fit thread is free, it hands the
+  batch to the fit thread: the fit never waits for a full batch, and batches grow by
+  themselves while a fit runs (adaptive batching; which subjects share a launch varies
+  from run to run, their results do not, since every voxel is fitted on its own).
+* **The fit thread** fits a batch with :func:`~aslcal.cohort.packing.fit_packed` (numba's
+  threads release the GIL; on the GPU the device works) and calibrates its subjects,
+  while reading and writing go on: the fit overlaps the I/O instead of holding it up.
 * **Writers** (``workers`` threads) run :meth:`DerivativesWriter.write_subject`; at most
-  ``2 * workers`` finished subjects wait for a writer.
+  ``2 * workers`` finished subjects wait for a writer before the main thread stops taking
+  subjects.
 
 A subject that fails at any stage is recorded in the failure log (key, stage, message,
 file/field) and the run goes on.  ``stop`` (a :class:`threading.Event`, set by the first
@@ -198,11 +201,17 @@ def run_subjects(
 
     readers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aslcal-read")
     writers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aslcal-write")
+    # One fit thread: a batch is fitted (numba's threads or the GPU) and calibrated there
+    # while this thread goes on handing subjects to the writers.
+    fitter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aslcal-fit")
     pending_writes: set[Future] = set()
+    # Finished subjects waiting for a writer (at most 2 * workers are queued in the pool).
+    backlog: collections.deque[tuple[str, Any]] = collections.deque()
     window: collections.deque[tuple[AslRun, Future]] = collections.deque()
     queue = list(runs)
     next_run = 0
     abandoned = False
+    fit_future: Future | None = None
     try:
 
         def ahead_bytes() -> int:
@@ -218,23 +227,33 @@ def run_subjects(
                 next_run += 1
                 window.append((run, readers.submit(load_subject, run, options, bids_root=root)))
 
-        def flush(batch: list[PreparedSubject]) -> None:
-            if not batch:
-                return
-            for key, outputs in _fit_and_finish(batch, options, out, record):
-                while len(pending_writes) >= 2 * workers:
-                    finished, _ = wait(pending_writes, return_when=FIRST_COMPLETED)
-                    pending_writes.difference_update(finished)
-                    for f in finished:
-                        f.result()  # a writer that could not even record its failure (disk full) stops the run
+        def reap() -> None:
+            # Collect finished writes and a finished fit; hand waiting subjects to free writers.
+            nonlocal fit_future
+            for f in [f for f in pending_writes if f.done()]:
+                pending_writes.discard(f)
+                f.result()  # a writer that could not even record its failure (disk full) stops the run
+            if fit_future is not None and fit_future.done():
+                done_fit, fit_future = fit_future, None
+                backlog.extend(done_fit.result())
+            while backlog and len(pending_writes) < 2 * workers:
+                key, outputs = backlog.popleft()
                 pending_writes.add(writers.submit(write, key, outputs))
+
+        def start_fit() -> None:
+            # Hand the batch in hand to the fit thread if it is free.
+            nonlocal fit_future, batch, batch_bytes
+            if fit_future is None and batch:
+                fit_future = fitter.submit(lambda b=batch: list(_fit_and_finish(b, options, out, record)))
+                batch, batch_bytes = [], 0
 
         fill()
         batch: list[PreparedSubject] = []
         batch_bytes = 0
         dropped = False
-        while window:
-            if stop.is_set():
+        while True:
+            reap()
+            if stop.is_set() and window:
                 # First signal: finish the batch in hand; the subjects read ahead but not
                 # taken yet are dropped (queued reads cancelled, finished ones discarded):
                 # a resumed run does them.
@@ -242,38 +261,42 @@ def run_subjects(
                     pending.cancel()
                 window.clear()
                 dropped = True
-                break
-            run, future = window[0]
-            if batch and not future.done():
-                # Nothing more is ready: fit what is held rather than wait idle.  When the
-                # fit is the slower stage, subjects pile up meanwhile and the next batch
-                # is larger by itself (adaptive batching).
-                flush(batch)
-                batch, batch_bytes = [], 0
-            window.popleft()
-            try:
-                prepared = future.result()
-            except SubjectError as err:
-                record(err)
-                prepared = None
-            except Exception as exc:  # noqa: BLE001
-                record(_fail(run.key, "load", exc))
-                prepared = None
-            fill()
-            if prepared is None:
-                continue
-            if not prepared.jobs:
-                flush([prepared])  # nothing to fit: calibrate and hand to a writer now
-                continue
-            batch.append(prepared)
-            batch_bytes += prepared.nbytes
             if len(batch) >= batch_size or batch_bytes >= max_batch_bytes:
-                flush(batch)
-                batch, batch_bytes = [], 0
-        flush(batch)
-        wait(pending_writes)
-        for f in pending_writes:
-            f.result()
+                start_fit()
+            head = window[0][1] if window else None
+            if (head is not None and head.done() and len(backlog) < 2 * workers
+                    and len(batch) < batch_size and batch_bytes < max_batch_bytes):
+                run, future = window.popleft()
+                try:
+                    prepared = future.result()
+                except SubjectError as err:
+                    record(err)
+                    prepared = None
+                except Exception as exc:  # noqa: BLE001
+                    record(_fail(run.key, "load", exc))
+                    prepared = None
+                fill()
+                if prepared is None:
+                    continue
+                if not prepared.jobs:
+                    backlog.extend(_fit_and_finish([prepared], options, out, record))  # calibrate now
+                else:
+                    batch.append(prepared)
+                    batch_bytes += prepared.nbytes
+                continue
+            # Nothing can be taken now (the next read is not done, the writers are behind,
+            # or the batch is full): fit what is held rather than wait idle.  While a fit
+            # runs, subjects pile up and the next batch is larger by itself (adaptive
+            # batching).
+            start_fit()
+            waits = set(pending_writes)
+            if fit_future is not None:
+                waits.add(fit_future)
+            if head is not None and not head.done():
+                waits.add(head)
+            if not waits:
+                break  # nothing left to read, fit or write (the batch and backlog are empty then)
+            wait(waits, return_when=FIRST_COMPLETED)
         out.interrupted = stop.is_set() and (dropped or next_run < len(queue))
     except BaseException:
         abandoned = True
@@ -282,6 +305,7 @@ def run_subjects(
         for _, future in window:
             future.cancel()
         readers.shutdown(wait=not abandoned, cancel_futures=True)
+        fitter.shutdown(wait=not abandoned, cancel_futures=True)
         writers.shutdown(wait=True, cancel_futures=abandoned)
         out.seconds = time.perf_counter() - t0
     return out

@@ -149,8 +149,8 @@ def run_cohort(
         ``"local"`` (a LocalCluster, or LocalCUDACluster when GPUs are present) or a
         scheduler address; None runs in this process.
     batch_size : int
-        Most subjects per fit launch (adaptive: fewer when the next is not read yet), and
-        subjects per Dask task.
+        Most subjects per fit launch (adaptive: fewer when the fit thread is free and the
+        next subject cannot be taken yet), and subjects per Dask task.
     max_batch_bytes : int, optional
         Memory (bytes of prepared arrays) one batch, and the subjects read ahead, may
         hold; default an eighth of the available memory, at most 2 GiB
