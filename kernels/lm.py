@@ -35,16 +35,12 @@ Method
    they are tabulated once per fit and the per-voxel grid costs dot products only.
 2. Levenberg–Marquardt with Marquardt scaling (damping λ·diag(JᵀJ)), box bounds by
    projection with an active set (a parameter at a bound whose gradient points outward is
-   held for that step), fixed parameters excluded.  A step that would take a parameter
-   out of the box stops it on that bound and re-solves the damped system for the others
-   given that move.  It stops when every relative step is below ``tol``, or
-   (``F_STAT_TOL`` = s > 0) when the undamped Gauss–Newton step δ to the optimum of the
-   local model is below s standard errors: δᵀ(JᵀJ)δ = gᵀ(JᵀJ)⁻¹g ≤ s²·σ̂², σ̂² =
-   RSS/(n − p), over the moving parameters; with a parameter held on a bound only if the
-   local model's own optimum (the undamped step over every free parameter) lies beyond
-   that bound.  Noisy data converge linearly (the residual's curvature), so the second
-   test saves half the iterations at a cost of < s·SE in every parameter; noise-free data
-   (σ̂ → 0) still converge to ``tol``.
+   held for that step), fixed parameters excluded.  It stops when every relative step is
+   below ``tol``, or (``F_STAT_TOL`` = s > 0) when the undamped Gauss–Newton step δ to the
+   optimum of the local model is below s standard errors: δᵀ(JᵀJ)δ = gᵀ(JᵀJ)⁻¹g ≤
+   s²·σ̂², σ̂² = RSS/(n − p).  Noisy data converge linearly (the residual's curvature), so
+   the second test saves half the iterations at a cost of < s·SE in every parameter;
+   noise-free data (σ̂ → 0) still converge to ``tol``.
 3. Optional Gaussian priors (MAP): first a fit without priors gives σ̂² = RSS/(n − p);
    then the objective RSS + σ̂² Σ (θ−μ)²/v is minimised from that solution.
 4. Standard errors: sqrt(diag(σ̂² (JᵀJ + σ̂² P)⁻¹)) over the free parameters.
@@ -398,19 +394,6 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
         return True
 
     @jit
-    def held_ok(free, active, p, lb, ub):
-        """True unless a free parameter is inactive off its bounds (a zero curvature)."""
-        return active or free == 0 or p <= lb or p >= ub
-
-    @jit
-    def beyond(active, p, step, ub):
-        """True for a moving (or fixed) parameter; for one held on a bound, whether the
-        undamped step ``step`` over every free parameter leaves the box there."""
-        if active:
-            return True
-        return step > ZERO if p >= ub else step < ZERO
-
-    @jit
     def clip(x, lb, ub):
         return min(max(x, lb), ub)
 
@@ -583,31 +566,6 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
                         status = STATUS_CONVERGED
                         break
                     continue
-                # A step that leaves the box: the parameters it takes out stop on the bound
-                # they cross, and the others take the local model's best step given that
-                # move (the damped system re-solved on that face), not the step that
-                # assumed the move continued.  Without it, a voxel whose optimum lies on
-                # a bound (T1 of an unidentifiable CSF voxel) crept there in 20-90 steps.
-                c0 = a0 and (p0 + d0 > ub0 or p0 + d0 < lb0)
-                c1 = a1 and (p1 + d1 > ub1 or p1 + d1 < lb1)
-                c2 = a2 and (p2 + d2 > ub2 or p2 + d2 < lb2)
-                c3 = a3 and (p3 + d3 > ub3 or p3 + d3 < lb3)
-                if c0 or c1 or c2 or c3:
-                    e0 = clip(p0 + d0, lb0, ub0) - p0 if c0 else ZERO
-                    e1 = clip(p1 + d1, lb1, ub1) - p1 if c1 else ZERO
-                    e2 = clip(p2 + d2, lb2, ub2) - p2 if c2 else ZERO
-                    e3 = clip(p3 + d3, lb3, ub3) - p3 if c3 else ZERO
-                    okc, x0, x1, x2, x3 = solve4(
-                        h00, h10, h11, h20, h21, h22, h30, h31, h32, h33,
-                        g0 - (h10 * e1 + h20 * e2 + h30 * e3), g1 - (h10 * e0 + h21 * e2 + h31 * e3),
-                        g2 - (h20 * e0 + h21 * e1 + h32 * e3), g3 - (h30 * e0 + h31 * e1 + h32 * e2),
-                        lam, a0 and not c0, a1 and not c1, a2 and not c2, a3 and not c3,
-                    )
-                    if okc != ZERO:
-                        d0 = e0 if c0 else x0
-                        d1 = e1 if c1 else x1
-                        d2 = e2 if c2 else x2
-                        d3 = e3 if c3 else x3
                 q0 = clip(p0 + d0, lb0, ub0)
                 q1 = clip(p1 + d1, lb1, ub1)
                 q2 = clip(p2 + d2, lb2, ub2)
@@ -616,32 +574,18 @@ def make_fit_voxel(dtype=np.float64, jit=lambda fn: fn):
                         and small_step(p2, q2, tol) and small_step(p3, q3, tol)):
                     status = STATUS_CONVERGED
                     break
-                if stat2 > ZERO and held_ok(fr0, a0, p0, lb0, ub0) and held_ok(fr1, a1, p1, lb1, ub1) and \
-                        held_ok(fr2, a2, p2, lb2, ub2) and held_ok(fr3, a3, p3, lb3, ub3):
-                    # statistical stop (Method 2): the damped step's decrement first (cheap),
-                    # then the undamped one, which a large λ cannot make look small
+                if stat2 > ZERO and a0 == (fr0 != 0) and a1 == (fr1 != 0) and a2 == (fr2 != 0) and a3 == (fr3 != 0):
+                    # statistical stop (Method 2), only while no free parameter is held on a
+                    # bound (the local step says nothing of an optimum off the bound): the
+                    # damped step's decrement first (cheap), then the undamped one, which a
+                    # large λ cannot make look small
                     thr = stat2 * rss / f(dof)
                     if (q0 - p0) * g0 + (q1 - p1) * g1 + (q2 - p2) * g2 + (q3 - p3) * g3 <= thr:
                         okn, n0, n1, n2, n3 = solve4(
                             h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, g0, g1, g2, g3, ZERO,
                             a0, a1, a2, a3,
                         )
-                        stop = okn != ZERO and n0 * g0 + n1 * g1 + n2 * g2 + n3 * g3 <= thr
-                        if stop and not (a0 == (fr0 != 0) and a1 == (fr1 != 0) and a2 == (fr2 != 0)
-                                         and a3 == (fr3 != 0)):
-                            # A free parameter is held on a bound: the step over the others
-                            # says nothing of an optimum off that bound, unless the local
-                            # model's own optimum lies beyond the bound (its undamped step
-                            # over every free parameter leaves the box there): then the
-                            # bounded optimum is on that face, and the step above is to it.
-                            okf, e0, e1, e2, e3 = solve4(
-                                h00, h10, h11, h20, h21, h22, h30, h31, h32, h33, g0, g1, g2, g3, ZERO,
-                                fr0 != 0, fr1 != 0, fr2 != 0, fr3 != 0,
-                            )
-                            stop = okf != ZERO and beyond(a0 or fr0 == 0, p0, e0, ub0) and \
-                                beyond(a1 or fr1 == 0, p1, e1, ub1) and beyond(a2 or fr2 == 0, p2, e2, ub2) and \
-                                beyond(a3 or fr3 == 0, p3, e3, ub3)
-                        if stop:
+                        if okn != ZERO and n0 * g0 + n1 * g1 + n2 * g2 + n3 * g3 <= thr:
                             status = STATUS_CONVERGED
                             break
                 rt, ct, t00, t10, t11, t20, t21, t22, t30, t31, t32, t33, u0, u1, u2, u3 = evaluate(

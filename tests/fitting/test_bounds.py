@@ -71,38 +71,6 @@ def test_statistical_stop_not_taken_while_a_parameter_is_held_on_a_bound(backend
         assert res.rss[0] <= rss * (1 + 1e-6)
 
 
-@pytest.mark.cudasim
-def test_optimum_on_a_bound_is_reached_in_a_few_steps(backend):
-    """Voxels whose T1 (12-40 s) is far beyond what TIs up to 4 s resolve: the bounded
-    optimum has T1 on its upper bound (10 s).  Each must reach the oracle's bounded
-    minimum, in a few steps: a step that crossed the bound used to be clipped with the
-    other parameters' steps computed for the move past it, rejected, and retried with more
-    damping, creeping to the bound in 21 steps on average (37 at most).  The statistical
-    stop also applies there (T1 held on its bound, the local model's own optimum beyond
-    it), ending the fits earlier than full convergence, a few 1e-3 SE from the minimum."""
-    rng = np.random.default_rng(7)
-    n = 40
-    t1 = rng.uniform(12.0, 40.0, n)
-    m0 = rng.uniform(2000.0, 4000.0, n)
-    y = m0[:, None] * (1.0 - np.exp(-TIS / t1[:, None])) + rng.normal(0.0, 3.0, (n, TIS.size))
-    res = fit_satrecov(y, TIS, backend=backend, dtype="float64")
-    full = fit_satrecov(y, TIS, backend=backend, dtype="float64", stat_tol=0.0)
-    assert np.all(res.status == 0) and np.all(full.status == 0)
-    on_bound = 0
-    for i in range(n):
-        x, rss = _oracle(y[i])
-        on_bound += x[1] >= UPPER[1] * (1 - 1e-6)
-        sigma2 = rss / (len(TIS) - 3)
-        assert full.rss[i] <= rss + 1e-9 * sigma2, (i, full.rss[i], rss)
-        np.testing.assert_allclose([full.m0t[i], full.t1t[i], full.a[i]], x, rtol=1e-6)
-        se = np.array([res.m0t_se[i], res.t1t_se[i], res.a_se[i]])
-        got = np.array([res.m0t[i], res.t1t[i], res.a[i]])
-        assert np.all(np.abs(got - x) <= 5e-3 * se + 1e-9 * np.abs(x)), (i, got, x, se)
-    assert on_bound >= n - 2
-    assert np.mean(full.n_iter) <= 6 and np.max(full.n_iter) <= 10, (np.mean(full.n_iter), np.max(full.n_iter))
-    assert np.mean(res.n_iter) < np.mean(full.n_iter)
-
-
 def test_bounded_start_keeps_population_fits_at_their_minimum():
     """Low-SNR saturation-recovery voxels (M0 0-150, sigma 20): every converged fit is at
     least as good as the oracle's multistart minimum (no voxel stuck at a degenerate
