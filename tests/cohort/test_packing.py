@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -364,6 +366,49 @@ def test_subjects_without_a_fit_are_written_while_a_fit_runs(cohort, runs, tmp_p
     assert fit_threads and all(name != threading.main_thread().name for name in fit_threads)
     for key in fitted:
         assert _summary(writer, key)["M0a"] == pytest.approx(cohort.runs[key].m0a_te, rel=1e-5), key
+
+
+def test_a_read_ending_while_a_fit_is_handed_over_is_not_lost(cohort, runs, tmp_path, monkeypatch):
+    """The next subject's read ends just while the batch is handed to the fit thread (the
+    fit pool's submit is slowed so that it does).  The main thread must still wait for
+    that read and take the subject: it once decided "not read" before the hand-over and
+    "read" after it, waited only on the fit, and took nothing until the fit ended (here
+    the fit waits for a later subject to be written: 60 s)."""
+    opts = _options(cohort)
+    fitted = {k for k in _fit_variants(cohort)}
+    first = next(r for r in runs if r.key in fitted)  # a fitted subject, then the plain ones
+    order = [first] + [r for r in runs if r.key not in fitted] + [r for r in runs if r.key in fitted and r is not first]
+    second = order[1].key
+    assert second not in fitted
+    handed_over = threading.Event()
+    plain_written = threading.Event()
+    real_load, real_fit = pipeline.load_subject, pipeline.fit_packed
+
+    def load(run, options, **kw):
+        prepared = real_load(run, options, **kw)
+        if run.key == second:
+            assert handed_over.wait(60)
+        return prepared
+
+    def fit(jobs, options):
+        assert plain_written.wait(60), "the subject read during the hand-over was not taken"
+        return real_fit(jobs, options)
+
+    class Pool(ThreadPoolExecutor):
+        def submit(self, fn, *args, **kwargs):
+            future = super().submit(fn, *args, **kwargs)
+            if self._thread_name_prefix.startswith("aslcal-fit"):
+                handed_over.set()
+                time.sleep(0.2)  # the read of `second` ends inside the hand-over
+            return future
+
+    monkeypatch.setattr(pipeline, "load_subject", load)
+    monkeypatch.setattr(pipeline, "fit_packed", fit)
+    monkeypatch.setattr(pipeline, "ThreadPoolExecutor", Pool)
+    outcome = run_subjects(order, DerivativesWriter(tmp_path / "out"), opts, failure_log=FailureLog(tmp_path / "f.jsonl"),
+                           workers=2, batch_size=len(runs), bids_root=cohort.root,
+                           on_subject=lambda key, ok: key in fitted or plain_written.set())
+    assert not outcome.failed and sorted(outcome.done) == sorted(r.key for r in runs)
 
 
 def test_subjects_read_by_the_time_the_fit_starts_share_one_launch_per_design(cohort, runs, tmp_path, monkeypatch):

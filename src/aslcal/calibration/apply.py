@@ -17,6 +17,8 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ..backend import array_namespace
 from ..errors import InputError
 from ._common import CalibrationWarning, as_array, as_float, count, is_array, number
@@ -193,8 +195,10 @@ def apply_calibration(
         out = out * scale
     else:
         ok = xp.isfinite(den) & (den > 0)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # reciprocals that overflow: excluded below
+        # reciprocals that overflow: excluded below.  np.errstate, not warnings.catch_warnings:
+        # the error state is per thread, the warning filters are global (a cohort run
+        # calibrates on two threads at once); CuPy does not warn.
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
             inv = xp.where(ok, 1.0 / xp.where(ok, den, xp.ones_like(den)), xp.zeros_like(den))
             if power == 2:
                 inv = inv * inv

@@ -88,8 +88,8 @@ def add_parser(sub, common) -> None:
                    help="reader and writer threads (default 2); with --dask local: worker processes")
     x.add_argument("--batch-size", type=int, default=32, help="most subjects per fit launch (fewer when the fit thread is free and the next subject is not ready), and subjects per Dask task (default 32)")
     x.add_argument("--max-memory", type=float, metavar="GIB",
-                   help="memory for the subjects held at once (the batch being fitted, and again for those "
-                        "read ahead), GiB; default an eighth of the available memory, at most 2")
+                   help="memory for the subjects held at once (the batches being gathered and fitted, and again "
+                        "for those read ahead), GiB; default an eighth of the available memory, at most 2")
     x.add_argument("--resume", action="store_true", help="skip complete subjects, redo partial and failed ones")
     x.add_argument("--shard", metavar="I/N", help="only job-array task I of N (deterministic split by subject)")
     d = x.add_mutually_exclusive_group()

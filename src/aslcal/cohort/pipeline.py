@@ -24,7 +24,12 @@
   while reading and writing go on: the fit overlaps the I/O instead of holding it up.
 * **Writers** (``workers`` threads) run :meth:`DerivativesWriter.write_subject`; at most
   ``2 * workers`` finished subjects wait for a writer before the main thread stops taking
-  subjects.
+  subjects (besides the outputs of a batch just fitted, all ready at once).
+
+Memory: the subjects read ahead hold at most ``max_batch_bytes`` of prepared arrays once
+they are read (``batch_size + workers`` reads may be under way at the start); the batch
+being gathered and the batch being fitted hold at most ``max_batch_bytes`` together; one
+subject always proceeds, whatever its size.
 
 A subject that fails at any stage is recorded in the failure log (key, stage, message,
 file/field) and the run goes on.  ``stop`` (a :class:`threading.Event`, set by the first
@@ -81,8 +86,9 @@ def available_memory() -> int | None:
 
 
 def auto_max_batch_bytes(processes: int = 1) -> int:
-    """The default cap: an eighth of the available memory per process (a batch being
-    fitted and the read-ahead each hold up to the cap, and the fit needs its copies),
+    """The default cap: an eighth of the available memory per process (the batches being
+    gathered and fitted together, and the read-ahead, each hold up to the cap; the fit
+    needs its copies, and a fitted batch's outputs wait for the writers),
     between 64 MiB and 2 GiB; 2 GiB when the available memory is unknown."""
     avail = available_memory()
     if avail is None:
@@ -211,7 +217,11 @@ def run_subjects(
     queue = list(runs)
     next_run = 0
     abandoned = False
+    # Set when the run is abandoned (second signal, an error): a fit still running in the
+    # fit thread then calibrates, records and reports nothing.
+    abandon = threading.Event()
     fit_future: Future | None = None
+    fitting_bytes = 0  # prepared arrays of the batch in the fit thread
     try:
 
         def ahead_bytes() -> int:
@@ -229,23 +239,28 @@ def run_subjects(
 
         def reap() -> None:
             # Collect finished writes and a finished fit; hand waiting subjects to free writers.
-            nonlocal fit_future
+            nonlocal fit_future, fitting_bytes
             for f in [f for f in pending_writes if f.done()]:
                 pending_writes.discard(f)
                 f.result()  # a writer that could not even record its failure (disk full) stops the run
             if fit_future is not None and fit_future.done():
-                done_fit, fit_future = fit_future, None
+                done_fit, fit_future, fitting_bytes = fit_future, None, 0
                 backlog.extend(done_fit.result())
             while backlog and len(pending_writes) < 2 * workers:
                 key, outputs = backlog.popleft()
                 pending_writes.add(writers.submit(write, key, outputs))
 
+        def fit_record(err: SubjectError) -> None:
+            if not abandon.is_set():
+                record(err)
+
         def start_fit() -> None:
             # Hand the batch in hand to the fit thread if it is free.
-            nonlocal fit_future, batch, batch_bytes
+            nonlocal fit_future, batch, batch_bytes, fitting_bytes
             if fit_future is None and batch:
-                fit_future = fitter.submit(lambda b=batch: list(_fit_and_finish(b, options, out, record)))
-                batch, batch_bytes = [], 0
+                fit_future = fitter.submit(
+                    lambda b=batch: list(_fit_and_finish(b, options, out, fit_record, abandon=abandon)))
+                batch, batch_bytes, fitting_bytes = [], 0, batch_bytes
 
         fill()
         batch: list[PreparedSubject] = []
@@ -264,8 +279,11 @@ def run_subjects(
             if len(batch) >= batch_size or batch_bytes >= max_batch_bytes:
                 start_fit()
             head = window[0][1] if window else None
-            if (head is not None and head.done() and len(backlog) < 2 * workers
-                    and len(batch) < batch_size and batch_bytes < max_batch_bytes):
+            ready = head is not None and head.done()  # once: a read ending meanwhile is waited for below
+            # Memory: the batch being gathered and the one being fitted hold at most the cap
+            # together (a subject always proceeds when neither holds anything).
+            if (ready and len(backlog) < 2 * workers
+                    and len(batch) < batch_size and batch_bytes + fitting_bytes < max_batch_bytes):
                 run, future = window.popleft()
                 try:
                     prepared = future.result()
@@ -292,7 +310,7 @@ def run_subjects(
             waits = set(pending_writes)
             if fit_future is not None:
                 waits.add(fit_future)
-            if head is not None and not head.done():
+            if head is not None and not ready:
                 waits.add(head)
             if not waits:
                 break  # nothing left to read, fit or write (the batch and backlog are empty then)
@@ -300,6 +318,7 @@ def run_subjects(
         out.interrupted = stop.is_set() and (dropped or next_run < len(queue))
     except BaseException:
         abandoned = True
+        abandon.set()
         raise
     finally:
         for _, future in window:
@@ -311,8 +330,10 @@ def run_subjects(
     return out
 
 
-def _fit_and_finish(batch: list[PreparedSubject], options: CohortOptions, out: BatchOutcome, record):
-    """Yield ``(key, SubjectOutputs)`` for the subjects of a batch that calibrate."""
+def _fit_and_finish(batch: list[PreparedSubject], options: CohortOptions, out: BatchOutcome, record, *,
+                    abandon: threading.Event | None = None):
+    """Yield ``(key, SubjectOutputs)`` for the subjects of a batch that calibrate (none
+    once ``abandon`` is set)."""
     jobs = [job for prep in batch for job in prep.jobs]
     fits_by_subject: dict[str, dict[str, Any]] = {prep.key: {} for prep in batch}
     failed: set[str] = set()
@@ -335,7 +356,11 @@ def _fit_and_finish(batch: list[PreparedSubject], options: CohortOptions, out: B
                 except Exception as exc:  # noqa: BLE001
                     record(_fail(prep.key, "fit", exc))
                     failed.add(prep.key)
+                if abandon is not None and abandon.is_set():
+                    return
     for prep in batch:
+        if abandon is not None and abandon.is_set():
+            return
         if prep.key in failed:
             continue
         try:

@@ -152,8 +152,8 @@ def run_cohort(
         Most subjects per fit launch (adaptive: fewer when the fit thread is free and the
         next subject cannot be taken yet), and subjects per Dask task.
     max_batch_bytes : int, optional
-        Memory (bytes of prepared arrays) one batch, and the subjects read ahead, may
-        hold; default an eighth of the available memory, at most 2 GiB
+        Memory (bytes of prepared arrays) the batches being gathered and fitted may hold
+        together, and again the subjects read ahead; default an eighth of the available memory, at most 2 GiB
         (:func:`aslcal.cohort.pipeline.auto_max_batch_bytes`), shared by the worker
         processes of a local Dask cluster; on an existing cluster each task takes its
         worker's own default unless this is given.
