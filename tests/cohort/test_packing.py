@@ -411,6 +411,46 @@ def test_a_read_ending_while_a_fit_is_handed_over_is_not_lost(cohort, runs, tmp_
     assert not outcome.failed and sorted(outcome.done) == sorted(r.key for r in runs)
 
 
+def test_an_abandoned_run_leaves_its_running_fit_without_effect(cohort, runs, tmp_path, monkeypatch):
+    """A KeyboardInterrupt (the second signal) abandons the run while a fit is running in
+    the fit thread: run_subjects raises at once, and the fit, when it ends, calibrates,
+    records and reports nothing (it used to calibrate its subjects and could append
+    failure records to the log of a run already given up)."""
+    opts = _options(cohort)
+    fitted = {k for k in _fit_variants(cohort)}
+    first = next(r for r in runs if r.key in fitted)
+    order = [first] + [r for r in runs if r.key not in fitted]
+    release = threading.Event()
+    finished: list[str] = []
+    seen: list[str] = []
+    real_fit, real_finish = pipeline.fit_packed, pipeline.finish_subject
+
+    def fit(jobs, options):
+        assert release.wait(60)
+        return real_fit(jobs, options)
+
+    def finish(prep, fits, options):
+        finished.append(prep.key)
+        return real_finish(prep, fits, options)
+
+    def on_subject(key, ok):
+        seen.append(key)
+        raise KeyboardInterrupt  # as a second Ctrl-C would, while the first fit runs
+
+    monkeypatch.setattr(pipeline, "fit_packed", fit)
+    monkeypatch.setattr(pipeline, "finish_subject", finish)
+    log = FailureLog(tmp_path / "f.jsonl")
+    with pytest.raises(KeyboardInterrupt):
+        run_subjects(order, DerivativesWriter(tmp_path / "out"), opts, failure_log=log, workers=1,
+                     batch_size=len(runs), bids_root=cohort.root, on_subject=on_subject)
+    fit_threads = [t for t in threading.enumerate() if t.name.startswith("aslcal-fit")]
+    release.set()
+    for t in fit_threads:
+        t.join(60)
+    assert first.key not in finished and first.key not in seen
+    assert not log.path.exists() or log.load() == []
+
+
 def test_subjects_read_by_the_time_the_fit_starts_share_one_launch_per_design(cohort, runs, tmp_path, monkeypatch):
     """Packing: when every subject has been read, the batch holds them all (one call)."""
     opts = _options(cohort)
