@@ -216,7 +216,6 @@ def run_subjects(
     window: collections.deque[tuple[AslRun, Future]] = collections.deque()
     queue = list(runs)
     next_run = 0
-    abandoned = False
     # Set when the run is abandoned (second signal, an error): a fit still running in the
     # fit thread then calibrates, records and reports nothing.
     abandon = threading.Event()
@@ -250,16 +249,12 @@ def run_subjects(
                 key, outputs = backlog.popleft()
                 pending_writes.add(writers.submit(write, key, outputs))
 
-        def fit_record(err: SubjectError) -> None:
-            if not abandon.is_set():
-                record(err)
-
         def start_fit() -> None:
             # Hand the batch in hand to the fit thread if it is free.
             nonlocal fit_future, batch, batch_bytes, fitting_bytes
             if fit_future is None and batch:
                 fit_future = fitter.submit(
-                    lambda b=batch: list(_fit_and_finish(b, options, out, fit_record, abandon=abandon)))
+                    lambda b=batch: list(_fit_and_finish(b, options, out, record, abandon=abandon)))
                 batch, batch_bytes, fitting_bytes = [], 0, batch_bytes
 
         fill()
@@ -317,23 +312,29 @@ def run_subjects(
             wait(waits, return_when=FIRST_COMPLETED)
         out.interrupted = stop.is_set() and (dropped or next_run < len(queue))
     except BaseException:
-        abandoned = True
         abandon.set()
         raise
     finally:
         for _, future in window:
             future.cancel()
-        readers.shutdown(wait=not abandoned, cancel_futures=True)
-        fitter.shutdown(wait=not abandoned, cancel_futures=True)
-        writers.shutdown(wait=True, cancel_futures=abandoned)
+        readers.shutdown(wait=not abandon.is_set(), cancel_futures=True)
+        fitter.shutdown(wait=not abandon.is_set(), cancel_futures=True)
+        writers.shutdown(wait=True, cancel_futures=abandon.is_set())
         out.seconds = time.perf_counter() - t0
     return out
 
 
 def _fit_and_finish(batch: list[PreparedSubject], options: CohortOptions, out: BatchOutcome, record, *,
                     abandon: threading.Event | None = None):
-    """Yield ``(key, SubjectOutputs)`` for the subjects of a batch that calibrate (none
-    once ``abandon`` is set)."""
+    """Yield ``(key, SubjectOutputs)`` for the subjects of a batch that calibrate; once
+    ``abandon`` is set, nothing more is calibrated or recorded."""
+    def abandoned() -> bool:
+        return abandon is not None and abandon.is_set()
+
+    def note(err: SubjectError) -> None:
+        if not abandoned():
+            record(err)
+
     jobs = [job for prep in batch for job in prep.jobs]
     fits_by_subject: dict[str, dict[str, Any]] = {prep.key: {} for prep in batch}
     failed: set[str] = set()
@@ -354,21 +355,21 @@ def _fit_and_finish(batch: list[PreparedSubject], options: CohortOptions, out: B
                     out.launches.extend(launches)
                     fits_by_subject[prep.key] = {job.role: r for job, r in zip(prep.jobs, results, strict=True)}
                 except Exception as exc:  # noqa: BLE001
-                    record(_fail(prep.key, "fit", exc))
+                    note(_fail(prep.key, "fit", exc))
                     failed.add(prep.key)
-                if abandon is not None and abandon.is_set():
+                if abandoned():
                     return
     for prep in batch:
-        if abandon is not None and abandon.is_set():
+        if abandoned():
             return
         if prep.key in failed:
             continue
         try:
             outputs = finish_subject(prep, fits_by_subject[prep.key], options)
         except SubjectError as err:
-            record(err)
+            note(err)
             continue
         except Exception as exc:  # noqa: BLE001
-            record(_fail(prep.key, "calibrate", exc))
+            note(_fail(prep.key, "calibrate", exc))
             continue
         yield prep.key, outputs

@@ -698,7 +698,6 @@ def _input_warnings(acq: AslAcquisition, perf_volumes: tuple[int, ...], options:
     return out
 
 
-
 def _whitepaper_kinetics(acq: AslAcquisition, volumes: tuple[int, ...]) -> dict[str, Any]:
     """PLD (PASL: TI), τ or TI1 and slice times of the perfusion volumes, for the white paper.
 
