@@ -27,9 +27,16 @@ and CPU-frequency drift hit both alike; the medians are compared.  Without
 grid.  Each row also gives ``fit_median_s``, the wall time of the runner's fit calls,
 and ``cpu_bound_ratio``: the runner's CPU time over (cores x the floor's wall time), the
 lowest ratio any schedule could reach on this machine.  ``ASLCAL_BENCH_RECORD=path.json``
-records the rows with provenance; ``ASLCAL_BENCH_COHORT_BACKEND=cuda`` fits on the GPU;
-``ASLCAL_BENCH_COHORT_WORKERS`` sets the worker count of both (default 2; 4 was slower
-for both on the 2-core machine, ratios 1.29x / 1.55x).
+records the rows with provenance.  Environment variables (comma-separated lists give a
+row per value, on the same generated cohorts):
+
+* ``ASLCAL_BENCH_COHORT_BACKEND``: fit backend(s) of the runner, e.g. ``cuda`` or
+  ``cuda,numba`` (default: the configuration's, numba without a GPU); the no-fit subset
+  has no fit and runs once, with the default;
+* ``ASLCAL_BENCH_COHORT_WORKERS``: worker count(s) of both runner and floor (default 2;
+  4 was slower for both on the 2-core machine, ratios 1.29x / 1.55x);
+* ``ASLCAL_BENCH_COHORT_NOISE``: which phantom cohorts (keys of :data:`NOISE`; default all);
+* ``ASLCAL_BENCH_COHORT_ROUNDS``: alternating runner/floor rounds of the full run (default 5).
 """
 
 from __future__ import annotations
@@ -51,7 +58,18 @@ from aslcal.io.derivatives import IMAGE_OUTPUTS, DerivativesWriter, entities_fro
 from aslcal.io.nifti import gzip_backends
 from aslcal.testing.bids import make_bids_cohort
 
-WORKERS = int(os.environ.get("ASLCAL_BENCH_COHORT_WORKERS", "2"))
+
+
+def _env_list(name: str, default: str) -> list[str]:
+    return [v.strip() for v in (os.environ.get(name) or default).split(",") if v.strip()]
+
+
+#: Worker counts (runner and floor alike), fit backends (None: the configuration's) and
+#: rounds of the full run, from the environment (module docstring).
+WORKER_COUNTS = [int(v) for v in _env_list("ASLCAL_BENCH_COHORT_WORKERS", "2")]
+WORKERS = WORKER_COUNTS[0]
+BACKENDS: list[str | None] = _env_list("ASLCAL_BENCH_COHORT_BACKEND", "") or [None]
+ROUNDS = int(os.environ.get("ASLCAL_BENCH_COHORT_ROUNDS") or 5)
 
 
 def _stored_outputs(out_root: Path, keys) -> dict:
@@ -123,6 +141,9 @@ NOISE = {
     "snr50-int16": (50.0, "int16", None),
     "snr50-int16-30pairs": (50.0, "int16", 30),
 }
+_unknown = set(_env_list("ASLCAL_BENCH_COHORT_NOISE", ",".join(NOISE))) - set(NOISE)
+if _unknown:
+    raise ValueError(f"ASLCAL_BENCH_COHORT_NOISE: unknown cohort(s) {sorted(_unknown)}; expected some of {list(NOISE)}")
 
 
 def make_cohort(tmp: Path, n_subjects: int, shape, snr: float | None = None, image_dtype: str = "float32",
@@ -134,10 +155,11 @@ def make_cohort(tmp: Path, n_subjects: int, shape, snr: float | None = None, ima
     return bids, truth, time.perf_counter() - t
 
 
-def run_benchmark(tmp: Path, bids: Path, truth, subset: str, rounds: int, noise: str = "noise-free") -> dict:
+def run_benchmark(tmp: Path, bids: Path, truth, subset: str, rounds: int, noise: str = "noise-free",
+                  backend: str | None = None, workers: int = WORKERS) -> dict:
     ref_dir = bids / "derivatives" / "refmasks"
-    # ASLCAL_BENCH_COHORT_BACKEND=cuda fits on the GPU (benchmarks/GPU.md).
-    options = CohortOptions(ref_masks=str(ref_dir), backend=os.environ.get("ASLCAL_BENCH_COHORT_BACKEND") or None)
+    # backend="cuda" fits on the GPU (benchmarks/GPU.md).
+    options = CohortOptions(ref_masks=str(ref_dir), backend=backend)
     variants = SUBSETS[subset]
     labels = None if variants is None else sorted(
         t.subject for t in truth.runs.values() if t.variant in variants)
@@ -146,7 +168,7 @@ def run_benchmark(tmp: Path, bids: Path, truth, subset: str, rounds: int, noise:
     # Warm-up on two subjects of every variant (numba loads its cached kernels, imports
     # happen): untimed.
     warm = sorted({t.variant: t.subject for t in truth.good.values()}.values())
-    run_cohort(bids, tmp / "warm", options=options, participant_label=warm, workers=WORKERS)
+    run_cohort(bids, tmp / "warm", options=options, participant_label=warm, workers=workers)
     shutil.rmtree(tmp / "warm")
     runner_s, floor_s, cpu_runner, cpu_floor, fit_s, report = [], [], [], [], [], None
     stored = None
@@ -155,14 +177,14 @@ def run_benchmark(tmp: Path, bids: Path, truth, subset: str, rounds: int, noise:
             out = tmp / f"{which}-{i}"
             c, t = time.process_time(), time.perf_counter()
             if which == "runner":
-                report = run_cohort(bids, out, options=options, workers=WORKERS, participant_label=labels)
+                report = run_cohort(bids, out, options=options, workers=workers, participant_label=labels)
                 runner_s.append(time.perf_counter() - t)
                 cpu_runner.append(time.process_time() - c)
                 fit_s.append(sum(x["timings_s"].get("fit", 0.0) for x in report.launches))
                 if stored is None:
                     stored = _stored_outputs(out, [r.key for r in discover(bids, participant_label=labels)])
             else:
-                io_floor(bids, out, stored, ref_dir, participant_label=labels)
+                io_floor(bids, out, stored, ref_dir, workers=workers, participant_label=labels)
                 floor_s.append(time.perf_counter() - t)
                 cpu_floor.append(time.process_time() - c)
             shutil.rmtree(out)
@@ -178,7 +200,7 @@ def run_benchmark(tmp: Path, bids: Path, truth, subset: str, rounds: int, noise:
         "asl_pairs": NOISE[noise][2] or "2-3",
         "n_subjects": n_subjects,
         "n_good": n_good,
-        "workers": WORKERS,
+        "workers": workers,
         "backend": report.launches[0]["backend"] if report.launches else None,
         "gzip": gzip_backends(),
         "fit_launches": len(report.launches),
@@ -203,7 +225,7 @@ def run_benchmark(tmp: Path, bids: Path, truth, subset: str, rounds: int, noise:
     }
 
 
-@pytest.fixture(scope="module", params=list(NOISE))
+@pytest.fixture(scope="module", params=_env_list("ASLCAL_BENCH_COHORT_NOISE", ",".join(NOISE)))
 def phantom_cohort(request, tmp_path_factory, full_run):
     n, shape = (50, (64, 64, 24)) if full_run else (8, (32, 32, 12))
     tmp = tmp_path_factory.mktemp("cohort-bench")
@@ -213,10 +235,17 @@ def phantom_cohort(request, tmp_path_factory, full_run):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.mark.parametrize("subset", list(SUBSETS))
-def test_bench_cohort_vs_io_floor(phantom_cohort, subset, full_run, cohort_rows):
+#: (subset, backend, workers) of every row: the no-fit subset has no fit, so no backend.
+CASES = [(subset, backend, workers) for subset in SUBSETS for workers in WORKER_COUNTS
+         for backend in (BACKENDS if SUBSETS[subset] is None else [None])]
+
+
+@pytest.mark.parametrize("subset,backend,workers", CASES,
+                         ids=[f"{s}-{b or 'default'}-w{w}" for s, b, w in CASES])
+def test_bench_cohort_vs_io_floor(phantom_cohort, subset, backend, workers, full_run, cohort_rows):
     tmp, bids, truth, noise = phantom_cohort
-    row = run_benchmark(tmp, bids, truth, subset, rounds=5 if full_run else 1, noise=noise)
+    row = run_benchmark(tmp, bids, truth, subset, rounds=ROUNDS if full_run else 1, noise=noise,
+                        backend=backend, workers=workers)
     cohort_rows.append(row)
     assert row["done"] == row["n_good"] and row["failed"] == row["n_subjects"] - row["n_good"]
     assert row["ratio_to_floor"] > 0

@@ -3,7 +3,7 @@
 Every benchmark adds a row (problem size, backend, warm median, first-call time,
 voxel-fits/s, ratio to the baseline measured in the same run).  With
 ``ASLCAL_BENCH_RECORD=path.json`` the rows are also written, with hardware and library
-versions, for ``benchmarks/results/``.
+versions, for ``benchmarks/results/`` (after every benchmark that adds one, and at the end).
 """
 
 from __future__ import annotations
@@ -93,18 +93,37 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             f"{(f'{ratio:.0f}x' if ratio else '-'):>11}"
         )
     if COHORT_ROWS:
-        tr.write_line(f"{'cohort':<56}{'backend':<8}{'runner s':>10}{'floor s':>10}"
+        tr.write_line(f"{'cohort':<56}{'backend':<8}{'wk':>3}{'runner s':>10}{'floor s':>10}"
                       f"{'x floor':>9}{'cpu bound':>10}{'fit s':>8}{'subj/s':>9}{'voxels':>10}{'launches':>9}  gzip")
     for r in COHORT_ROWS:
         tr.write_line(
-            f"{r['problem']:<56}{str(r['backend']):<8}{r['runner_median_s']:>10.3f}"
+            f"{r['problem']:<56}{str(r['backend']):<8}{r['workers']:>3}{r['runner_median_s']:>10.3f}"
             f"{r['floor_median_s']:>10.3f}{r['ratio_to_floor']:>9.3f}{r['cpu_bound_ratio']:>10.3f}"
             f"{r['fit_median_s']:>8.3f}"
             f"{r['subjects_per_s']:>9.2f}{r['fitted_voxels']:>10}{r['fit_launches']:>9}  {r['gzip']}"
         )
+    path = save_record()
+    if path:
+        tr.write_line(f"recorded to {path}")
+
+
+def save_record() -> str | None:
+    """Write every row so far to ``$ASLCAL_BENCH_RECORD`` (if set); return its path."""
     path = os.environ.get("ASLCAL_BENCH_RECORD")
     if path:
-        with open(path, "w") as fh:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as fh:
             json.dump({"provenance": provenance(), "rows": ROWS, "cohort": COHORT_ROWS}, fh, indent=2)
             fh.write("\n")
-        tr.write_line(f"recorded to {path}")
+        os.replace(tmp, path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _record_as_you_go():
+    """Rewrite the record after every benchmark that added a row, so that a run stopped
+    by a time limit (a lent GPU's, say) still leaves the rows it measured."""
+    n = len(ROWS) + len(COHORT_ROWS)
+    yield
+    if len(ROWS) + len(COHORT_ROWS) != n:
+        save_record()
