@@ -147,6 +147,27 @@ def test_discover_rejects_files_that_cannot_be_runs(tmp_path):
     assert "missing file" in reasons["sub-01/perf/sub-01_run-2_asl.nii.gz"]
 
 
+def test_discover_rejects_upper_case_names_and_folders_and_ignores_hidden_files(tmp_path):
+    """An ASL image named in upper case (``_asl.NII.GZ``) or a folder named like one is
+    listed in ``rejected`` (before: dropped without a word, the run ended with exit 0);
+    hidden files (macOS ``._`` twins) are no part of a BIDS dataset: ignored, not rejected."""
+    _write_run(tmp_path, "01")
+    src = tmp_path / "sub-01" / "perf" / "sub-01_asl.nii.gz"
+    upper = tmp_path / "sub-02" / "perf"
+    upper.mkdir(parents=True)
+    shutil.copy(src, upper / "sub-02_asl.NII.GZ")
+    (tmp_path / "sub-03" / "perf" / "sub-03_asl.nii.gz").mkdir(parents=True)
+    shutil.copy(src, src.parent / "._sub-01_asl.nii.gz")
+    shutil.copy(src, src.parent / ".sub-01_run-2_asl.nii.gz")
+    rejected = []
+    runs = discover(tmp_path, rejected=rejected)
+    assert [r.key for r in runs] == ["sub-01"]
+    reasons = {str(p.relative_to(tmp_path)): why for p, why in rejected}
+    assert sorted(reasons) == ["sub-02/perf/sub-02_asl.NII.GZ", "sub-03/perf/sub-03_asl.nii.gz"]
+    assert "lower case" in reasons["sub-02/perf/sub-02_asl.NII.GZ"]
+    assert "a folder" in reasons["sub-03/perf/sub-03_asl.nii.gz"]
+
+
 def test_two_images_of_one_run_are_a_per_run_error(tmp_path):
     """sub-01_asl.nii beside sub-01_asl.nii.gz: one run (not a duplicate key that stops
     the cohort), refused by read_run naming both files; the other runs are unaffected."""

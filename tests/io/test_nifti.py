@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import os
 import re
 import struct
@@ -358,6 +359,60 @@ def test_5d_with_real_fifth_axis_rejected(tmp_path: Path) -> None:
     path = _nib_write(tmp_path / "five.nii", _ramp((2, 2, 2, 2, 3)))
     with raises_input_error("5-D", tmp_path):
         load_image(path)
+
+
+@pytest.mark.parametrize("bad,pattern", [
+    (np.nan, "non-finite"),  # a NaN in the sform
+    (0.0, "singular"),  # the z column zeroed: every slice at one place
+])
+def _write_with_header(path: Path, data: np.ndarray, edit) -> Path:
+    """Write with nibabel, then change header fields in the bytes (nibabel's own writer
+    would make pixdim and the sform agree with the image's affine again) and gzip."""
+    raw = tmp = path.with_suffix("")  # .nii
+    nibabel.save(nibabel.Nifti1Image(data, np.diag([2.5, 3.0, 4.0, 1.0])), os.fspath(tmp))
+    blob = bytearray(raw.read_bytes())
+    hdr = nibabel.Nifti1Header.from_fileobj(io.BytesIO(bytes(blob[:348])))
+    edit(hdr)
+    blob[:348] = hdr.binaryblock
+    path.write_bytes(gzip.compress(bytes(blob)))
+    tmp.unlink()
+    return path
+
+
+def _set_sform_column(value: float):
+    def edit(hdr: nibabel.Nifti1Header) -> None:
+        hdr["qform_code"] = 0
+        hdr["sform_code"] = 1
+        hdr["srow_z"][2] = value
+    return edit
+
+
+@pytest.mark.parametrize("bad,pattern", [
+    (np.nan, "non-finite"),  # a NaN in the sform
+    (0.0, "singular"),  # the z column zeroed: every slice at one place
+])
+def test_affine_that_places_no_voxel_is_refused_naming_the_file(tmp_path: Path, bad: float, pattern: str) -> None:
+    """Before: such an image was read, fitted and calibrated, and failed only when its
+    maps were written (naming an output, or the m0scan as "misaligned")."""
+    path = _write_with_header(tmp_path / "odd.nii.gz", _ramp((3, 4, 5)), _set_sform_column(bad))
+    assert nibabel.load(os.fspath(path)).header.get_sform(coded=True)[1] == 1
+    with raises_input_error(rf"odd\.nii\.gz.*{pattern}", tmp_path):
+        load_image(path)
+
+
+def test_zero_pixdim_takes_the_voxel_size_of_the_affine(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """pixdim 0 with a valid sform: nibabel reads the zoom as 1 mm; the voxel size (the
+    brain mask's balls are sized in mm with it) is the affine's 2.5 mm, with a warning."""
+    def edit(hdr: nibabel.Nifti1Header) -> None:
+        hdr["pixdim"][1] = 0.0
+        hdr["qform_code"] = 0
+        hdr["sform_code"] = 1
+    path = _write_with_header(tmp_path / "zero.nii.gz", _ramp((3, 4, 5)), edit)
+    assert struct.unpack("<f", gzip.decompress(path.read_bytes())[80:84])[0] == 0.0  # the file's pixdim[1]
+    with caplog.at_level("WARNING", logger="aslcal"):
+        loaded = load_image(path)
+    np.testing.assert_allclose(loaded.voxel_size, (2.5, 3.0, 4.0))
+    assert any("disagrees with its affine" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("ndim", [2, 5, (3, 5), ()])

@@ -346,10 +346,15 @@ def discover(
             by_prefix: dict[str, list[Path]] = {}
             session = perf.parent.name[4:] if perf.parent != sub_dir else None
             for asl in sorted(perf.iterdir()):
-                if not asl.name.endswith(_ASL_SUFFIXES) or asl.is_dir():
+                # hidden files (".", e.g. macOS "._" twins) are not part of a BIDS dataset
+                if asl.name.startswith(".") or not asl.name.lower().endswith(_ASL_SUFFIXES):
                     continue
                 match = _ASL_NAME.match(asl.name)
-                if match is None:
+                if not asl.name.endswith(_ASL_SUFFIXES):
+                    match, problem = None, "the suffix and extension are _asl.nii or _asl.nii.gz, in lower case"
+                elif asl.is_dir():
+                    match, problem = None, "a folder, not an image file"
+                elif match is None:
                     problem = "labels are letters and digits only, as sub-<label>[_<entity>-<label>...]_asl.nii[.gz]"
                 else:
                     entities = _ENTITY.findall(match.group("prefix"))

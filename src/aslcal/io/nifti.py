@@ -21,6 +21,7 @@ This module is an I/O boundary: :func:`save_image` copies a CuPy array to the ho
 from __future__ import annotations
 
 import gzip
+import logging
 import math
 import os
 import zlib
@@ -36,6 +37,8 @@ from nibabel.wrapstruct import WrapStructError
 
 from ..errors import BackendUnavailableError, InputError
 from .atomic import StrPath, atomic_output
+
+log = logging.getLogger("aslcal")
 
 try:  # ISA-L: the same gzip format as zlib, compressed/decompressed several times faster.
     from isal import igzip as _igzip
@@ -470,7 +473,28 @@ def load_image(
                 form = np.array(form, dtype=np.float64)
                 form[:3, :] *= unit_to_mm
                 setter(form, code=int(code))
+    _check_affine(affine, header, where)
     return Image(data=data, affine=affine, header=header, path=file_path)
+
+
+def _check_affine(affine: np.ndarray, header: Any, where: str) -> None:
+    """Refuse an affine that places no voxel (non-finite, or an axis of length 0), naming the
+    file; where the header's voxel size (pixdim) disagrees with the affine's -- a zero pixdim,
+    which nibabel reads as 1 -- take the affine's (``header`` is the image's own copy), with
+    a warning: every grid check and every size in mm (the brain mask's balls) must agree."""
+    if not np.isfinite(affine).all():
+        raise InputError(f"{where}: its affine (sform/qform) holds non-finite values; expected a finite "
+                         "voxel-to-world transform")
+    columns = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    if not abs(np.linalg.det(affine[:3, :3])) > 1e-12 * float(np.prod(columns)):
+        raise InputError(f"{where}: its affine (sform/qform) is singular (voxel axes of length 0 or in one "
+                         "plane); expected a voxel-to-world transform of a 3-D grid")
+    zooms = [float(z) for z in header.get_zooms()[:3]]
+    if len(zooms) == 3 and not np.allclose(zooms, columns, rtol=1e-3, atol=0.0):
+        log.warning("%s: the header's voxel size %s mm (pixdim) disagrees with its affine's %s mm: the "
+                    "affine's is used", where, tuple(round(z, 6) for z in zooms),
+                    tuple(round(float(c), 6) for c in columns))
+        header.set_zooms(tuple(float(c) for c in columns) + tuple(header.get_zooms()[3:]))
 
 
 # ---------------------------------------------------------------------------- saving
