@@ -222,6 +222,9 @@ def run_benchmark(tmp: Path, bids: Path, truth, subset: str, rounds: int, noise:
         "subjects_per_s": n_subjects / run_med,
         "done": len(report.done),
         "failed": len(report.failed),
+        # why subjects failed (the run's failure log is deleted with its folder): the 3
+        # deliberately broken ones, and on a new machine perhaps a reason worth reading
+        "failures": sorted({f"{f['stage']}: {f['message']}"[:300] for f in report.failed})[:8],
     }
 
 
@@ -247,5 +250,5 @@ def test_bench_cohort_vs_io_floor(phantom_cohort, subset, backend, workers, full
     row = run_benchmark(tmp, bids, truth, subset, rounds=ROUNDS if full_run else 1, noise=noise,
                         backend=backend, workers=workers)
     cohort_rows.append(row)
-    assert row["done"] == row["n_good"] and row["failed"] == row["n_subjects"] - row["n_good"]
+    assert row["done"] == row["n_good"] and row["failed"] == row["n_subjects"] - row["n_good"], row["failures"]
     assert row["ratio_to_floor"] > 0

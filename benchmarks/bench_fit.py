@@ -95,14 +95,15 @@ def test_bench_satrecov(benchmark, bench_rows, full_run, backend, dtype, n_obs, 
     warm = float(np.median([f.timings["fit"] for f in fits]))
     rate = n_vox / warm
     counts = first.status_counts()
-    assert counts.get("converged", 0) >= 0.99 * n_vox, counts
     bench_rows.append({
         "problem": f"SR {backend}/{dtype}", "n_vox": n_vox, "n_obs": n_obs, "backend": f"{backend}/{dtype}",
         "warm_s": warm, "end_to_end_s": float(np.median([f.timings["total"] for f in fits])),
         "first_call_s": first_s, "fits_per_s": rate, "baseline_fits_per_s": base,
         "ratio_to_baseline": rate / base, "h2d_s": h2d or first.timings.get("h2d", 0.0),
-        "d2h_s": first.timings.get("d2h", 0.0),
+        "d2h_s": first.timings.get("d2h", 0.0), "status_counts": dict(counts),
     })
+    # after the row is recorded: a convergence shortfall on a new device still leaves its timing
+    assert counts.get("converged", 0) >= 0.99 * n_vox, counts
 
 
 def test_bench_scipy_baseline(bench_rows):
@@ -139,7 +140,8 @@ def test_bench_look_locker_dual_fa(benchmark, bench_rows, full_run, backend, dty
     fits = []
     benchmark.pedantic(lambda: fits.append(aslcal.fit_satrecov(y, tis, **kw)), rounds=3 if full_run else 1, iterations=1)
     warm = float(np.median([f.timings["fit"] for f in fits]))
-    assert first.status_counts().get("converged", 0) >= 0.99 * n_vox
+    counts = first.status_counts()
     bench_rows.append({"problem": f"LL dual-FA {backend}/{dtype}", "n_vox": n_vox, "n_obs": 91,
                        "backend": f"{backend}/{dtype}", "warm_s": warm, "first_call_s": first_s,
-                       "fits_per_s": n_vox / warm})
+                       "fits_per_s": n_vox / warm, "status_counts": dict(counts)})
+    assert counts.get("converged", 0) >= 0.99 * n_vox, counts
