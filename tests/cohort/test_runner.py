@@ -649,6 +649,68 @@ def test_whitepaper_refuses_a_zero_labelling_duration_naming_the_field(tmp_path)
     assert failure["details"]["file"] == str(js)
 
 
+def test_whitepaper_refuses_timings_outside_the_repetition_time_naming_the_field(tmp_path):
+    """A PLD of 5 s in volumes repeated every ~4 s was taken as it stood (CBF x10.7 in an
+    audit), and a PASL bolus cut off after the inversion time failed without naming a file:
+    both are now the subject's own error on the field that is wrong."""
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=3, seed=1, broken=0, kinetics="whitepaper")
+    pcasl = next(k for k, t in truth.runs.items() if t.labeling_type == "PCASL")
+    pasl = next(k for k, t in truth.runs.items() if t.labeling_type == "PASL")
+    (js_c,) = truth.root.rglob(f"{pcasl}_asl.json")
+    (js_p,) = truth.root.rglob(f"{pasl}_asl.json")
+    meta_c, meta_p = json.loads(js_c.read_text()), json.loads(js_p.read_text())
+    tr = meta_c["RepetitionTimePreparation"]
+    tr = min(tr) if isinstance(tr, list) else tr
+    js_c.write_text(json.dumps({**meta_c, "PostLabelingDelay": round(tr + 1.0, 3)}))
+    ti = meta_p["PostLabelingDelay"]
+    ti = ti[0] if isinstance(ti, list) else ti
+    js_p.write_text(json.dumps({**meta_p, "BolusCutOffDelayTime": [round(ti + 0.5, 3)]}))
+    report = run_cohort(truth.root, tmp_path / "out", options=CohortOptions(quantification="whitepaper"))
+    failed = {r["key"]: r for r in report.failed}
+    assert sorted(failed) == sorted([pcasl, pasl])
+    assert failed[pcasl]["details"] == {**failed[pcasl]["details"], "field": "PostLabelingDelay", "file": str(js_c)}
+    assert "repetition time" in failed[pcasl]["message"]
+    assert failed[pasl]["details"] == {**failed[pasl]["details"], "field": "BolusCutOffDelayTime", "file": str(js_p)}
+    assert sorted(report.done) == sorted(set(truth.runs) - {pcasl, pasl})
+
+
+def test_a_subject_without_a_finite_cbf_fails_and_an_implausible_mean_is_flagged(tmp_path):
+    """An M0Estimate of 1e-40 made every brain voxel's CBF overflow to inf, and a control
+    volume of NaN made every one NaN: both subjects were "ok" with cbf_mean_brain null.
+    Control and label swapped in the aslcontext gave a negative whole-brain mean without
+    a word.  Now the first two fail at 'calibrate' and the third is written with a
+    warning that says what to check."""
+    import nibabel
+
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=3, seed=1, broken=0)
+    est = next(k for k, t in truth.runs.items() if t.variant == "estimate")
+    inc = next(k for k, t in truth.runs.items() if t.variant == "included")
+    sep = next(k for k, t in truth.runs.items() if t.variant == "separate")
+    (js,) = truth.root.rglob(f"{est}_asl.json")
+    js.write_text(json.dumps({**json.loads(js.read_text()), "M0Estimate": 1e-40}))
+    (asl,) = truth.root.rglob(f"{inc}_asl.nii.gz")
+    (ctx,) = truth.root.rglob(f"{inc}_aslcontext.tsv")
+    first_control = ctx.read_text().splitlines()[1:].index("control")
+    img = nibabel.load(asl)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    data[..., first_control] = np.nan
+    nibabel.save(nibabel.Nifti1Image(data, img.affine, img.header), asl)
+    (tsv,) = truth.root.rglob(f"{sep}_aslcontext.tsv")
+    swap = {"control": "label", "label": "control"}
+    lines = tsv.read_text().splitlines()
+    tsv.write_text("\n".join([lines[0]] + [swap.get(v, v) for v in lines[1:]]) + "\n")
+    report = run_cohort(truth.root, tmp_path / "out", options=CohortOptions(ref_masks=str(truth.root / "derivatives" / "refmasks")))
+    failed = {r["key"]: r for r in report.failed}
+    assert sorted(failed) == sorted([est, inc]) and all(r["stage"] == "calibrate" for r in failed.values())
+    assert "beyond float32" in failed[est]["message"]  # the factor 6000/(M0a alpha) itself overflows
+    assert "no brain voxel has a finite CBF" in failed[inc]["message"]
+    assert report.done == [sep]
+    summary = json.loads(DerivativesWriter(tmp_path / "out").subject_paths(sep)["summary"].read_text())
+    assert summary["cbf_mean_brain"] < 0
+    prov = json.loads(DerivativesWriter(tmp_path / "out").subject_paths(sep)["provenance"].read_text())
+    assert any("control and label swapped" in w for w in json.dumps(prov).split('"') if "mean brain CBF" in w)
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "inf"])
 def test_bad_max_memory_is_refused(cohort, tmp_path, capsys, value):
     assert main(["cohort", str(cohort.root), str(tmp_path / "o"), "--max-memory", value]) == 2

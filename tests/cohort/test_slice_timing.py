@@ -111,9 +111,10 @@ def test_bad_slice_timing_names_the_field(cohort, fields, match):
 def test_negative_direction_lists_the_highest_slice_first(cohort):
     key = next(iter(_fitted(cohort)))
     n = cohort.runs[key].shape[0]
-    run, original = _sidecar_with(cohort, SliceEncodingDirection="i-", SliceTiming=list(range(n)))
+    # slice i at 0.1 * i s (a readout shorter than the longest recovery time, 8 s)
+    run, original = _sidecar_with(cohort, SliceEncodingDirection="i-", SliceTiming=[0.1 * t for t in range(n)])
     try:
         m0 = read_run(run).m0
-        assert m0.slice_axis == 0 and m0.slice_timing == tuple(float(t) for t in range(n - 1, -1, -1))
+        assert m0.slice_axis == 0 and m0.slice_timing == tuple(0.1 * t for t in range(n - 1, -1, -1))
     finally:
         run.m0scan_sidecar.write_text(original)

@@ -188,11 +188,16 @@ def apply_calibration(
     if sensitivity is not None:
         s = _spatial_map("sensitivity", sensitivity, shape)
         den = s if den is None else den * s
-    if math.isinf(scale) or scale == 0.0:
-        raise InputError(f"m0a={m0a!r}, alpha={a:g}: the calibration factor {scale!r} is not usable")
+    if math.isinf(scale) or scale == 0.0 or (den is None and scale > float(np.finfo(out.dtype).max)):
+        raise InputError(f"m0a={m0a!r}, alpha={a:g}: the calibration factor {scale!r} is not usable"
+                         + ("" if math.isinf(scale) or scale == 0.0 else
+                            f" (beyond {np.dtype(out.dtype).name}: M0a in signal units, not a fraction?)"))
     n_zeroed = 0
     if den is None:
-        out = out * scale
+        # voxels whose CBF exceeds the image's type become inf (reported by the callers);
+        # the error state is per thread (see below)
+        with np.errstate(over="ignore"):
+            out = out * scale
     else:
         ok = xp.isfinite(den) & (den > 0)
         # reciprocals that overflow: excluded below.  np.errstate, not warnings.catch_warnings:

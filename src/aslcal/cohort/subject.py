@@ -745,6 +745,11 @@ def _whitepaper_kinetics(acq: AslAcquisition, volumes: tuple[int, ...]) -> dict[
                                  "supported (use --quantification calibration)", file=where,
                                  field="BolusCutOffTechnique")
         out["ti1"] = cutoff[0]
+        if out["ti1"] > out["pld"]:
+            where = acq.source_of("BolusCutOffDelayTime")
+            raise BidsFieldError(f"{where}: field 'BolusCutOffDelayTime' = {out['ti1']!r} s is after the inversion "
+                                 f"time TI = {out['pld']!r} s (PostLabelingDelay): the bolus would be cut off after "
+                                 "the readout", file=where, field="BolusCutOffDelayTime")
     else:
         out["tau"] = single(acq.labeling_duration, "LabelingDuration", "the white-paper model needs τ")
         if not out["tau"] > 0:
@@ -752,6 +757,17 @@ def _whitepaper_kinetics(acq: AslAcquisition, volumes: tuple[int, ...]) -> dict[
             raise BidsFieldError(f"{where}: field 'LabelingDuration' = {out['tau']!r}: the white-paper model "
                                  "needs the labelling duration τ > 0 s (or use --quantification calibration)",
                                  file=where, field="LabelingDuration")
+    # the labelling, the delay and the readout happen within each volume's repetition time
+    trs = [float(acq.tr[i]) for i in volumes if acq.tr[i] > 0]
+    end = out["pld"] + (out["tau"] or 0.0)
+    if trs and end >= min(trs):
+        where = acq.source_of("PostLabelingDelay")
+        what = ("the inversion time TI" if lab == "pasl" else
+                f"the labelling duration τ = {out['tau']!r} s plus the PLD")
+        raise BidsFieldError(f"{where}: field 'PostLabelingDelay' = {out['pld']!r} s: {what} ends at {end!r} s, not "
+                             f"within the repetition time {min(trs)!r} s (RepetitionTimePreparation) of the "
+                             "perfusion volumes; milliseconds, or a field of another sequence?", file=where,
+                             field="PostLabelingDelay")
     return out
 
 
@@ -921,6 +937,11 @@ def _background_suppressed_alpha(acq: AslAcquisition, options: CohortOptions) ->
     alpha = base * options.bs_efficiency ** n
     return alpha, (f"{acq.labeling_type} default {base:g} x background-suppression efficiency "
                    f"{options.bs_efficiency:g}^{n} ({name} of {where.name})")
+
+
+#: Whole-brain mean CBF (ml/100g/min) above which a subject's calibration gets a warning:
+#: grey matter is 40-100, hyperperfusion rarely doubles it.
+CBF_PLAUSIBLE_MAX = 250.0
 
 
 def _unpack(xp, values, mask_dev, shape, fill=0.0):
@@ -1122,9 +1143,23 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     cbf_brain = cbf[brain]
     finite = xp.isfinite(cbf_brain)
     n_finite = int(xp.count_nonzero(finite))
+    if n_brain and not n_finite:
+        # nothing to report: a subject without a usable CBF has failed, not succeeded
+        raise InputError(f"no brain voxel has a finite CBF (M0a {m0a!r}): non-finite perfusion or M0 data, or an "
+                         "M0 so small that the CBF overflows (M0Estimate, vendor scaling)")
     if n_finite < n_brain:  # non-finite input voxels (NaN/Inf in the data): left out of the mean
-        warning = (f"{n_brain - n_finite} brain voxels have a non-finite CBF (non-finite input data); "
-                   "cbf_mean_brain is over the other voxels")
+        warning = (f"{n_brain - n_finite} brain voxels have a non-finite CBF (non-finite input data, or values "
+                   "beyond float32); cbf_mean_brain is over the other voxels")
+        log.warning("%s: %s", prep.key, warning)
+        calib_prov.setdefault("warnings", []).append(warning)
+    cbf_mean = float(xp.mean(cbf_brain[finite])) if n_finite else None
+    if cbf_mean is not None and not 0.0 <= cbf_mean <= CBF_PLAUSIBLE_MAX:
+        # a whole-brain mean below 0 or above any physiology: the subject is written (the
+        # numbers are what the inputs say) and the warning says what to check
+        why = ("control and label swapped in the aslcontext, or a negative scale factor" if cbf_mean < 0 else
+               "the M0 too small (M0Estimate, vendor scaling of the ASL against the M0) or the perfusion "
+               "volumes mislabelled")
+        warning = (f"mean brain CBF {cbf_mean:.4g} ml/100g/min is outside 0-{CBF_PLAUSIBLE_MAX:g}: {why}?")
         log.warning("%s: %s", prep.key, warning)
         calib_prov.setdefault("warnings", []).append(warning)
     summary: dict[str, Any] = {
@@ -1134,7 +1169,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
         "field_strength": acq.field_strength,
         "n_brain_voxels": n_brain,
         "n_ref_voxels": None if prep.ref is None else int(prep.ref.sum()),
-        "cbf_mean_brain": float(xp.mean(cbf_brain[finite])) if n_finite else None,
+        "cbf_mean_brain": cbf_mean,
         "n_brain_nonfinite_cbf": n_brain - n_finite,
     }
     if m0t_rel_se is not None:

@@ -1149,7 +1149,8 @@ def read_run(run: AslRun, *, allow_control_m0: bool = False) -> AslAcquisition:
         times = ti if ti is not None else pld
         # the slice delays enter the fit of a recovery series only
         slices, axis = _slice_timing(meta, js, shape,
-                                     check_type=look_locker or len({tr[i] for i in idx}) > 1)
+                                     check_type=look_locker or len({tr[i] for i in idx}) > 1,
+                                     below=(max(tr[i] for i in idx), "the longest recovery time (RepetitionTimePreparation) of the M0 volumes"))
         m0 = M0Source(
             kind="included", path=run.asl, volumes=idx, trs=tuple(tr[i] for i in idx),
             tis=None if times is None else tuple(times[i] for i in idx),
@@ -1230,8 +1231,12 @@ def asl_slice_timing(acq: AslAcquisition) -> tuple[tuple[float, ...] | None, int
     """``SliceTiming`` of the ASL series by slice index along its slice axis (None: a 3-D
     readout), and that axis; a :class:`BidsFieldError` when it does not fit the image, or
     when it contradicts ``MRAcquisitionType`` (a 2-D readout without it, a 3-D one with it)."""
+    used = [t for i, (t, v) in enumerate(zip(acq.tr, acq.volume_types)) if v in ("control", "label", "deltam", "cbf")
+            and t > 0]
     return _slice_timing(acq.metadata, acq.run.sidecar, acq.shape, check_type=True,
-                         hint="; or use --quantification calibration")
+                         hint="; or use --quantification calibration",
+                         below=(min(used), "the repetition time (RepetitionTimePreparation) of the ASL volumes, "
+                                "within which each is read") if used else None)
 
 
 def _flip_angles(meta: dict, js: Path, n: int, look_locker: bool,
@@ -1247,6 +1252,11 @@ def _flip_angles(meta: dict, js: Path, n: int, look_locker: bool,
     assert values is not None
     where = _src(meta, js, "FlipAngle")
     shown = isinstance(meta["FlipAngle"], list)
+    fitted_values = [v for i, v in enumerate(values) if readout is None or i in readout]
+    if fitted_values and max(fitted_values) < 1.0:
+        raise BidsFieldError(
+            f"{where}: field 'FlipAngle' = {_shown(meta['FlipAngle'])}: Look-Locker readout angles below 1 "
+            "degree; radians? BIDS FlipAngle is in degrees", file=where, field="FlipAngle")
     for i, v in enumerate(values):
         fitted = readout is None or i in readout
         if v >= 90.0 if fitted else v > 360.0:
@@ -1312,12 +1322,34 @@ def _separate_m0(run: AslRun, m0js: Path) -> M0Source:
     flip = _flip_angles(meta, js, n, look_locker)
     tis = _per_volume(meta, js, "InversionTime", n, required=look_locker, high=MAX_DELAY_S, unit="s",
                       why=" (required with LookLocker true: the readout times)")
+    if not look_locker:
+        _not_look_locker(meta, js, n, tis)
     # the slice delays enter the fit of a recovery series only
-    slices, axis = _slice_timing(meta, js, shape, check_type=look_locker or len(set(trs)) > 1)
+    slices, axis = _slice_timing(meta, js, shape, check_type=look_locker or len(set(trs)) > 1,
+                                 below=(max(trs), "the longest recovery time (RepetitionTimePreparation)"))
     return M0Source(kind="separate", path=run.m0scan, volumes=tuple(range(n)), trs=trs,
                     tis=tis, te_ms=te_ms, look_locker=look_locker, flip_angle=flip,
                     estimate=None, sidecar=js, slice_timing=slices, slice_axis=axis,
                     metadata=meta)
+
+
+def _not_look_locker(meta: dict, js: Path, n: int, tis: tuple[float, ...] | None) -> None:
+    """An m0scan that is not a Look-Locker series (``LookLocker`` false or absent) but whose
+    volumes have different ``InversionTime`` or ``FlipAngle`` values contradicts itself: it
+    is a Look-Locker readout whose flag is missing (converters often leave it out), and
+    averaged as one M0 its readouts would give an M0a several times too low."""
+    flips = None
+    if isinstance(meta.get("FlipAngle"), list):
+        flips = _per_volume(meta, js, "FlipAngle", n, required=False, low=0.0, low_open=True, unit="degrees")
+    for name, values in (("InversionTime", tis), ("FlipAngle", flips)):
+        if values is not None and len(set(values)) > 1:
+            where = _src(meta, js, "LookLocker") if "LookLocker" in meta else js
+            flag = f"'LookLocker' = {_shown(meta['LookLocker'])}" if "LookLocker" in meta else "no field 'LookLocker'"
+            raise BidsFieldError(
+                f"{where}: {flag}, but field {name!r} differs between the m0scan's volumes "
+                f"({_shown(min(values))} to {_shown(max(values))}): a Look-Locker M0 series says "
+                "\"LookLocker\": true and is fitted; a plain M0 has one value for all its volumes",
+                file=where, field="LookLocker")
 
 
 _SLICE_DIRECTIONS = ("i", "j", "k", "i-", "j-", "k-")
@@ -1337,12 +1369,16 @@ def _acquisition_type(meta: dict, js: Path) -> str | None:
 
 
 def _slice_timing(meta: dict, js: Path, shape: tuple[int, ...], *, check_type: bool = False,
-                  hint: str = "") -> tuple[tuple[float, ...] | None, int]:
+                  hint: str = "", below: tuple[float, str] | None = None) -> tuple[tuple[float, ...] | None, int]:
     """``SliceTiming`` by slice index along the slice axis, and that axis (module docstring).
 
     ``check_type`` (the slice delays are used): ``SliceTiming`` must agree with
     ``MRAcquisitionType`` when that is given (BIDS: required for "2D", not allowed for
-    "3D"); without ``MRAcquisitionType``, ``SliceTiming`` alone decides.
+    "3D"); without ``MRAcquisitionType``, ``SliceTiming`` alone decides.  ``below``:
+    ``(seconds, what)``, a time the slice times cannot reach -- an ASL volume's repetition
+    time (its readout lies within it), or the longest recovery time of an M0 series (whose
+    slices are read after the recovery time, one slice delay apart: a readout longer than
+    the longest recovery is no multi-slice readout); milliseconds, most often.
     """
     direction = meta.get("SliceEncodingDirection", "k")
     if direction not in _SLICE_DIRECTIONS:
@@ -1383,6 +1419,12 @@ def _slice_timing(meta: dict, js: Path, shape: tuple[int, ...], *, check_type: b
             f"{js}: field 'SliceTiming' has {len(raw)} entries for {shape[axis]} slices along "
             f"axis {direction[0]} (SliceEncodingDirection {direction!r})", file=js, field="SliceTiming",
         )
+    if below is not None and raw and max(raw) >= below[0]:
+        late = max(raw)
+        raise BidsFieldError(
+            f"{js}: field 'SliceTiming' has slice times up to {_shown(late)} s, not below {below[1]} "
+            f"{_shown(below[0])} s" + ("; milliseconds? BIDS times are in seconds" if late / 1000.0 < below[0] else "")
+            + hint, file=js, field="SliceTiming")
     # A negative direction lists the slices from the highest index down (BIDS).
     times = [float(t) for t in (raw[::-1] if direction.endswith("-") else raw)]
     # BIDS: SliceTiming counts from the start of the volume, while the PLD (the recovery
