@@ -335,6 +335,39 @@ def test_shards_cover_every_subject_once(cohort, reference_run, tmp_path):
     assert _checksums(out) == _checksums(reference_run[0])
 
 
+def test_a_shard_that_read_the_state_early_cannot_write_its_table_last(cohort, tmp_path, monkeypatch):
+    """Shard 1 reads every subject's state for summary.tsv; shard 2 then completes its
+    subjects and rebuilds the table; shard 1 writes.  Without the summary lock shard 1's
+    older table (its own rows only) was the last word; with it, shard 2's rebuild waits,
+    reads everything and writes last.  (Subjects without a fit: the two in-process runs
+    share no numba launch.)"""
+    import threading
+
+    import aslcal.cohort.runner as runner_module
+
+    labels = sorted({t.subject for t in cohort.good.values() if t.variant in ("separate", "estimate")})
+    out = tmp_path / "race"
+    original = runner_module.write_summary_tsv
+    other: dict = {}
+
+    def write_after_the_other_shard(rows, path):
+        if not other:  # shard 1, between reading the state and writing the table
+            worker = threading.Thread(target=lambda: other.setdefault("report", run_cohort(
+                cohort.root, out, options=_options(cohort), shard_spec="2/2", participant_label=labels)))
+            other["thread"] = worker
+            worker.start()
+            worker.join(timeout=4.0)  # it ends (no lock), or waits at the lock (then this times out)
+        return original(rows, path)
+
+    monkeypatch.setattr(runner_module, "write_summary_tsv", write_after_the_other_shard)
+    first = run_cohort(cohort.root, out, options=_options(cohort), shard_spec="1/2", participant_label=labels)
+    other["thread"].join(timeout=60)
+    second = other["report"]
+    assert first.done and second.done and not set(first.done) & set(second.done)
+    rows = (out / "derivatives" / "aslcal" / "summary.tsv").read_text().splitlines()[1:]
+    assert len(rows) == len(first.done) + len(second.done)
+
+
 def test_dask_local_two_workers_identical(cohort, reference_run, tmp_path):
     pytest.importorskip("dask.distributed")
     out = tmp_path / "dask"

@@ -42,6 +42,7 @@ from ..io.derivatives import DerivativesWriter, entities_from_key, write_summary
 from .pipeline import DEFAULT_BATCH_SIZE, BatchOutcome, run_subjects
 from .state import (
     RUN_OPTIONS_FILE, FailureLog, FailureRecord, changed_inputs, check_run_options, folder_lock, parse_shard, plan_run, shard,
+    summary_lock,
 )
 from .subject import CohortOptions, anat_paths
 
@@ -287,7 +288,8 @@ def run_cohort(
         report.launches = outcome.launches
         # summary.tsv covers the whole dataset: a run on some participants keeps the others' rows
         every_key = keys if participant_label is None else [r.key for r in discover(bids_root, rejected=[])]
-        report.summary_tsv = rebuild_summary(writer, every_key, known=outcome.summaries)
+        with summary_lock(logs):  # concurrent shards: the last to write read last
+            report.summary_tsv = rebuild_summary(writer, every_key, known=outcome.summaries)
     report.seconds = time.perf_counter() - t0
     return report
 

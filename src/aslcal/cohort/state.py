@@ -7,6 +7,8 @@ failed.  Subjects are identified by their key (``"sub-01_ses-1_run-1"``, see
 
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 import os
@@ -23,7 +25,7 @@ from ..io.derivatives import DerivativesWriter, subject_key
 
 __all__ = [
     "RUN_OPTIONS_FILE", "FailureLog", "FailureRecord", "RunPlan", "check_run_options", "folder_lock", "parse_shard",
-    "plan_run", "shard",
+    "plan_run", "shard", "summary_lock",
 ]
 
 _SHARD_RE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
@@ -530,3 +532,31 @@ def folder_lock(folder: StrPath, shard_spec: str | None):
                     ) from None
                 fcntl.flock(probe, fcntl.LOCK_UN)
     return release
+
+
+#: The lock file the run-level ``summary.tsv`` is rebuilt under.
+SUMMARY_LOCK_FILE = "summary.lock"
+
+
+@contextlib.contextmanager
+def summary_lock(folder: StrPath):
+    """Hold ``folder/summary.lock`` exclusively (waiting for it) for the block.
+
+    Shards of one job array end at different times, and each rebuilds ``summary.tsv``
+    from every subject's state: read, then write.  Without a lock, a shard that read the
+    state before another shard's last subjects were done could write its older table
+    after the other's full one, and the last writer's rows would stand.  Under the lock,
+    whichever rebuild writes last also read last.  A ``flock``: it ends with the process;
+    where ``flock`` is missing (not POSIX) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(Path(folder) / SUMMARY_LOCK_FILE, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
