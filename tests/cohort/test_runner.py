@@ -744,6 +744,28 @@ def test_a_subject_without_a_finite_cbf_fails_and_an_implausible_mean_is_flagged
     assert any("control and label swapped" in w for w in json.dumps(prov).split('"') if "mean brain CBF" in w)
 
 
+def test_a_partial_volume_reference_mask_is_read_as_aslcal_calib_reads_it(tmp_path):
+    """A given reference mask of fractions (0.3 inside): the cohort cut it at 0.5 without a
+    word (an all-0.3 mask was "empty"), aslcal calib -m takes every voxel > 0 and warns.
+    Now one mask is one set of voxels, with the same warning in the subject's provenance."""
+    import nibabel
+
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=1, seed=1, broken=0)
+    (key,) = truth.runs
+    refs = truth.root / "derivatives" / "refmasks"
+    (mask_file,) = refs.rglob(f"{key}_desc-ref_mask.nii*")
+    img = nibabel.load(mask_file)
+    binary = np.asarray(img.dataobj) > 0
+    fractions = np.where(binary, 0.3, 0.0).astype(np.float32)
+    fractions[np.argwhere(binary)[0][0], np.argwhere(binary)[0][1], np.argwhere(binary)[0][2]] = 1.0
+    nibabel.save(nibabel.Nifti1Image(fractions, img.affine), mask_file)
+    report = run_cohort(truth.root, tmp_path / "out", options=CohortOptions(ref_masks=str(refs)))
+    assert report.done == [key]
+    writer = DerivativesWriter(tmp_path / "out")
+    assert json.loads(writer.subject_paths(key)["summary"].read_text())["n_ref_voxels"] == int(binary.sum())
+    assert "not a 0/1 mask" in writer.subject_paths(key)["provenance"].read_text()
+
+
 @pytest.mark.parametrize("value", ["0", "-1", "inf"])
 def test_bad_max_memory_is_refused(cohort, tmp_path, capsys, value):
     assert main(["cohort", str(cohort.root), str(tmp_path / "o"), "--max-memory", value]) == 2

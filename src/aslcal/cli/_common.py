@@ -104,15 +104,14 @@ def check_same_grid(img, ref, name: str, ref_name: str) -> None:
 
 def mask_of(img, name: str) -> np.ndarray:
     """A boolean mask from an image (> 0); non-finite values are not in the mask."""
+    from ..masks import mask_from_image
+
     data = img.data
     if data.ndim == 4:
         raise InputError(f"{name} {img.path}: expected a 3-D mask, got a 4-D image")
-    with np.errstate(invalid="ignore"):
-        mask = np.isfinite(data) & (data > 0)
-    values = np.unique(data[mask])
-    if values.size > 1:
-        log.warning("%s %s holds %d different values, not a 0/1 mask (an intensity or partial-volume "
-                    "image?): every voxel > 0 is used", name, img.path, values.size)
+    mask, warning = mask_from_image(data, f"{name} {img.path}")
+    if warning:
+        log.warning("%s", warning)
     return mask
 
 

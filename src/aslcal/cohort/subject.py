@@ -617,9 +617,20 @@ def _prepare(key, acq: AslAcquisition, asl, m0_img, ref, ref_file, inputs, check
         how = {None: "world coordinates (no transform file)", "flirt": "FLIRT ASL->T1w",
                "itk": "ITK/ANTs affine from-asl_to-T1w"}[None if xfm is None else xfm[0]]
         ref_info = {"source": "automatic", "transform": how, **_without_timings(auto.as_dict())}
-    ref_bool = None if ref is None else np.asarray(ref) > 0.5
+    ref_bool = None
+    if ref is not None and anat is None:
+        # a given mask, read as aslcal calib -m reads it (every voxel > 0; 0.5 was the cut
+        # here, and a partial-volume mask gave another M0a than calib's, without a word)
+        from ..masks import mask_from_image
+
+        ref_bool, warning = mask_from_image(np.asarray(ref), f"reference mask {ref_file}")
+        if warning:
+            log.warning("%s: %s", key, warning)
+            warnings.append(warning)
+    elif ref is not None:
+        ref_bool = np.asarray(ref, dtype=bool)
     if ref_bool is not None and not ref_bool.any():
-        raise InputError(f"reference mask {str(ref_file)!r} is empty")
+        raise InputError(f"reference mask {str(ref_file)!r} has no voxel > 0")
 
     if m0_kind in ("satrecov", "lookLocker"):
         jobs = _fit_jobs(acq, series, brain, ref_bool, options)

@@ -21,12 +21,17 @@ reference_mask_from_pv
     Resample a structural-space reference PV map into calibration space and threshold it.
 brain_mask_from_calib
     A brain mask from the calibration image (replaces BET).
+mask_from_image
+    A user's mask image as a boolean mask (every finite voxel > 0), with a warning when it
+    is not a 0/1 mask.
 """
 
 from __future__ import annotations
 
 from .brainmask import BrainMask, brain_mask_from_calib
-from .refmask import DEFAULT_PVE_THRESHOLD, ReferenceMask, reference_mask_from_pv, reference_mask_from_structural
+from .refmask import (
+    DEFAULT_PVE_THRESHOLD, ReferenceMask, mask_from_image, reference_mask_from_pv, reference_mask_from_structural,
+)
 from .resample import default_supersample, resample_to_grid, resample_with_flirt
 from .segment import Segmentation, check_brain_extracted, segment_tissues
 from .ventricles import VentricleMask, lateral_ventricles, ventricles_from_atlas
@@ -38,6 +43,7 @@ __all__ = [
     "Segmentation",
     "VentricleMask",
     "brain_mask_from_calib",
+    "mask_from_image",
     "check_brain_extracted",
     "lateral_ventricles",
     "reference_mask_from_pv",

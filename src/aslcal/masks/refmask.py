@@ -19,7 +19,7 @@ from ..errors import InputError
 from .resample import resample_to_grid
 from .ventricles import check_fractions
 
-__all__ = ["ReferenceMask", "DEFAULT_PVE_THRESHOLD", "reference_mask_from_pv"]
+__all__ = ["ReferenceMask", "DEFAULT_PVE_THRESHOLD", "reference_mask_from_pv", "mask_from_image"]
 
 #: FSL's threshold on the reference tissue's partial volume in calibration space.
 DEFAULT_PVE_THRESHOLD = 0.9
@@ -40,6 +40,24 @@ class ReferenceMask:
 
     def as_dict(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "n_voxels": self.n_voxels, "steps": list(self.steps), **self.details}
+
+
+def mask_from_image(data: Any, name: str) -> tuple[Any, str | None]:
+    """A mask image given by the user as a boolean mask: every finite voxel > 0 (FSL's
+    ``-bin``), and a warning when the image holds more than one non-zero value (an
+    intensity or partial-volume image given as a mask), else None.
+
+    ``aslcal calib -m``/``--bmask`` and the cohort's reference masks read masks alike, so
+    that one mask gives one M0a whichever tool reads it.
+    """
+    xp = array_namespace(data)
+    with np.errstate(invalid="ignore"):
+        mask = xp.isfinite(data) & (data > 0)
+    values = xp.unique(data[mask])
+    if int(values.size) > 1:
+        return mask, (f"{name} holds {int(values.size)} different values, not a 0/1 mask (an intensity or "
+                      "partial-volume image?): every voxel > 0 is used")
+    return mask, None
 
 
 def reference_mask_from_pv(
