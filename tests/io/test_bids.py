@@ -686,3 +686,51 @@ def test_unfetched_annex_links_say_so(tmp_path):
         with pytest.raises(BidsFieldError, match="DataLad/git-annex content not fetched") as info:
             read_run(_only(root))
         assert info.value.file == str(link), what
+
+
+# ------------------------------------------------------------ ambiguous or unreadable files
+
+
+def test_a_field_given_twice_in_a_sidecar_is_an_error_naming_it(tmp_path):
+    """Python's JSON parser keeps the last of two equal keys: EchoTime 0.014 then 0.030 was
+    read as 0.030 (M0a -6 % in an audit).  Which one is meant is unknown: an error."""
+    perf = _write_run(tmp_path, m0=1)
+    js = perf / "sub-01_asl.json"
+    js.write_text(js.read_text().rstrip("}") + ', "EchoTime": 0.030}')
+    with pytest.raises(BidsFieldError, match="'EchoTime' is given twice") as info:
+        read_run(_only(tmp_path))
+    assert info.value.field == "EchoTime" and info.value.file == str(js)
+
+
+def test_a_sidecar_nested_too_deeply_is_an_error_naming_the_file(tmp_path):
+    perf = _write_run(tmp_path, m0=1)
+    js = perf / "sub-01_asl.json"
+    js.write_text(js.read_text().rstrip("}") + ', "Deep": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(BidsFieldError, match="nested too deeply") as info:
+        read_run(_only(tmp_path))
+    assert info.value.file == str(js)
+
+
+def test_two_volume_type_columns_are_an_error(tmp_path):
+    """The first of two 'volume_type' columns was read (the CBF sign flipped in an audit)."""
+    perf = _write_run(tmp_path, m0=1)
+    tsv = perf / "sub-01_aslcontext.tsv"
+    rows = tsv.read_text().splitlines()
+    swap = {"control": "label", "label": "control"}
+    tsv.write_text("volume_type\tvolume_type\n" + "".join(f"{r}\t{swap.get(r, r)}\n" for r in rows[1:]))
+    with pytest.raises(BidsFieldError, match="'volume_type' appears 2 times") as info:
+        read_run(_only(tmp_path))
+    assert info.value.field == "volume_type" and info.value.file == str(tsv)
+
+
+def test_an_unreadable_m0scan_sidecar_is_named_when_the_run_has_no_m0scan_of_its_name(tmp_path):
+    """An m0scan linked only by its IntendedFor whose JSON cannot be parsed was skipped, and
+    the run failed on its own asl.json ("m0scan missing"): the file to fix is the m0scan's."""
+    perf = _write_run(tmp_path)
+    m0 = np.full((4, 4, 3), 500.0, dtype=np.float32)
+    save_image(perf / "sub-01_acq-x_m0scan.nii.gz", m0, AFFINE)
+    (perf / "sub-01_acq-x_m0scan.json").write_text(
+        '{"IntendedFor": "perf/sub-01_asl.nii.gz", "RepetitionTimePreparation": 6.0, "EchoTime": 0.012,}')
+    with pytest.raises(BidsFieldError, match="cannot read the m0scan JSON") as info:
+        read_run(_only(tmp_path))
+    assert info.value.file == str(perf / "sub-01_acq-x_m0scan.json")

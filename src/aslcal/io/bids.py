@@ -431,6 +431,21 @@ def _asl_rel(subject: str, session: str | None, asl: Path) -> str:
     return "/".join([f"sub-{subject}"] + ([f"ses-{session}"] if session else []) + ["perf", asl.name])
 
 
+def _unreadable_m0scan_sidecars(perf: Path) -> list[tuple[Path, Exception]]:
+    """The m0scan JSONs in ``perf`` (of images present) that cannot be parsed, with why."""
+    out = []
+    prefixes = sorted({m.group("prefix") for f in perf.iterdir() if (m := _M0SCAN_NAME.match(f.name))})
+    for prefix in prefixes:
+        path = perf / f"{prefix}_m0scan.json"
+        try:
+            _parse_json(path.read_text(encoding="utf-8-sig"))
+        except FileNotFoundError:
+            continue
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            out.append((path, exc))
+    return out
+
+
 def _linked_m0scans(perf: Path, asl: Path, subject: str, session: str | None) -> list[str]:
     """Prefixes of the m0scans in ``perf`` whose own JSON names ``asl`` in ``IntendedFor``
     (an unreadable JSON is skipped here: it names nothing)."""
@@ -439,8 +454,8 @@ def _linked_m0scans(perf: Path, asl: Path, subject: str, session: str | None) ->
     out = []
     for prefix in prefixes:
         try:
-            obj = json.loads((perf / f"{prefix}_m0scan.json").read_text(encoding="utf-8-sig"))
-        except (OSError, UnicodeDecodeError, ValueError):
+            obj = _parse_json((perf / f"{prefix}_m0scan.json").read_text(encoding="utf-8-sig"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
             continue
         targets = _intended_for(obj.get("IntendedFor")) if isinstance(obj, dict) else None
         if targets and any(_names_image(t, subject, rel) for t in targets):
@@ -812,15 +827,41 @@ def _dangling(path: Path) -> str:
             if Path(path).is_symlink() else "")
 
 
+class _DuplicateField(ValueError):
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object whose keys are unique: Python's parser keeps the last of two equal keys,
+    and which of two EchoTime values is meant is not the parser's choice to make."""
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateField(key)
+        out[key] = value
+    return out
+
+
+def _parse_json(text: str) -> Any:
+    # an integer too long for Python's int parsing becomes a float (inf): the field's
+    # check then names it, instead of a parser error without a field
+    return json.loads(text, parse_int=lambda s: int(s) if len(s) <= 4000 else float(s),
+                      object_pairs_hook=_object_without_duplicates)
+
+
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise BidsFieldError(f"{path}: {what} sidecar is missing{_dangling(path)}; expected a JSON file",
                              file=path)
     try:
-        # an integer too long for Python's int parsing becomes a float (inf): the field's
-        # check then names it, instead of a parser error without a field
-        obj = json.loads(path.read_text(encoding="utf-8-sig"),
-                         parse_int=lambda s: int(s) if len(s) <= 4000 else float(s))
+        obj = _parse_json(path.read_text(encoding="utf-8-sig"))
+    except _DuplicateField as exc:
+        raise BidsFieldError(f"{path}: field {exc.name!r} is given twice in the {what} JSON: which value is meant "
+                             "is unknown", file=path, field=exc.name) from exc
+    except RecursionError as exc:
+        raise BidsFieldError(f"{path}: cannot read the {what} JSON (nested too deeply)", file=path) from exc
     except (OSError, UnicodeDecodeError, ValueError) as exc:  # ValueError: bad JSON, or an int of > 4300 digits
         raise BidsFieldError(f"{path}: cannot read the {what} JSON ({exc})", file=path) from exc
     if not isinstance(obj, dict):
@@ -1020,6 +1061,9 @@ def _read_aslcontext(path: Path, n: int, image: Path) -> tuple[str, ...]:
     if "volume_type" not in header:
         raise BidsFieldError(f"{path}: column 'volume_type' is missing (header {header})",
                              file=path, field="volume_type")
+    if header.count("volume_type") > 1:
+        raise BidsFieldError(f"{path}: column 'volume_type' appears {header.count('volume_type')} times "
+                             f"(header {header}): which one is meant is unknown", file=path, field="volume_type")
     col = header.index("volume_type")
     types = []
     for line, row in rows[1:]:
@@ -1278,6 +1322,14 @@ def _aslcontext_file(run: AslRun) -> Path:
 
 def _separate_m0(run: AslRun, m0js: Path) -> M0Source:
     if run.m0scan is None or run.m0scan_sidecar is None:
+        unreadable = _unreadable_m0scan_sidecars(run.asl.parent)
+        if unreadable:
+            # one of them may be the run's M0 (linked by its IntendedFor): it is what is wrong
+            path, exc = unreadable[0]
+            raise BidsFieldError(
+                f"{path}: cannot read the m0scan JSON ({exc}); the run has no m0scan of its own name "
+                f"({run.key}_m0scan.nii[.gz]), so this one's IntendedFor may name {run.asl.name} "
+                f"(M0Type 'Separate' in {m0js.name})", file=path)
         raise BidsFieldError(
             f"{m0js}: field 'M0Type' = 'Separate' but the m0scan image "
             f"{run.key}_m0scan.nii[.gz] is missing in {run.asl.parent} (and no m0scan there names "
