@@ -986,6 +986,35 @@ def test_a_writer_that_cannot_record_its_failure_stops_the_run(tmp_path, monkeyp
         run_cohort(truth.root, tmp_path / "out")
 
 
+def test_resume_fails_alone_a_subject_whose_leftovers_cannot_be_removed(tmp_path, monkeypatch):
+    """A partial subject with a file this run may not delete (another user's, an immutable
+    one) stopped the whole --resume before any work (exit 2).  Now that subject fails at
+    stage 'resume', naming the file, and the others are done."""
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=3, seed=1, broken=0)
+    opts = CohortOptions(ref_masks=str(truth.root / "derivatives" / "refmasks"))
+    first = run_cohort(truth.root, tmp_path / "out", options=opts, participant_label=["01", "02"])
+    assert sorted(first.done) == ["sub-01", "sub-02"]
+    writer = DerivativesWriter(tmp_path / "out")
+    writer.subject_paths("sub-01")["cbf"].unlink()  # sub-01 is now partial
+    original = DerivativesWriter.remove_partial
+    stuck = writer.subject_paths("sub-01")["m0"]
+
+    def refuse(self, key):
+        if key == "sub-01":
+            raise PermissionError(1, "Operation not permitted", str(stuck))
+        return original(self, key)
+
+    monkeypatch.setattr(DerivativesWriter, "remove_partial", refuse)
+    report = run_cohort(truth.root, tmp_path / "out", options=opts, resume=True)
+    (failure,) = report.failed
+    assert failure["key"] == "sub-01" and failure["stage"] == "resume" and str(stuck) in failure["message"]
+    assert report.skipped == ["sub-02"] and report.done == ["sub-03"] and report.exit_code == 1
+    logged = FailureLog(report.failure_log).load()
+    assert [(r.key, r.stage) for r in logged] == [("sub-01", "resume")]
+    rows = (tmp_path / "out" / "derivatives" / "aslcal" / "summary.tsv").read_text()
+    assert "sub-01" in rows and "failed" in rows
+
+
 def test_resume_redoes_subjects_whose_inputs_changed(tmp_path):
     """--resume skips complete subjects, unless an input changed since: an edited sidecar
     field of the same length (LabelingEfficiency 0.8 -> 0.5: CBF x 0.8/0.5), a sidecar

@@ -246,12 +246,16 @@ def run_cohort(
             log.warning("%s: its inputs changed since it was done (%s): redone", key, reason)
         _record_rejected(logs, bids_root, rejected)
         failure_log = FailureLog.for_shard(logs, shard_spec)
-        if plan.todo:
+        if plan.todo or plan.failed:
             # the subjects about to be (re)done have no failure until they fail again: their
             # old records go from every log of the folder (an earlier unsharded run's, another
             # split's), with or without --resume; concurrent shards' logs hold other subjects
             for path in sorted(logs.glob("failures*.jsonl")):
-                FailureLog(path).discard(plan.todo)
+                FailureLog(path).discard(plan.todo + [k for k, _ in plan.failed])
+        planned_failures = []
+        for key, why in plan.failed:
+            log.warning("%s: %s", key, why)
+            planned_failures.append(failure_log.record(key, "resume", why).to_json())
         todo: list[AslRun] = [by_key[k] for k in plan.todo]
         if todo and options.quantification == "calibration":
             log.warning("--quantification calibration: each desc-cbf map is 6000 * dM / (M0a * alpha) of the "
@@ -282,7 +286,7 @@ def run_cohort(
                 on_subject=on_subject, stop=stop,
             )
         report.done = sorted(outcome.done)
-        report.failed = sorted(outcome.failed, key=lambda r: r["key"])
+        report.failed = sorted(outcome.failed + planned_failures, key=lambda r: r["key"])
         failure_log.sort()  # the same bytes whichever worker finished first
         report.interrupted = outcome.interrupted
         report.launches = outcome.launches

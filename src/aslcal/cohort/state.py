@@ -229,6 +229,10 @@ class RunPlan:
     changed : list of (str, str)
         Complete subjects whose inputs changed since they were done, with the reason:
         their outputs were removed and they are among ``todo`` and ``redo``.
+    failed : list of (str, str)
+        Subjects whose earlier outputs could not be removed (a file the run may not
+        delete), with the reason: not in ``todo``; the run records them as failed (stage
+        ``resume``) and does the others.
     """
 
     todo: list[str] = field(default_factory=list)
@@ -236,6 +240,7 @@ class RunPlan:
     redo: list[str] = field(default_factory=list)
     removed: list[Path] = field(default_factory=list)
     changed: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
 
 def changed_inputs(provenance: StrPath, bids_root: StrPath, run: AslRun | None = None,
@@ -356,17 +361,23 @@ def plan_run(
     for key in canonical:
         state = writer.status(key, check=check)
         reason = stale(key) if (state == "complete" and stale is not None) else None
-        if reason is not None:
-            plan.changed.append((key, reason))
-            plan.removed.extend(writer.remove_subject(key))
-            plan.redo.append(key)
-            plan.todo.append(key)
-            continue
-        if state == "complete":
+        if state == "complete" and reason is None:
             plan.skipped.append(key)
             continue
-        if state == "partial":
-            plan.removed.extend(writer.remove_partial(key))
+        try:
+            if reason is not None:
+                plan.removed.extend(writer.remove_subject(key))
+            elif state == "partial":
+                plan.removed.extend(writer.remove_partial(key))
+        except OSError as exc:
+            # this subject's old files stay (a file this run may not delete: permissions,
+            # an immutable file, a read-only export): it fails alone, the others go on
+            what = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+            plan.failed.append((key, f"cannot remove its earlier outputs before redoing it ({what})"))
+            continue
+        if reason is not None:
+            plan.changed.append((key, reason))
+        if reason is not None or state == "partial":
             plan.redo.append(key)
         plan.todo.append(key)
     return plan
