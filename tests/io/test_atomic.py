@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -14,7 +15,7 @@ import pytest
 
 from aslcal.errors import InputError
 from aslcal.io import atomic
-from aslcal.io.atomic import atomic_output, write_json, write_scalar, write_text
+from aslcal.io.atomic import OutputSet, atomic_output, write_json, write_scalar, write_text
 
 
 @contextlib.contextmanager
@@ -416,3 +417,33 @@ def test_output_set_check_probes_the_folder(tmp_path: Path, monkeypatch) -> None
     with pytest.raises(InputError, match="cannot create a file in output folder .*Read-only file system"):
         atomic.OutputSet().check(tmp_path / "ok.txt", tmp_path / "ro" / "M0.txt")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ro"] and not any((tmp_path / "ro").iterdir())
+
+
+def _disk_full(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as the kernel says it: no file name
+
+
+def test_a_full_disk_names_the_output_it_could_not_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'No space left on device' alone (an audit's failure records said only that) does not
+    say where: the error carries the destination, and nothing is left behind."""
+    monkeypatch.setattr(os, "fsync", _disk_full)
+    dest = tmp_path / "out.txt"
+    with pytest.raises(OSError) as info:
+        write_text(dest, "x")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(dest)
+    assert str(dest) in str(info.value)
+    dest2 = tmp_path / "set.bin"
+    with pytest.raises(OSError) as info, OutputSet() as outputs:
+        outputs.write_bytes(dest2, b"x")
+    assert info.value.filename == str(dest2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_names_the_failure_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from aslcal.cohort.state import FailureLog
+
+    monkeypatch.setattr(os, "fsync", _disk_full)
+    log = FailureLog(tmp_path / "failures.jsonl")
+    with pytest.raises(OSError) as info:
+        log.record("sub-01", "write", "disk full")
+    assert info.value.filename == str(tmp_path / "failures.jsonl")

@@ -148,6 +148,10 @@ class FailureLog:
                 data = b"\n" + data
             os.write(fd, data)
             os.fsync(fd)
+        except OSError as exc:  # a full disk: say which file could not take the record
+            if exc.filename is not None or exc.errno is None:
+                raise
+            raise type(exc)(exc.errno, exc.strerror or str(exc), str(self.path)) from exc
         finally:
             os.close(fd)
         return rec

@@ -129,6 +129,14 @@ def _fsync_path(path: Path, *, directory: bool = False) -> None:
         os.close(fd)
 
 
+def _named(exc: OSError, path: StrPath) -> OSError:
+    """``exc`` with ``path`` as its file name when it names none: a failed write or fsync
+    says "No space left on device" without saying where."""
+    if exc.filename is None and exc.errno is not None:
+        return type(exc)(exc.errno, exc.strerror or str(exc), str(path))
+    return exc
+
+
 def _remove_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -208,6 +216,12 @@ def atomic_output(dest: StrPath, *, overwrite: bool = True) -> Iterator[Path]:
         yield tmp
         _fsync_path(tmp)
         _commit(tmp, dest_path, overwrite=overwrite)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        named = _named(exc, dest_path)
+        if named is exc:
+            raise
+        raise named from exc
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -275,8 +289,14 @@ class OutputSet:
         The file is flushed to disk once, by :meth:`commit`; returns the temporary path.
         """
         tmp = self.path(dest)
-        with open(tmp, "wb") as handle:
-            handle.write(payload)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(payload)
+        except OSError as exc:
+            named = _named(exc, dest)
+            if named is exc:
+                raise
+            raise named from exc
         return tmp
 
     @property
@@ -303,7 +323,13 @@ class OutputSet:
             for tmp, dest in self._staged:
                 if not tmp.exists():
                     raise InputError(f"output {str(dest)!r} was registered but never written")
-                _fsync_path(tmp)
+                try:
+                    _fsync_path(tmp)
+                except OSError as exc:
+                    named = _named(exc, dest)
+                    if named is exc:
+                        raise
+                    raise named from exc
                 if not self.overwrite and os.path.lexists(dest):
                     raise InputError(
                         f"output file {str(dest)!r} already exists; pass overwrite=True (--overwrite) to replace it"
