@@ -222,19 +222,20 @@ def test_inherited_aslcontext_is_read_and_recorded(cal_cohort, tmp_path):
 
 def test_included_m0_volumes_with_their_own_echo_time(wp_cohort, tmp_path):
     """Per-volume EchoTime, the m0scan volumes of an Included M0 at 10 ms, the ASL volumes
-    at 0: refused as "multi-echo ASL" before.  The M0's tissue T2 correction takes the
+    at 5 ms: refused as "multi-echo ASL" before.  The M0's tissue T2 correction takes the
     m0scan volumes' TE and the blood T2 decay the ASL volumes': against the run as written
-    (one TE te0 for all), M0a x exp(10 ms / T2 of CSF) x exp(te0 / T2 of blood) /
-    exp(te0 / T2 of CSF) (750 and 150 ms at 3 T)."""
+    (one TE te0 for all), M0a x exp(10 ms / T2 of CSF) x exp(-5 ms / T2 of blood) x
+    exp(te0 / T2 of blood) / exp(te0 / T2 of CSF) (750 and 150 ms at 3 T)."""
     root = _copy(wp_cohort, tmp_path)
     base = _m0a(root, "sub-02")[0]
     run = wp_cohort.runs["sub-02"]
     assert run.field_strength == 3.0
     te0 = run.te_ms
-    _edit(root / "sub-02" / "perf" / "sub-02_asl.json", EchoTime=[0.010, 0.010, 0.0, 0.0])
+    _edit(root / "sub-02" / "perf" / "sub-02_asl.json", EchoTime=[0.010, 0.010, 0.005, 0.005])
     m0a, out = _m0a(root, "sub-02")
-    assert m0a / base == pytest.approx(np.exp(10.0 / 750.0) * np.exp(te0 / 150.0) / np.exp(te0 / 750.0), rel=1e-6)
-    assert out.provenance["inputs"]["te_ms"] == 0.0
+    assert m0a / base == pytest.approx(np.exp(10.0 / 750.0) * np.exp(-5.0 / 150.0) * np.exp(te0 / 150.0)
+                                       / np.exp(te0 / 750.0), rel=1e-6)
+    assert out.provenance["inputs"]["te_ms"] == 5.0
 
 
 def test_m0_estimate_provenance_names_the_file_it_came_from(wp_cohort, tmp_path):

@@ -24,7 +24,7 @@ Fields aslcal requires in ``*_asl.json`` (beyond what BIDS requires, aslcal need
 * ``M0Type`` ("Separate", "Included", "Estimate" or "Absent"),
 * ``RepetitionTimePreparation`` (s; > 0, or 0 for a "noRF" / "n/a" volume, which is
   not used; a number or one value per volume),
-* ``EchoTime`` (s; >= 0; a number, or one equal value per volume),
+* ``EchoTime`` (s; > 0, as BIDS requires; a number, or one equal value per volume),
 * ``MagneticFieldStrength`` (T; 1.5, 3 or 7, within 0.15 T: e.g. 2.89 reads as 3),
 * ``M0Estimate`` (> 0) when ``M0Type`` is "Estimate",
 * ``FlipAngle`` (degrees, a Look-Locker readout angle in (0, 90); a number or one value
@@ -994,7 +994,9 @@ def _flag(meta: dict, path: Path, name: str, *, required: bool = False, why: str
 def _echo_time_ms(meta: dict, path: Path, n: int, volumes: tuple[int, ...] | None = None,
                   what: str = "ASL") -> float:
     """The one echo time (ms) of ``volumes`` (None: all); several are multi-echo data."""
-    values = _per_volume(meta, path, "EchoTime", n, required=True, high=MAX_ECHO_TIME_S, unit="s")
+    # BIDS: EchoTime > 0 (a readout has an echo); 0 would silently drop the T2 corrections
+    values = _per_volume(meta, path, "EchoTime", n, required=True, low=0.0, low_open=True, high=MAX_ECHO_TIME_S,
+                         unit="s")
     assert values is not None
     path = _src(meta, path, "EchoTime")
     chosen = [values[i] for i in volumes] if volumes else list(values)
