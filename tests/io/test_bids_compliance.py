@@ -101,6 +101,23 @@ def test_m0scan_linked_by_intended_for_is_the_runs_m0_for_resume_too(tmp_path):
     assert info.value.field == "M0Type"
 
 
+def test_a_second_m0scan_claiming_a_run_paired_by_name_is_an_error(tmp_path):
+    """sub-01_m0scan pairs with sub-01_asl by name, and sub-01_acq-b_m0scan's IntendedFor
+    names sub-01_asl too: the name-paired one was used without a word.  Which is the M0
+    is unknown (as with two m0scans linked by IntendedFor): an error on the other's field."""
+    perf = _write(tmp_path, m0=1)
+    save_image(perf / "sub-01_acq-b_m0scan.nii.gz", np.full((4, 4, 3), 900.0, np.float32), AFFINE)
+    (perf / "sub-01_acq-b_m0scan.json").write_text(json.dumps(
+        {"RepetitionTimePreparation": 6.0, "EchoTime": 0.012, "IntendedFor": "bids::sub-01/perf/sub-01_asl.nii.gz"}))
+    with pytest.raises(BidsFieldError, match="whose m0scan by name is sub-01_m0scan.nii.gz") as info:
+        read_run(_run(tmp_path))
+    assert info.value.field == "IntendedFor" and info.value.file == str(perf / "sub-01_acq-b_m0scan.json")
+    # meant for another image: no claim on this run
+    (perf / "sub-01_acq-b_m0scan.json").write_text(json.dumps(
+        {"RepetitionTimePreparation": 6.0, "EchoTime": 0.012, "IntendedFor": "bids::sub-01/perf/sub-01_acq-b_asl.nii.gz"}))
+    assert read_run(_run(tmp_path)).m0.path == perf / "sub-01_m0scan.nii.gz"
+
+
 @pytest.mark.parametrize("value", [5, ["bids::sub-01/perf/sub-01_asl.nii.gz", 3]])
 def test_malformed_intended_for_names_the_field(tmp_path, value):
     perf = _write(tmp_path, m0=1, m0_meta={"RepetitionTimePreparation": 6.0, "EchoTime": 0.012,

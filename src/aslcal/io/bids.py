@@ -477,6 +477,11 @@ def _make_run(perf: Path, asl: Path, prefix: str) -> AslRun:
             m0_prefix, linked = prefixes[0], True
             found = _m0scan_images(perf, m0_prefix)
             others = tuple(_m0scan_images(perf, p)[0] for p in prefixes[1:])
+    else:
+        # another m0scan whose IntendedFor names this run's image contradicts the pairing by
+        # name (it was passed over without a word): the run's M0 is ambiguous
+        claims = [p for p in _linked_m0scans(perf, asl, entities["sub"], entities.get("ses")) if p != prefix]
+        others = tuple(images[0] for p in claims if (images := _m0scan_images(perf, p)))
     m0scan = found[0] if found else None
     return AslRun(
         subject=entities["sub"],
@@ -1338,13 +1343,6 @@ def _separate_m0(run: AslRun, m0js: Path) -> M0Source:
             f"{run.asl.name} in its IntendedFor)",
             file=m0js, field="M0Type",
         )
-    if run.m0scan_others:
-        other = run.m0scan_others[0]
-        other_js = other.parent / (_M0SCAN_NAME.match(other.name).group("prefix") + "_m0scan.json")
-        raise BidsFieldError(
-            f"{other_js}: field 'IntendedFor' names {run.asl.name}, as {run.m0scan_sidecar.name} does: "
-            "which m0scan is this run's M0 is unknown; keep one", file=other_js, field="IntendedFor",
-        )
     if run.m0scan_duplicate is not None:
         raise BidsFieldError(
             f"{run.m0scan}: the run has two m0scan images, {run.m0scan.name} and "
@@ -1367,6 +1365,15 @@ def _separate_m0(run: AslRun, m0js: Path) -> M0Source:
                 f"{where}: field 'IntendedFor' = {_shown(meta['IntendedFor'])} does not name {run.asl.name} "
                 f"(bids::{rel}): this m0scan is meant for other images, not this run's M0",
                 file=where, field="IntendedFor")
+    if run.m0scan_others:
+        other = run.m0scan_others[0]
+        other_js = other.parent / (_M0SCAN_NAME.match(other.name).group("prefix") + "_m0scan.json")
+        ours = (f"as {run.m0scan_sidecar.name} does" if run.m0scan_linked else
+                f"whose m0scan by name is {run.m0scan.name}")
+        raise BidsFieldError(
+            f"{other_js}: field 'IntendedFor' names {run.asl.name}, {ours}: "
+            "which m0scan is this run's M0 is unknown; keep one", file=other_js, field="IntendedFor",
+        )
     shape, n = _n_volumes(run.m0scan, "m0scan")
     trs = _per_volume(meta, js, "RepetitionTimePreparation", n, required=True, low=0.0,
                       low_open=True, high=MAX_TR_S, unit="s")
