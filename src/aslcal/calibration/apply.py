@@ -188,10 +188,11 @@ def apply_calibration(
     if sensitivity is not None:
         s = _spatial_map("sensitivity", sensitivity, shape)
         den = s if den is None else den * s
-    if math.isinf(scale) or scale == 0.0 or (den is None and scale > float(np.finfo(out.dtype).max)):
+    beyond_type = den is None and not math.isinf(scale) and scale > float(np.finfo(out.dtype).max)
+    if math.isinf(scale) or scale == 0.0 or beyond_type:
         raise InputError(f"m0a={m0a!r}, alpha={a:g}: the calibration factor {scale!r} is not usable"
-                         + ("" if math.isinf(scale) or scale == 0.0 else
-                            f" (beyond {np.dtype(out.dtype).name}: M0a in signal units, not a fraction?)"))
+                         + (f" (beyond {np.dtype(out.dtype).name}: M0a in signal units, not a fraction?)"
+                            if beyond_type else ""))
     n_zeroed = 0
     if den is None:
         # voxels whose CBF exceeds the image's type become inf (reported by the callers);

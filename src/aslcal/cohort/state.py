@@ -8,7 +8,6 @@ failed.  Subjects are identified by their key (``"sub-01_ses-1_run-1"``, see
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import json
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..errors import InputError
-from ..io.atomic import StrPath, json_text, write_json, write_text
+from ..io.atomic import StrPath, json_text, naming_errors, write_json, write_text
 from ..io.bids import AslRun, dataset_path, input_checksum, run_sidecars
 from ..io.derivatives import DerivativesWriter, subject_key
 
@@ -146,12 +145,9 @@ class FailureLog:
             # A previous writer killed mid-line left no newline: start on a fresh line.
             if os.fstat(fd).st_size and not self._ends_with_newline():
                 data = b"\n" + data
-            os.write(fd, data)
-            os.fsync(fd)
-        except OSError as exc:  # a full disk: say which file could not take the record
-            if exc.filename is not None or exc.errno is None:
-                raise
-            raise type(exc)(exc.errno, exc.strerror or str(exc), str(self.path)) from exc
+            with naming_errors(self.path):  # a full disk: say which file could not take the record
+                os.write(fd, data)
+                os.fsync(fd)
         finally:
             os.close(fd)
         return rec

@@ -129,12 +129,16 @@ def _fsync_path(path: Path, *, directory: bool = False) -> None:
         os.close(fd)
 
 
-def _named(exc: OSError, path: StrPath) -> OSError:
-    """``exc`` with ``path`` as its file name when it names none: a failed write or fsync
-    says "No space left on device" without saying where."""
-    if exc.filename is None and exc.errno is not None:
-        return type(exc)(exc.errno, exc.strerror or str(exc), str(path))
-    return exc
+@contextlib.contextmanager
+def naming_errors(path: StrPath) -> Iterator[None]:
+    """Re-raise an ``OSError`` of the block that names no file with ``path`` as its file
+    name: a failed write or fsync says "No space left on device" without saying where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None or exc.errno is None:
+            raise
+        raise type(exc)(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 def _remove_quietly(path: Path) -> None:
@@ -213,15 +217,10 @@ def atomic_output(dest: StrPath, *, overwrite: bool = True) -> Iterator[Path]:
     _check_destination(dest_path, overwrite=overwrite)
     tmp = _create_temp(dest_path)
     try:
-        yield tmp
-        _fsync_path(tmp)
-        _commit(tmp, dest_path, overwrite=overwrite)
-    except OSError as exc:
-        _remove_quietly(tmp)
-        named = _named(exc, dest_path)
-        if named is exc:
-            raise
-        raise named from exc
+        with naming_errors(dest_path):
+            yield tmp
+            _fsync_path(tmp)
+            _commit(tmp, dest_path, overwrite=overwrite)
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -289,14 +288,8 @@ class OutputSet:
         The file is flushed to disk once, by :meth:`commit`; returns the temporary path.
         """
         tmp = self.path(dest)
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(payload)
-        except OSError as exc:
-            named = _named(exc, dest)
-            if named is exc:
-                raise
-            raise named from exc
+        with naming_errors(dest), open(tmp, "wb") as handle:
+            handle.write(payload)
         return tmp
 
     @property
@@ -323,13 +316,8 @@ class OutputSet:
             for tmp, dest in self._staged:
                 if not tmp.exists():
                     raise InputError(f"output {str(dest)!r} was registered but never written")
-                try:
+                with naming_errors(dest):
                     _fsync_path(tmp)
-                except OSError as exc:
-                    named = _named(exc, dest)
-                    if named is exc:
-                        raise
-                    raise named from exc
                 if not self.overwrite and os.path.lexists(dest):
                     raise InputError(
                         f"output file {str(dest)!r} already exists; pass overwrite=True (--overwrite) to replace it"

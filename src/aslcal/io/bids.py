@@ -431,32 +431,33 @@ def _asl_rel(subject: str, session: str | None, asl: Path) -> str:
     return "/".join([f"sub-{subject}"] + ([f"ses-{session}"] if session else []) + ["perf", asl.name])
 
 
-def _unreadable_m0scan_sidecars(perf: Path) -> list[tuple[Path, Exception]]:
-    """The m0scan JSONs in ``perf`` (of images present) that cannot be parsed, with why."""
+def _m0scan_sidecars(perf: Path) -> list[tuple[str, Path, Any]]:
+    """``(prefix, JSON path, parsed content or the exception)`` of the sidecar of every
+    m0scan image in ``perf``, by prefix; an image without a sidecar is left out."""
     out = []
-    prefixes = sorted({m.group("prefix") for f in perf.iterdir() if (m := _M0SCAN_NAME.match(f.name))})
-    for prefix in prefixes:
+    for prefix in sorted({m.group("prefix") for f in perf.iterdir() if (m := _M0SCAN_NAME.match(f.name))}):
         path = perf / f"{prefix}_m0scan.json"
         try:
-            _parse_json(path.read_text(encoding="utf-8-sig"))
+            content: Any = _parse_json(path.read_text(encoding="utf-8-sig"))
         except FileNotFoundError:
             continue
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-            out.append((path, exc))
+            content = exc
+        out.append((prefix, path, content))
     return out
+
+
+def _unreadable_m0scan_sidecars(perf: Path) -> list[tuple[Path, Exception]]:
+    """The m0scan JSONs in ``perf`` (of images present) that cannot be parsed, with why."""
+    return [(path, content) for _, path, content in _m0scan_sidecars(perf) if isinstance(content, Exception)]
 
 
 def _linked_m0scans(perf: Path, asl: Path, subject: str, session: str | None) -> list[str]:
     """Prefixes of the m0scans in ``perf`` whose own JSON names ``asl`` in ``IntendedFor``
     (an unreadable JSON is skipped here: it names nothing)."""
     rel = _asl_rel(subject, session, asl)
-    prefixes = sorted({m.group("prefix") for f in perf.iterdir() if (m := _M0SCAN_NAME.match(f.name))})
     out = []
-    for prefix in prefixes:
-        try:
-            obj = _parse_json((perf / f"{prefix}_m0scan.json").read_text(encoding="utf-8-sig"))
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-            continue
+    for prefix, _, obj in _m0scan_sidecars(perf):
         targets = _intended_for(obj.get("IntendedFor")) if isinstance(obj, dict) else None
         if targets and any(_names_image(t, subject, rel) for t in targets):
             out.append(prefix)
@@ -1282,8 +1283,7 @@ def asl_slice_timing(acq: AslAcquisition) -> tuple[tuple[float, ...] | None, int
     """``SliceTiming`` of the ASL series by slice index along its slice axis (None: a 3-D
     readout), and that axis; a :class:`BidsFieldError` when it does not fit the image, or
     when it contradicts ``MRAcquisitionType`` (a 2-D readout without it, a 3-D one with it)."""
-    used = [t for i, (t, v) in enumerate(zip(acq.tr, acq.volume_types)) if v in ("control", "label", "deltam", "cbf")
-            and t > 0]
+    used = [t for t, v in zip(acq.tr, acq.volume_types) if v in ("control", "label", "deltam", "cbf") and t > 0]
     return _slice_timing(acq.metadata, acq.run.sidecar, acq.shape, check_type=True,
                          hint="; or use --quantification calibration",
                          below=(min(used), "the repetition time (RepetitionTimePreparation) of the ASL volumes, "
