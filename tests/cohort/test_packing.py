@@ -486,12 +486,26 @@ def test_subjects_read_by_the_time_the_fit_starts_share_one_launch_per_design(co
     assert len(outcome.launches) == 2  # the two designs of this cohort
 
 
-def test_stop_drops_the_subjects_read_ahead(cohort, runs, tmp_path):
+def test_stop_drops_the_subjects_read_ahead(cohort, runs, tmp_path, monkeypatch):
     """The first signal finishes the batch in hand, not the whole read-ahead window: with
     every subject read ahead (batch_size > subjects), a stop set when the first subject is
     written leaves the later ones undone and says interrupted (it used to process them all
-    and report a complete run)."""
+    and report a complete run).
+
+    The reads after the first two wait for the stop (at most 60 s), so that they are still
+    in the read-ahead window when it comes, however slow the machine: without the gate, a
+    loaded machine could take every subject into the batch in hand before the first write
+    ended, and then there is nothing left to drop."""
     stop = threading.Event()
+    first = {r.key for r in runs[:2]}
+    load = pipeline.load_subject
+
+    def gated_load(run, *args, **kwargs):
+        if run.key not in first:
+            stop.wait(60)
+        return load(run, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_subject", gated_load)
     writer = DerivativesWriter(tmp_path / "out")
     outcome = run_subjects(runs, writer, _options(cohort), failure_log=FailureLog(tmp_path / "f.jsonl"),
                            workers=2, batch_size=64, stop=stop, on_subject=lambda k, ok: stop.set(),
