@@ -525,6 +525,38 @@ def test_auto_memory_cap(monkeypatch):
         assert pipeline.auto_max_batch_bytes(processes) == expected, (avail, processes)
 
 
+def test_reads_wait_for_a_free_reader_under_the_cap(cohort, runs, tmp_path, monkeypatch):
+    """With a cap smaller than one subject, the subjects read but not yet handed on
+    (to the fit, or calibrated at once) never exceed the readers, plus the batch being
+    gathered and the one being fitted: a read starts only when a reader is free for it and
+    the cap allows.  Reads used to be queued all at once (batch_size + workers of them),
+    and every one of them completed and held its arrays, cap or not."""
+    lock = threading.Lock()
+    count = {"started": 0, "handed": 0, "most": 0}
+    load, fit_and_finish = pipeline.load_subject, pipeline._fit_and_finish
+
+    def counted_load(*args, **kwargs):
+        with lock:
+            count["started"] += 1
+            count["most"] = max(count["most"], count["started"] - count["handed"])
+        return load(*args, **kwargs)
+
+    def counted_fit(batch, *args, **kwargs):
+        with lock:
+            count["handed"] += len(batch)
+        yield from fit_and_finish(batch, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_subject", counted_load)
+    monkeypatch.setattr(pipeline, "_fit_and_finish", counted_fit)
+    workers = 2
+    outcome = run_subjects(runs, DerivativesWriter(tmp_path / "out"), _options(cohort),
+                           failure_log=FailureLog(tmp_path / "f.jsonl"), workers=workers, batch_size=64,
+                           max_batch_bytes=1, bids_root=cohort.root)
+    assert sorted(outcome.done) == sorted(r.key for r in runs)
+    assert count["started"] == len(runs) == count["handed"]
+    assert count["most"] <= workers + 2, count
+
+
 def test_memory_cap_cuts_batches(cohort, runs, tmp_path):
     """A cap smaller than one subject: every fitted subject gets a launch of its own, and
     the results are the same as with the default cap."""

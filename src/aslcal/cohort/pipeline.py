@@ -8,10 +8,11 @@
                                          batches the fits  calibration      completion marker
 
 * **Readers** (``workers`` threads) run :func:`~aslcal.cohort.subject.load_subject`; gzip
-  decompression (zlib or ISA-L), NumPy and SciPy release the GIL, so they overlap.  At
-  most ``batch_size + workers`` subjects are read ahead, no more once the subjects waiting
-  hold ``max_batch_bytes`` of arrays, and a batch is cut early when its prepared arrays
-  pass ``max_batch_bytes`` (memory-aware).
+  decompression (zlib or ISA-L), NumPy and SciPy release the GIL, so they overlap.  A
+  read starts only when a reader is free for it; at most ``batch_size + workers``
+  subjects are read ahead, no more once the subjects waiting hold ``max_batch_bytes`` of
+  arrays, and a batch is cut early when its prepared arrays pass ``max_batch_bytes``
+  (memory-aware).
 * **The main thread** takes subjects in input order.  Subjects with nothing to fit are
   calibrated (:func:`~aslcal.cohort.subject.finish_subject`) and handed to the writers at
   once; the others join the batch.  Whenever it cannot take the next subject (not read
@@ -26,8 +27,8 @@
   ``2 * workers`` finished subjects wait for a writer before the main thread stops taking
   subjects (besides the outputs of a batch just fitted, all ready at once).
 
-Memory: the subjects read ahead hold at most ``max_batch_bytes`` of prepared arrays once
-they are read (``batch_size + workers`` reads may be under way at the start); the batch
+Memory: the subjects read ahead hold at most ``max_batch_bytes`` of prepared arrays, plus
+the ``workers`` reads under way when the cap was reached (one subject each); the batch
 being gathered and the batch being fitted hold at most ``max_batch_bytes`` together; one
 subject always proceeds, whatever its size.
 
@@ -228,9 +229,15 @@ def run_subjects(
             return sum(f.result().nbytes for _, f in window
                        if f.done() and not f.cancelled() and f.exception() is None)
 
+        def reading() -> list[Future]:
+            return [f for _, f in window if not f.done()]
+
         def fill() -> None:
+            # A read is submitted only when a reader is free for it: reads queued in the
+            # pool would all complete and hold their arrays whatever the cap says.
             nonlocal next_run
             while (not stop.is_set() and next_run < len(queue) and len(window) < batch_size + workers
+                   and len(reading()) < workers
                    and (len(window) < workers or ahead_bytes() < max_batch_bytes)):
                 run = queue[next_run]
                 next_run += 1
@@ -263,6 +270,7 @@ def run_subjects(
         dropped = False
         while True:
             reap()
+            fill()
             if stop.is_set() and window:
                 # First signal: finish the batch in hand; the subjects read ahead but not
                 # taken yet are dropped (queued reads cancelled, finished ones discarded):
@@ -306,7 +314,8 @@ def run_subjects(
             if fit_future is not None:
                 waits.add(fit_future)
             if head is not None and not ready:
-                waits.add(head)
+                waits.add(head)  # done meanwhile or not: wait returns at once then
+            waits.update(reading())  # a reader that frees up reads the next subject
             if not waits:
                 break  # nothing left to read, fit or write (the batch and backlog are empty then)
             wait(waits, return_when=FIRST_COMPLETED)
