@@ -571,3 +571,36 @@ def test_memory_cap_cuts_batches(cohort, runs, tmp_path):
         outs[cap] = outcome
     assert len(outs[1].launches) >= len(fitted)
     assert outs[1].summaries == outs[None].summaries
+
+
+def test_fit_threads_leave_the_readers_and_writers_their_cores():
+    assert [pipeline.fit_threads(w, available=n) for w, n in ((2, 2), (2, 16), (8, 16), (1, 1), (4, 2))] == [
+        1, 14, 8, 1, 1]
+
+
+def test_the_fit_thread_fits_with_the_cores_left(cohort, runs, tmp_path, monkeypatch):
+    """The fit thread's numba kernels run with fit_threads(workers) threads (numba's
+    count is per thread: the caller's is left as it was), and the results do not depend
+    on it."""
+    import numba
+
+    fitted = [r for r in runs if cohort.runs[r.key].variant in ("satrecov", "look_locker")]
+    seen = []
+    fit = pipeline.fit_packed
+
+    def spy(jobs, options):
+        seen.append(numba.get_num_threads())
+        return fit(jobs, options)
+
+    monkeypatch.setattr(pipeline, "fit_packed", spy)
+    before = numba.get_num_threads()
+    outs = {}
+    for n in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+        monkeypatch.setattr(pipeline, "fit_threads", lambda workers, n=n: n)
+        seen.clear()
+        outs[n] = run_subjects(fitted, DerivativesWriter(tmp_path / f"out{n}"), _options(cohort),
+                               failure_log=FailureLog(tmp_path / f"f{n}.jsonl"), workers=2, bids_root=cohort.root)
+        assert seen and set(seen) == {n}
+    assert numba.get_num_threads() == before
+    assert sorted(outs[1].done) == sorted(r.key for r in fitted)
+    assert all(o.summaries == outs[1].summaries for o in outs.values())

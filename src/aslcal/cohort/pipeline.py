@@ -23,6 +23,10 @@
 * **The fit thread** fits a batch with :func:`~aslcal.cohort.packing.fit_packed` (numba's
   threads release the GIL; on the GPU the device works) and calibrates its subjects,
   while reading and writing go on: the fit overlaps the I/O instead of holding it up.
+  Its numba kernels use the cores the readers and writers leave:
+  :func:`fit_threads` = numba's threads less ``workers``, at least 1 (on 2 cores with 2
+  readers and 2 writers, 1 thread: 7 % less wall time than 2 for a 50-subject cohort,
+  every one of 8 alternating pairs; the fitted values do not depend on it).
 * **Writers** (``workers`` threads) run :meth:`DerivativesWriter.write_subject`; at most
   ``2 * workers`` finished subjects wait for a writer before the main thread stops taking
   subjects (besides the outputs of a batch just fitted, all ready at once).
@@ -61,7 +65,7 @@ from .packing import fit_packed
 from .state import FailureLog
 from .subject import CohortOptions, PreparedSubject, SubjectError, _fail, finish_subject, load_subject
 
-__all__ = ["BatchOutcome", "auto_max_batch_bytes", "available_memory", "run_subjects"]
+__all__ = ["BatchOutcome", "auto_max_batch_bytes", "available_memory", "fit_threads", "run_subjects"]
 
 #: Default subjects per fit launch.
 DEFAULT_BATCH_SIZE = 32
@@ -95,6 +99,19 @@ def auto_max_batch_bytes(processes: int = 1) -> int:
     if avail is None:
         return DEFAULT_MAX_BATCH_BYTES
     return int(min(DEFAULT_MAX_BATCH_BYTES, max(MIN_MAX_BATCH_BYTES, avail // (8 * max(1, processes)))))
+
+
+def fit_threads(workers: int, available: int | None = None) -> int:
+    """numba threads of the fit thread: ``available`` (default: numba's threads of the
+    calling thread, ``NUMBA_NUM_THREADS``, all cores unless set) less ``workers``, at
+    least 1: the readers (decompression, preparation) and the writers (compression, the
+    kernel's work of writing and flushing) keep cores busy while a batch is fitted, and
+    a fit thread more than the cores left only waits for its slowest one."""
+    if available is None:
+        import numba
+
+        available = numba.get_num_threads()
+    return max(1, int(available) - int(workers))
 
 
 @dataclass
@@ -210,7 +227,11 @@ def run_subjects(
     writers = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="aslcal-write")
     # One fit thread: a batch is fitted (numba's threads or the GPU) and calibrated there
     # while this thread goes on handing subjects to the writers.
-    fitter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aslcal-fit")
+    # numba's thread count is per calling thread: set once in the fit thread.
+    import numba
+
+    fitter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aslcal-fit",
+                                initializer=numba.set_num_threads, initargs=(fit_threads(workers),))
     pending_writes: set[Future] = set()
     # Finished subjects waiting for a writer (at most 2 * workers are queued in the pool).
     backlog: collections.deque[tuple[str, Any]] = collections.deque()
