@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import warnings
 
 import numpy as np
 
 from .design import FitDesign
+
+#: One numba parallel launch at a time in a process.  numba's ``workqueue`` threading
+#: layer (what numba falls back to when neither TBB nor OpenMP can be loaded, e.g. a
+#: container without libgomp) aborts the whole process when two threads launch at once:
+#: a Dask worker with several threads, or a user's own thread pool, would be killed.  With
+#: any layer, two launches at once would only share the same cores.
+_NUMBA_LAUNCH = threading.Lock()
 
 
 def _grid_tables(ti: np.ndarray, shifts: np.ndarray, fpar: np.ndarray, ipar: np.ndarray, compiled: bool):
@@ -47,9 +55,10 @@ def run_fit(
         t0 = time.perf_counter()
         kernel.compile(tuple(numba.typeof(a) for a in args))  # no-op when already compiled
         timings["compile"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        kernel(*args)
-        timings["fit"] = time.perf_counter() - t0
+        with _NUMBA_LAUNCH:
+            t0 = time.perf_counter()
+            kernel(*args)
+            timings["fit"] = time.perf_counter() - t0
     elif backend == "numpy":
         from ..kernels.lm_cpu import fit_python
 
