@@ -378,6 +378,27 @@ def test_cpu_backend_on_a_gpu_machine_keeps_the_cpu_workers(monkeypatch):
         cluster.close()
 
 
+def _numba_threads() -> int:
+    import numba
+
+    return numba.config.NUMBA_NUM_THREADS
+
+
+def test_local_workers_share_numba_s_threads(monkeypatch):
+    """Each process of a CPU LocalCluster fits with its share of numba's threads here
+    (each used to take them all: N processes x all cores when their fits coincide)."""
+    from aslcal.cohort import distributed as dist
+
+    assert [dist.local_worker_threads(w, available=n) for w, n in ((2, 16), (3, 16), (4, 2), (1, 2))] == [8, 5, 1, 2]
+    monkeypatch.setattr(dist, "local_worker_threads", lambda workers: 1)  # a share any machine has
+    cluster, _ = dist._local_cluster(2, "numba")
+    try:
+        with distributed.Client(cluster) as client:
+            assert set(client.run(_numba_threads).values()) == {1}
+    finally:
+        cluster.close()
+
+
 def test_missing_dask_is_refused_before_any_output(tmp_path, monkeypatch):
     """--dask without dask.distributed installed: refused before the output folder exists."""
     import sys

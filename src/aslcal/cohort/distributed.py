@@ -10,7 +10,8 @@ idempotent: subjects an earlier attempt of it completed are taken as done, parti
 are cleaned and redone, so the scheduler may rerun a task whose worker died.
 
 ``scheduler="local"`` starts a :class:`dask.distributed.LocalCluster` with ``workers``
-single-threaded worker processes, or, when CuPy sees GPUs and ``dask_cuda`` is
+single-threaded worker processes (sharing numba's threads: :func:`local_worker_threads`
+each), or, when CuPy sees GPUs and ``dask_cuda`` is
 installed, a ``dask_cuda.LocalCUDACluster`` with one worker per GPU.  Local worker
 processes ignore SIGINT: a Ctrl-C in the terminal reaches the whole process group, and
 it is this process that decides what to do (below).  Any other value is the address of
@@ -161,6 +162,16 @@ def _gpu_count() -> int:
         return 0
 
 
+def local_worker_threads(workers: int, available: int | None = None) -> int:
+    """numba threads of each of the ``workers`` processes of a CPU LocalCluster: their
+    share of ``available`` (default: numba's threads here), at least 1."""
+    if available is None:
+        import numba
+
+        available = numba.get_num_threads()
+    return max(1, int(available) // max(1, int(workers)))
+
+
 def _local_cluster(workers: int, backend: str | None = None):
     from dask.distributed import LocalCluster
 
@@ -177,9 +188,13 @@ def _local_cluster(workers: int, backend: str | None = None):
             # dask_cuda sets the workers' plugins itself: the SIGINT plugin is registered
             # with the client once the cluster runs (run_dask).
             return LocalCUDACluster(dashboard_address=":0"), "dask_cuda.LocalCUDACluster"
-    # A random dashboard port: two runs on one machine (shards) must not collide.
+    # A random dashboard port: two runs on one machine (shards) must not collide.  The
+    # worker processes share this process's numba threads (NUMBA_NUM_THREADS, all cores
+    # unless set): each would otherwise fit with all of them, and the fits of several
+    # workers at once would oversubscribe the cores.
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                           dashboard_address=":0", plugins={_sigint_plugin()})
+                           dashboard_address=":0", plugins={_sigint_plugin()},
+                           env={"NUMBA_NUM_THREADS": str(local_worker_threads(workers))})
     return cluster, f"dask LocalCluster ({workers} workers)"
 
 
