@@ -406,7 +406,7 @@ def test_missing_dask_is_refused_before_any_output(tmp_path, monkeypatch):
     from aslcal.cohort import run_cohort
     from aslcal.errors import BackendUnavailableError
 
-    truth = make_bids_cohort(tmp_path / "bids", n_subjects=1, seed=1, broken=0, shape=(12, 12, 8))
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=1, seed=1, broken=0, shape=(12, 12, 8), ref_masks=False)
     monkeypatch.setitem(sys.modules, "dask.distributed", None)  # import fails
     with pytest.raises(BackendUnavailableError, match=r"aslcal\[dask\]"):
         run_cohort(truth.root, tmp_path / "out", dask="local")

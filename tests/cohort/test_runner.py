@@ -1168,7 +1168,7 @@ def test_m0_series_with_too_few_distinct_times_fail_with_the_field(tmp_path):
     """A saturation-recovery M0 with 2 distinct TRs (3 parameters: M0, T1, A) and a
     Look-Locker M0 with one InversionTime for all readouts fail up front, naming the
     m0scan sidecar and the field, instead of failing voxel by voxel."""
-    truth = make_bids_cohort(tmp_path / "bids", n_subjects=6, seed=2, shape=(24, 24, 8), broken=0)
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=6, seed=2, shape=(24, 24, 8), broken=0, ref_masks=False)
     sr = next(k for k, t in truth.runs.items() if t.variant == "satrecov")
     ll = next(k for k, t in truth.runs.items() if t.variant == "look_locker")
     for key, field_name in ((sr, "RepetitionTimePreparation"), (ll, "InversionTime")):
@@ -1189,7 +1189,7 @@ def test_m0_series_with_too_few_distinct_times_fail_with_the_field(tmp_path):
 def test_a_nan_in_the_m0_series_does_not_pull_the_t1_summary_to_zero(tmp_path):
     """A voxel whose Look-Locker data hold a NaN is not fitted (T1 written as 0): the T1
     summary is the median over the other brain voxels, from the written T1 map."""
-    truth = make_bids_cohort(tmp_path / "bids", n_subjects=6, seed=2, shape=(24, 24, 8), broken=0)
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=6, seed=2, shape=(24, 24, 8), broken=0, ref_masks=False)
     key = next(k for k, t in truth.runs.items() if t.variant == "look_locker")
     (m0scan,) = truth.root.rglob(f"{key}_m0scan.nii*")
     img = load_image(m0scan)
@@ -1288,7 +1288,7 @@ def test_failure_messages_do_not_depend_on_how_the_root_was_named(tmp_path, monk
     """The BIDS root given relative or absolute (or run by Dask workers, which get it
     absolute): the same failure messages, so summary.tsv and the failure log are the
     same bytes (a relative root made them differ from a --dask run's)."""
-    truth = make_bids_cohort(tmp_path / "bids", n_subjects=3, seed=4, broken=2, shape=(12, 12, 8))
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=3, seed=4, broken=2, shape=(12, 12, 8), ref_masks=False)
     monkeypatch.chdir(tmp_path)
     run_cohort(Path("bids"), Path("rel"), workers=1)
     run_cohort(truth.root, tmp_path / "abs", workers=1)
@@ -1301,7 +1301,7 @@ def test_failure_messages_do_not_depend_on_how_the_root_was_named(tmp_path, monk
 def test_resume_with_anat_keeps_a_complete_estimate_subject(tmp_path):
     """--resume --anat with nothing changed redoes nothing: an M0Estimate run reads no
     anatomy, so the T1w the lookup finds for it is no new input (it was redone every time)."""
-    truth = make_bids_cohort(tmp_path / "bids", n_subjects=3, seed=1, broken=0, anat=True, shape=(16, 16, 8))
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=3, seed=1, broken=0, anat=True, shape=(16, 16, 8), ref_masks=False)
     (key,) = [k for k, t in truth.runs.items() if t.variant == "estimate"]
     label = truth.runs[key].subject
     opts = CohortOptions(anat=str(truth.root / "derivatives" / "anat"))

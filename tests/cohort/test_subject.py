@@ -573,7 +573,7 @@ def test_voxelwise_m0_description_says_the_tr_correction_only_when_applied(tmp_p
     sidecar says it was applied exactly then."""
     from aslcal.cohort import run_cohort
 
-    truth = make_bids_cohort(tmp_path / "bids", n_subjects=1, seed=1, broken=0, shape=(16, 16, 8))
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=1, seed=1, broken=0, shape=(16, 16, 8), ref_masks=False)
     (t,) = truth.runs.values()
     assert t.variant == "separate"
     sidecar = truth.root / f"sub-{t.subject}" / "perf" / f"{t.key}_m0scan.json"
@@ -598,7 +598,7 @@ def test_background_suppression_efficiency_scales_alpha(tmp_path):
     from aslcal.cohort import run_cohort
     from aslcal.io import load_image
 
-    truth = make_bids_cohort(tmp_path / "bids", n_subjects=2, seed=1, broken=0, shape=(16, 16, 8))
+    truth = make_bids_cohort(tmp_path / "bids", n_subjects=2, seed=1, broken=0, shape=(16, 16, 8), ref_masks=False)
     keys = sorted(truth.runs)
     labelling = {}
     for i, key in enumerate(keys):

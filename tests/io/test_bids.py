@@ -543,7 +543,7 @@ def test_m0scan_json_errors(tmp_path, m0_meta, field, fragment):
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     return make_bids_cohort(tmp_path_factory.mktemp("cohort") / "bids", n_subjects=8, broken=3,
-                            shape=(16, 16, 8))
+                            shape=(16, 16, 8), ref_masks=False)
 
 
 @pytest.mark.parametrize("allow", [False, True])

@@ -109,6 +109,20 @@ def test_reference_masks_written_and_true(cohort):
     assert truth.cbf_gm == ph.cbf_gm and truth.cbf_wm == ph.cbf_wm and truth.flat_coil
 
 
+def test_a_grid_without_pure_ventricle_is_refused_with_masks(tmp_path):
+    """16x16x8 voxels over the phantom's field of view are 12-15 mm wide: no voxel is pure
+    ventricle (partial volume >= 0.99), so a reference mask would be empty and a "good"
+    subject would fail.  Refused, naming the grid; without masks the cohort is made."""
+    shape = (16, 16, 8)
+    ph = make_phantom(shape=shape, voxel_size=(217.6 / 16, 217.6 / 16, 120.0 / 8), seed=0,
+                      struct_voxel_size=(3.4, 3.4, 3.4), struct_oversample=1)
+    assert not np.any(ph.ventricle_pv >= 0.99)  # why: the coarse grid has no pure voxel
+    with pytest.raises(InputError, match=r"shape=\(16, 16, 8\): the grid of sub-01, .* no voxel of pure ventricle"):
+        make_bids_cohort(tmp_path / "masks", n_subjects=2, seed=1, shape=shape, broken=0)
+    truth = make_bids_cohort(tmp_path / "plain", n_subjects=2, seed=1, shape=shape, broken=0, ref_masks=False)
+    assert all(t.ref_mask is None for t in truth.runs.values())
+
+
 def _refregion_m0a(root, truth, mask_path):
     """m0_refregion on the run's written m0scan (a one-volume long-TR image, TR 6 s)."""
     run = next(r for r in discover(root) if r.key == truth.key)
@@ -235,8 +249,8 @@ def test_n_pairs_sets_every_series_length(tmp_path):
 
     import nibabel as nib
 
-    base = make_bids_cohort(tmp_path / "a", 6, seed=2, broken=0, shape=(12, 12, 8))
-    long = make_bids_cohort(tmp_path / "b", 6, seed=2, broken=0, shape=(12, 12, 8), n_pairs=7)
+    base = make_bids_cohort(tmp_path / "a", 6, seed=2, broken=0, shape=(12, 12, 8), ref_masks=False)
+    long = make_bids_cohort(tmp_path / "b", 6, seed=2, broken=0, shape=(12, 12, 8), n_pairs=7, ref_masks=False)
     assert {k: t.m0a for k, t in base.runs.items()} == {k: t.m0a for k, t in long.runs.items()}
     for key, truth in long.runs.items():
         asl = next(long.root.rglob(f"{key}_asl.nii.gz"))

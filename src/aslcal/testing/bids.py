@@ -336,6 +336,13 @@ def make_bids_cohort(
     -------
     CohortTruth
 
+    Raises
+    ------
+    InputError
+        Bad arguments; or, with ``ref_masks``, a subject's grid so coarse that no voxel is
+        pure ventricle (its reference mask would be empty and the "good" subject would
+        fail): the subjects written before it stay.
+
     Notes
     -----
     Every 4th subject has a session folder (``ses-1``) and every 6th a ``run-1``
@@ -444,6 +451,12 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
     phantom_seed = seed * 100_003 + i
     ph = make_phantom(shape=grid, voxel_size=voxel, seed=phantom_seed, field_strength=fs,
                       m0a=m0a, **opts)
+    if ref_masks and not np.any(ph.ventricle_pv >= _REF_PV):
+        raise InputError(
+            f"shape={base!r}: the grid of {key}, {grid[0]}x{grid[1]}x{grid[2]} voxels of "
+            f"{voxel[0]:g}x{voxel[1]:g}x{voxel[2]:g} mm, holds no voxel of pure ventricle (partial "
+            f"volume >= {_REF_PV}) for its reference mask; use a finer grid (e.g. the default "
+            "(32, 32, 12)) or ref_masks=False")
     if flat_coil:
         # A body-coil receive field: every generator takes s from ph.sensitivity.
         ph = dataclasses.replace(ph, sensitivity=np.ones_like(ph.sensitivity))
