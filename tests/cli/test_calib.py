@@ -937,3 +937,34 @@ def test_output_folder_given_to_o_is_refused(phantom_ds, cli, tmp_path):
               "-o", folder, "--alpha", "1")
     assert res.rc == 2 and "is a folder" in res.err and "--outdir" in res.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fslout"] and not any(folder.iterdir())
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--pc", "0", "--pc 0.0: expected a finite number > 0 (ml/g)"),
+    ("--t1r", "-1", "--t1r -1.0: expected a finite number > 0 (s)"),
+    ("--taq", "-1", "--taq -1.0: expected a finite number >= 0 (s)"),
+    ("--te", "-1", "--te -1.0: expected a finite number >= 0 (ms)"),
+    ("--tr", "0", "--tr 0.0: expected a finite number > 0 (s)"),
+])
+def test_bad_values_are_named_by_the_option_typed(syn, bad_input, option, value, message):
+    """The library words a bad value by its keyword (pc=0.0); the command line says the
+    option the user typed, with nothing written."""
+    line = bad_input(["calib", "-c", syn.calib_path, "-m", syn.mask_path, "--mode", "longtr", option, value],
+                     syn.root)
+    assert line == f"aslcal: error: {message}"
+
+
+def test_a_keyword_value_that_was_not_typed_is_left_as_the_library_says(syn):
+    """Only a value the user typed is rewritten: a message about another value of the
+    same keyword (read from a file, say) keeps the keyword."""
+    import argparse
+
+    from aslcal.cli import _as_typed
+
+    args = argparse.Namespace(te=12.0, anat="/a b", ref_masks=None)
+    options = {"te": "--te", "anat": "--anat", "ref_masks": "--ref-masks"}
+    assert _as_typed("te=12.0: bad", args, options) == "--te 12.0: bad"
+    assert _as_typed("te=0.0: bad", args, options) == "te=0.0: bad"
+    assert _as_typed("anat='/a b': missing", args, options) == "--anat '/a b': missing"
+    assert _as_typed("ref_masks and anat: one", args, options) == "ref_masks and anat: one"  # --ref-masks not given
+    assert _as_typed("other=1: x", args, options) == "other=1: x"

@@ -492,6 +492,23 @@ def test_cli_refuses_two_mask_sources_and_bad_shard(cohort, tmp_path, capsys):
     assert not (tmp_path / "o" / "derivatives" / "aslcal" / "summary.tsv").exists()
 
 
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--bs-efficiency", "2"], "aslcal: error: --bs-efficiency 2.0: expected the efficiency of one pulse, in (0, 1]"),
+    (["--pve-threshold", "1.5"], "aslcal: error: --pve-threshold 1.5: expected a number in (0, 1]"),
+    (["--t1r", "-1"], "aslcal: error: --t1r -1.0: expected a positive number"),
+    (["--voxel-t1t", "0"], "aslcal: error: --voxel-t1t 0.0: expected a positive number"),
+    (["--taq", "-2"], "aslcal: error: --taq -2.0: expected a number of seconds >= 0"),
+    (["--anat", "no such/folder"], "aslcal: error: --anat 'no such/folder': the anatomical folder does not exist"),
+])
+def test_cli_option_errors_name_the_option_typed(cohort, tmp_path, capsys, monkeypatch, args, expected):
+    """A bad calibration option is reported as typed (it used to read bs_efficiency=2.0,
+    the library's keyword), before any output exists."""
+    monkeypatch.chdir(tmp_path)
+    code = main(["cohort", str(cohort.root), str(tmp_path / "o"), *args])
+    assert code == 2 and capsys.readouterr().err.strip() == expected
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize(("failed", "interrupted", "code"), [
     (False, False, 0), (True, False, 1), (False, True, 130), (True, True, 130),
 ])

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
+import shlex
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .. import __version__
 from ..errors import AslcalError
@@ -64,7 +66,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in (calib, voxelwise, cohort, demo, info):
         module.add_parser(sub, common)
+    for command in sub.choices.values():
+        # what the user typed for each value (for errors the library words by keyword)
+        command.set_defaults(_typed_as={
+            a.dest: max(a.option_strings, key=len) for a in command._actions if a.option_strings})
     return parser
+
+
+#: ``name=value: ...`` or ``name and other: ...`` at the start of a library message.
+_KEYWORD_VALUE = re.compile(r"""(\w+)=('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|\S+?): """)
+_KEYWORD_PAIR = re.compile(r"(\w+) and (\w+): ")
+
+
+def _as_typed(text: str, args: argparse.Namespace, options: Mapping[str, str]) -> str:
+    """A library message that names a keyword (``bs_efficiency=2.0: ...``), rewritten with
+    the option the user typed (``--bs-efficiency 2.0: ...``) when the value is the one given
+    on the command line (not, say, one read from a sidecar)."""
+    if (m := _KEYWORD_PAIR.match(text)) and all(getattr(args, k, None) is not None and k in options
+                                                  for k in m.groups()):
+        return f"{options[m.group(1)]} and {options[m.group(2)]}: {text[m.end():]}"
+    m = _KEYWORD_VALUE.match(text)
+    if m is None or m.group(1) not in options:
+        return text
+    given = getattr(args, m.group(1), None)
+    if given is None or isinstance(given, bool) or m.group(2) not in (repr(given), repr(str(given))):
+        return text
+    value = shlex.quote(given) if isinstance(given, str) else m.group(2)
+    return f"{options[m.group(1)]} {value}: {text[m.end():]}"
 
 
 def _check_environment() -> None:
@@ -109,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AslcalError as exc:
         if args.debug:  # the traceback too, with the same exit status
             traceback.print_exc(file=sys.stderr)
-        print(f"aslcal: error: {exc}", file=sys.stderr)
+        print(f"aslcal: error: {_as_typed(str(exc), args, getattr(args, '_typed_as', {}))}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:  # the file system refused (read-only, full, permissions): one line
         if args.debug:
