@@ -9,7 +9,6 @@ versions, for ``benchmarks/results/`` (after every benchmark that adds one, and 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import platform
 
@@ -109,13 +108,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 def save_record() -> str | None:
     """Write every row so far to ``$ASLCAL_BENCH_RECORD`` (if set); return its path."""
+    from aslcal.io.atomic import write_json
+
     path = os.environ.get("ASLCAL_BENCH_RECORD")
     if path:
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump({"provenance": provenance(), "rows": ROWS, "cohort": COHORT_ROWS}, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
+        write_json(path, {"provenance": provenance(), "rows": ROWS, "cohort": COHORT_ROWS})
     return path
 
 

@@ -1010,6 +1010,11 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     calib_prov: dict[str, Any] = {"m0_kind": prep.m0_kind, "m0_mode": m0_mode}
     if prep.warnings:  # from the input (logged while preparing)
         calib_prov["warnings"] = list(prep.warnings)
+
+    def warn(text: str) -> None:
+        log.warning("%s: %s", prep.key, text)
+        calib_prov.setdefault("warnings", []).append(text)
+
     if prep.jobs and acq.m0.slice_timing is not None:
         calib_prov["slice_timing_s"] = {"axis": "ijk"[acq.m0.slice_axis], "times": list(acq.m0.slice_timing)}
     te = acq.m0.te_ms
@@ -1042,8 +1047,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
             m0t_rel_se, noise_lift = res.m0t_rel_se, res.noise_floor_lift
             warning = reliability_warning(res, priors=options.priors)
             if warning:
-                log.warning("%s: %s", prep.key, warning)
-                calib_prov.setdefault("warnings", []).append(warning)
+                warn(warning)
             calib_prov["refregion"] = res.as_dict()
             calib_prov.update(m0_scale=m0_scale, readout_factor=readout, priors=options.priors)
     else:  # voxelwise M0
@@ -1161,8 +1165,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
     if n_finite < n_brain:  # non-finite input voxels (NaN/Inf in the data): left out of the mean
         warning = (f"{n_brain - n_finite} brain voxels have a non-finite CBF (non-finite input data, or values "
                    "beyond float32); cbf_mean_brain is over the other voxels")
-        log.warning("%s: %s", prep.key, warning)
-        calib_prov.setdefault("warnings", []).append(warning)
+        warn(warning)
     cbf_mean = float(xp.mean(cbf_brain[finite])) if n_finite else None
     if cbf_mean is not None and not 0.0 <= cbf_mean <= CBF_PLAUSIBLE_MAX:
         # a whole-brain mean below 0 or above any physiology: the subject is written (the
@@ -1171,8 +1174,7 @@ def _finish(prep: PreparedSubject, fits, options: CohortOptions) -> SubjectOutpu
                "the M0 too small (M0Estimate, vendor scaling of the ASL against the M0) or the perfusion "
                "volumes mislabelled")
         warning = (f"mean brain CBF {cbf_mean:.4g} ml/100g/min is outside 0-{CBF_PLAUSIBLE_MAX:g}: {why}?")
-        log.warning("%s: %s", prep.key, warning)
-        calib_prov.setdefault("warnings", []).append(warning)
+        warn(warning)
     summary: dict[str, Any] = {
         "M0a": m0a,
         "m0_mode": m0_mode,

@@ -451,7 +451,8 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
     phantom_seed = seed * 100_003 + i
     ph = make_phantom(shape=grid, voxel_size=voxel, seed=phantom_seed, field_strength=fs,
                       m0a=m0a, **opts)
-    if ref_masks and not np.any(ph.ventricle_pv >= _REF_PV):
+    ref = ph.ventricle_pv >= _REF_PV  # the pure lateral ventricles: the reference mask
+    if ref_masks and not ref.any():
         raise InputError(
             f"shape={base!r}: the grid of {key}, {grid[0]}x{grid[1]}x{grid[2]} voxels of "
             f"{voxel[0]:g}x{voxel[1]:g}x{voxel[2]:g} mm, holds no voxel of pure ventricle (partial "
@@ -583,7 +584,6 @@ def _write_subject(out: Path, label: str, i: int, variant: str, base: tuple,
         save_image(perf / f"{key}_m0scan.nii.gz", data, ph.affine, dtype=image_dtype)
         write_json(perf / f"{key}_m0scan.json", m0meta)
 
-    ref = ph.ventricle_pv >= _REF_PV
     ref_rel = None
     if ref_masks:
         mask_dir = out / REF_MASK_DIR / rel
